@@ -1,0 +1,4 @@
+"""`python -m flowerfeat` (and `torchrun -m flowerfeat`) run the CLI."""
+from flowerfeat.cli import main
+
+main()

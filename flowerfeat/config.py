@@ -1,0 +1,107 @@
+"""Frozen configuration dataclasses; CLI options map one-to-one onto their fields."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from flowerfeat.errors import FlowerfeatError
+
+LAYERS = ("fc7", "fc6", "pool5", "pool5-gap")
+PRECISIONS = ("auto", "fp32", "bf16")
+DTYPES = ("float32", "float16")
+OPTIMIZERS = ("adam", "sgd")
+SOLVERS = ("sgd", "lbfgs")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise FlowerfeatError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise FlowerfeatError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that decides how features are extracted (and, where it changes them, their fingerprint)."""
+
+    data: Path = Path("data/flower_photos")
+    out: Path = Path("data/features")
+    layer: str = "fc7"
+    # "imagenet" = torchvision's VGG16_Weights.IMAGENET1K_V1; "none" = seeded random init; else a state-dict path.
+    weights: str = "imagenet"
+    splits: tuple[str, ...] = ("train", "test")
+    batch_size: int = 16  # measured best on a 2-core CPU; GPUs want hundreds (see docs/benchmarks.md)
+    workers: int = 1  # decode+resize in a worker process overlaps the trunk; one is plenty on CPU
+    precision: str = "auto"
+    dtype: str = "float32"  # storage dtype of the features dataset
+    views: int = 0  # extra augmented views per training image (test splits always get the centre crop only)
+    view_seed: int = 0
+    device: str = "auto"
+    strict: bool = False  # exit non-zero when any image was skipped
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("layer", self.layer, LAYERS)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_positive("--batch-size", self.batch_size)
+        _check_positive("--workers", self.workers, allow_zero=True)
+        _check_positive("--views", self.views, allow_zero=True)
+        if not self.splits:
+            raise FlowerfeatError("no split to extract; pass --split train (or test)")
+
+    def replace(self, **changes) -> "ExtractConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How the replacement head is trained on cached features."""
+
+    features: Path = Path("data/features/train.h5")
+    out: Path = Path("data/runs/head.pt")
+    epochs: int = 2
+    batch_size: int = 20  # the textbook's
+    # Adam at 1e-3 gets within a point of a converged probe in 2 epochs (README, "Choosing the optimizer");
+    # the textbook's `--optimizer sgd --lr 0.001` stays reachable.
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0  # sgd only; the textbook uses plain SGD
+    weight_decay: float = 0.0
+    dropout: float = 0.5  # mirrors VGG16's classifier[5]
+    solver: str = "sgd"  # "sgd" = mini-batch training with --optimizer; "lbfgs" = full-batch logistic regression
+    C: float = 0.1  # inverse L2 strength for --solver lbfgs
+    val_fraction: float = 0.0
+    seed: int = 0
+    max_memory: float = 4.0  # GiB; larger feature files are streamed from disk chunk by chunk
+    log_every: int = 20  # batches between running-loss lines, as the textbook
+
+    def __post_init__(self) -> None:
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("solver", self.solver, SOLVERS)
+        _check_positive("--epochs", self.epochs)
+        _check_positive("--batch-size", self.batch_size)
+        _check_positive("--lr", self.lr)
+        _check_positive("--C", self.C)
+        _check_positive("--momentum", self.momentum, allow_zero=True)
+        _check_positive("--weight-decay", self.weight_decay, allow_zero=True)
+        _check_positive("--max-memory", self.max_memory)
+        _check_positive("--log-every", self.log_every)
+        if not 0 <= self.dropout < 1:
+            raise FlowerfeatError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.val_fraction < 1:
+            raise FlowerfeatError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+
+    def replace(self, **changes) -> "FitConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}

@@ -1,0 +1,340 @@
+"""The extraction loop: read -> trunk -> write, per split, resumable, each stage timed."""
+from __future__ import annotations
+
+import datetime as _dt
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from flowerfeat import FORMAT_VERSION, __version__, store
+from flowerfeat.backbone import FEATURE_DIMS, WeightsInfo, preprocessing
+from flowerfeat.config import ExtractConfig
+from flowerfeat.data import Split, UnitDataset, collate_units, scan_data
+from flowerfeat.errors import FlowerfeatError
+
+
+@dataclass
+class Progress:
+    """What the loop reports after each batch (and at the start of each split)."""
+
+    split: str
+    done: int  # units finished, including those of earlier (resumed) runs
+    total: int
+    read_s: float = 0.0
+    compute_s: float = 0.0
+    write_s: float = 0.0
+
+
+@dataclass
+class SplitResult:
+    split: str
+    path: Path
+    status: str  # "up to date", "extracted", "resumed", "updated"
+    reason: str
+    rows: int
+    computed: int  # units that went through the trunk in this run
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    read_s: float = 0.0
+    compute_s: float = 0.0
+    write_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None
+
+
+def library_versions() -> dict:
+    import h5py
+    import torchvision
+
+    return {"flowerfeat": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "h5py": h5py.__version__, "numpy": np.__version__}
+
+
+def split_meta(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precision: str, feature_dim: int) -> dict:
+    """The self-description of one split's feature file, fingerprint included."""
+    n_views = cfg.views if split.name == "train" else 0
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "split": split.name,
+        "classes": list(split.classes),
+        "layer": cfg.layer,
+        "feature_dim": feature_dim,
+        "weights": winfo.identity,
+        "weights_sha256": winfo.sha256,
+        "preprocessing": preprocessing(),
+        "precision": precision,
+        "dtype": cfg.dtype,
+        "views": n_views,
+        "view_seed": cfg.view_seed if n_views else 0,
+        "num_images": len(split.items),
+        "data_root": str(Path(split.root).resolve()),
+        "library_versions": library_versions(),
+        "extract_config": cfg.to_dict(),
+    }
+    meta["model_key"] = store.model_key(meta)
+    meta["fingerprint"] = store.fingerprint(meta, [(i.relpath, i.label, i.size, i.mtime_ns) for i in split.items])
+    return meta
+
+
+def _reusable_rows(final: Path, meta: dict, split: Split) -> tuple[dict, str]:
+    """Rows of an existing finished file that stay valid: unit -> row, and why the rest are (re)extracted."""
+    import h5py
+
+    if not final.exists():
+        return {}, "no feature file yet"
+    try:
+        old = store.read_meta(final)
+    except FlowerfeatError:  # a corrupt or unfinished file is simply rebuilt
+        return {}, "existing file unusable: rebuilding it"
+    if old["model_key"] != meta["model_key"] or old["views"] != meta["views"] or old["classes"] != meta["classes"]:
+        return {}, "re-extracting: " + store.describe_difference(old, meta)
+    with h5py.File(final, "r") as f:
+        paths = [p.decode() for p in f["paths"][...]]
+        keys = zip(paths, f["views"][...].tolist(), f["file_sizes"][...].tolist(), f["file_mtimes_ns"][...].tolist())
+        old_rows = {k: r for r, k in enumerate(keys)}
+    nv = 1 + meta["views"]
+    reuse = {}
+    for idx, item in enumerate(split.items):
+        for v in range(nv):
+            r = old_rows.get((item.relpath, v, item.size, item.mtime_ns))
+            if r is not None:
+                reuse[idx * nv + v] = r
+    return reuse, "image list changed"
+
+
+class _Writer:
+    """Background thread that moves finished batches into the shard log, so the trunk never waits on disk."""
+
+    def __init__(self, log: store.ShardLog, depth: int = 4):
+        self.log, self.q, self.error, self.write_s = log, queue.Queue(depth), None, 0.0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (job := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    t = time.perf_counter()
+                    rows, ids, skipped = job
+                    self.log.append(rows.numpy(), ids, skipped)
+                    self.write_s += time.perf_counter() - t
+                except BaseException as e:  # surfaced in the main thread by put()/close()
+                    self.error = e
+
+    def put(self, rows: torch.Tensor, ids: list[int], skipped: list[tuple[int, str]]):
+        if self.error:
+            raise self.error
+        self.q.put((rows, ids, skipped))
+
+    def close(self):
+        self.q.put(None)
+        self.thread.join()
+        self.log.close()
+        if self.error:
+            raise self.error
+
+
+def run_batches(trunk, loader, writer: _Writer, device: torch.device, precision: str, channels_last: bool,
+                on_batch: Callable[[int, float, float], None]) -> tuple[float, float]:
+    """The loop itself: (read wait, compute) seconds. ``loader`` yields (x or None, unit ids, skipped)."""
+    read_s = compute_s = 0.0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    it = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            x, ids, skipped = next(it)
+        except StopIteration:
+            break
+        t1 = time.perf_counter()
+        if x is not None:
+            x = x.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), autocast:
+                y = trunk(x).float()  # (B, D)
+            y = y.cpu()
+        else:
+            y = torch.zeros(0, 0)
+        t2 = time.perf_counter()
+        writer.put(y.reshape(len(ids), -1), ids, skipped)
+        read_s += t1 - t0
+        compute_s += t2 - t1
+        on_batch(len(ids) + len(skipped), t1 - t0, t2 - t1)
+    return read_s, compute_s
+
+
+def extract_split(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precision: str, feature_dim: int,
+                  device: torch.device, get_trunk: Callable[[], torch.nn.Module], transform, augment,
+                  on_progress: Callable[[Progress], None] = lambda p: None, dist: Dist = Dist()) -> SplitResult:
+    """Bring ``<out>/<split>.h5`` up to date: nothing if its fingerprint matches, else extract what is missing."""
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    final = out / f"{split.name}.h5"
+    meta = split_meta(cfg, split, winfo, precision, feature_dim)
+    n_views = meta["views"]
+    nv = 1 + n_views
+    n_units = len(split.items) * nv
+
+    try:
+        old = store.read_meta(final) if final.exists() else None
+    except FlowerfeatError:
+        old = None
+    if old is not None and old.get("fingerprint") == meta["fingerprint"]:
+        return SplitResult(split.name, final, "up to date", "fingerprint matches", int(old["num_rows"]), 0,
+                           store.read_skipped(final))
+    reuse, reason = _reusable_rows(final, meta, split)
+    todo = [u for u in range(n_units) if u not in reuse]
+    batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    mine = [b for i, b in enumerate(batches) if i % dist.world == dist.rank]  # interleaved: same batches as 1 rank
+
+    partial_root = out / f"{split.name}.h5.partial"
+    header = {"fingerprint": meta["fingerprint"], "feature_dim": meta["feature_dim"], "dtype": meta["dtype"],
+              "batch_size": cfg.batch_size, "todo": len(todo), "world": dist.world, "rank": dist.rank}
+    log = store.ShardLog(partial_root / f"rank{dist.rank}of{dist.world}", header)
+    status = "resumed" if log.batches else ("updated" if reuse else "extracted")
+    if log.discarded:
+        reason += f"; discarded {log.discarded}"
+    remaining = mine[log.batches :]
+    done_before = len(reuse) + sum(len(b) for b in mine[: log.batches])
+    total = len(reuse) + sum(len(b) for b in mine)
+    prog = Progress(split.name, done_before, total)
+    on_progress(prog)
+
+    read_s = compute_s = 0.0
+    writer = _Writer(log)
+    try:
+        if remaining:
+            from torch.utils.data import DataLoader
+
+            dataset = UnitDataset(split, list(range(n_units)), n_views, transform, augment, cfg.view_seed)
+            loader = DataLoader(
+                dataset, batch_sampler=remaining, num_workers=cfg.workers, collate_fn=collate_units,
+                pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
+                persistent_workers=False,
+            )
+            trunk = get_trunk()
+
+            def on_batch(n, r, c):
+                prog.done += n
+                prog.read_s += r
+                prog.compute_s += c
+                prog.write_s = writer.write_s
+                on_progress(prog)
+
+            read_s, compute_s = run_batches(trunk, loader, writer, device, precision, cfg.channels_last, on_batch)
+    finally:
+        writer.close()
+    computed = sum(len(b) for b in remaining)
+
+    dist.barrier()
+    skipped_named: list[tuple[str, str]] = []
+    if dist.rank == 0:
+        skipped_named, n_rows = _finish(final, meta, split, reuse, partial_root, dist.world, header)
+        shutil.rmtree(partial_root, ignore_errors=True)
+    else:
+        n_rows = 0
+    dist.barrier()
+    return SplitResult(split.name, final, status, reason, n_rows, computed, skipped_named,
+                       time.perf_counter() - t_start, read_s, compute_s, writer.write_s)
+
+
+def _finish(final: Path, meta: dict, split: Split, reuse: dict, partial_root: Path, world: int, header: dict):
+    """Merge reused rows and every rank's shard into the finished file, in unit order, with flat memory."""
+    import h5py
+
+    nv = 1 + meta["views"]
+    sources: dict[int, tuple[int, int]] = {u: (-1, r) for u, r in reuse.items()}  # unit -> (shard, row)
+    shards, skipped_units = [], {}
+    for r in range(world):
+        log = store.ShardLog(partial_root / f"rank{r}of{world}", {**header, "rank": r})
+        rows, ids, skipped = log.read()
+        log.close()
+        shards.append(rows)
+        for i, u in enumerate(ids.tolist()):
+            sources[u] = (r, i)
+        for u, why in skipped:
+            skipped_units.setdefault(u // nv, why)
+    order = sorted(sources)
+    items = split.items
+    columns = {
+        "labels": [items[u // nv].label for u in order],
+        "paths": [items[u // nv].relpath for u in order],
+        "views": [u % nv for u in order],
+        "file_sizes": [items[u // nv].size for u in order],
+        "file_mtimes_ns": [items[u // nv].mtime_ns for u in order],
+    }
+    skipped = [(items[i].relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), why)
+               for i, why in sorted(skipped_units.items())]
+    old = h5py.File(final, "r") if reuse else None
+    dtype = np.dtype(meta["dtype"])
+
+    def blocks(step: int = 1024):
+        for start in range(0, len(order), step):
+            block = np.empty((min(step, len(order) - start), meta["feature_dim"]), dtype)
+            for j, u in enumerate(order[start : start + step]):
+                shard, row = sources[u]
+                block[j] = old["features"][row] if shard < 0 else shards[shard][row]
+            yield start, block
+
+    try:
+        meta = {**meta, "num_rows": len(order), "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+        store.write_feature_file(final, meta, len(order), blocks(), columns, skipped)
+    finally:
+        if old is not None:
+            old.close()
+    return skipped, len(order)
+
+
+def run_extraction(cfg: ExtractConfig, on_progress: Callable[[Progress], None] = lambda p: None,
+                   dist: Dist = Dist(), trunk: torch.nn.Module | None = None) -> list[SplitResult]:
+    """Extract every split of ``cfg``.
+
+    ``trunk`` replaces the VGG16 trunk (tests hand in a small network); it must carry ``feature_dim`` and an
+    ``identity`` string, which stands in for the weights' identity in the fingerprint.
+    """
+    from flowerfeat import backbone
+
+    splits = scan_data(Path(cfg.data), cfg.splits)  # structural errors stop here, before anything is written
+    if trunk is None:
+        winfo, feature_dim = backbone.resolve_weights(cfg.weights), FEATURE_DIMS[cfg.layer]
+    else:
+        winfo, feature_dim = WeightsInfo("custom", trunk.identity, ""), int(trunk.feature_dim)
+    device = backbone.resolve_device(cfg.device)
+    if dist.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.rank % torch.cuda.device_count())
+    precision = backbone.resolve_precision(cfg.precision, device)
+    out = Path(cfg.out)
+    store.check_writable(out)
+    built: list[torch.nn.Module] = []
+
+    def get_trunk() -> torch.nn.Module:
+        if not built:
+            t = trunk if trunk is not None else backbone.build_trunk(winfo, cfg.layer, cfg.weights)
+            t = t.to(device)
+            if cfg.channels_last:
+                t = t.to(memory_format=torch.channels_last)
+            built.append(t)
+        return built[0]
+
+    transform, augment = backbone.build_transform(), backbone.Augment()
+    results = []
+    with store.exclusive_lock(out, f"features-rank{dist.rank}of{dist.world}"):
+        for split in splits.values():
+            results.append(extract_split(cfg, split, winfo, precision, feature_dim, device, get_trunk, transform,
+                                         augment, on_progress, dist))
+    return results

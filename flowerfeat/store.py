@@ -1,0 +1,313 @@
+"""The feature file: HDF5 schema in one place, a crash-safe append log for work in progress, atomic finish, reader.
+
+A split is extracted into ``<split>.h5.partial/`` (append-only binary rows + a progress file that is replaced
+atomically after the rows it counts are fsynced), and only when every row is there is ``<split>.h5`` written
+under a temporary name and renamed into place. So a ``<split>.h5`` always is a finished file, and a killed run
+resumes from its last committed batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flowerfeat import FORMAT_VERSION
+from flowerfeat.errors import FlowerfeatError
+
+# Attributes that decide the feature values; a change in any of them invalidates every cached row.
+MODEL_KEY_FIELDS = (
+    "format_version", "layer", "feature_dim", "weights", "preprocessing", "precision", "dtype", "view_seed",
+)
+# Datasets of a finished file (all length N = rows, except `skipped`, which is (S, 2): path, reason).
+DATASETS = ("features", "labels", "paths", "views", "file_sizes", "file_mtimes_ns", "skipped")
+
+
+def model_key(meta: dict) -> str:
+    blob = json.dumps({k: meta[k] for k in MODEL_KEY_FIELDS}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def fingerprint(meta: dict, image_list: list[tuple]) -> str:
+    """Hash of the model key, the views count and every (relpath, label, size, mtime_ns) of the split."""
+    h = hashlib.sha256(model_key(meta).encode())
+    h.update(json.dumps([meta["views"], meta["classes"]]).encode())
+    for entry in image_list:
+        h.update(json.dumps(entry).encode())
+    return h.hexdigest()
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    """Name the fields that differ between two feature metadata dicts."""
+    keys = [k for k in (*MODEL_KEY_FIELDS, "views", "classes") if old.get(k) != new.get(k)]
+    parts = []
+    for k in keys:
+        a, b = str(old.get(k)), str(new.get(k))
+        parts.append(f"{k} {a[:60]} -> {b[:60]}" if len(a) + len(b) < 90 else f"{k} changed")
+    return "; ".join(parts) or "image list changed"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Locking
+
+
+@contextlib.contextmanager
+def exclusive_lock(out_dir: Path, name: str):
+    """Hold an flock on ``out_dir/.<name>.lock``; a second holder is refused at once (the OS frees it on kill -9)."""
+    path = out_dir / f".{name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FlowerfeatError(
+                f"{out_dir}: another flowerfeat run is writing here (lock {path.name} is held); "
+                "wait for it to finish or use another --out"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise FlowerfeatError(f"{out_dir}: output folder is not writable ({e.strerror}); pass --out DIR you can write") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Work in progress
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardLog:
+    """Append-only log of finished batches for one (split, rank): rows, unit ids and skipped units.
+
+    ``progress.json`` is replaced atomically only after the bytes it counts are fsynced; on reopen the data
+    files are truncated back to it, so whatever was cut mid-write is dropped and redone.
+    """
+
+    def __init__(self, folder: Path, header: dict):
+        self.folder = folder
+        self.header = header
+        self.dim = int(header["feature_dim"])
+        self.dtype = np.dtype(header["dtype"])
+        self.discarded = ""
+        head_path = folder / "header.json"
+        if folder.exists():
+            try:
+                old = json.loads(head_path.read_text())
+                progress = json.loads((folder / "progress.json").read_text())
+            except (OSError, ValueError):
+                old, progress = None, None
+            if old != header:
+                self.discarded = "partial work from another configuration" if old else "unreadable partial work"
+                shutil.rmtree(folder)
+            else:
+                self.batches, self.rows, self.n_skipped = progress["batches"], progress["rows"], progress["skipped"]
+                self._truncate()
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            self.batches = self.rows = self.n_skipped = 0
+            for name in ("rows.bin", "ids.bin", "skipped.jsonl"):
+                (folder / name).touch()
+            _atomic_write_text(head_path, json.dumps(header))
+            self._write_progress()
+        self._rows_f = open(folder / "rows.bin", "ab")
+        self._ids_f = open(folder / "ids.bin", "ab")
+        self._skip_f = open(folder / "skipped.jsonl", "a")
+        self._new = [0, 0, 0]  # batches, rows, skipped appended since the last commit
+        self._pending = 0
+        self._last_commit = time.monotonic()
+
+    def _truncate(self) -> None:
+        row_bytes = self.dim * self.dtype.itemsize
+        os.truncate(self.folder / "rows.bin", self.rows * row_bytes)
+        os.truncate(self.folder / "ids.bin", self.rows * 8)
+        lines = (self.folder / "skipped.jsonl").read_text().splitlines(keepends=True)[: self.n_skipped]
+        (self.folder / "skipped.jsonl").write_text("".join(lines))
+
+    def _write_progress(self) -> None:
+        _atomic_write_text(
+            self.folder / "progress.json",
+            json.dumps({"batches": self.batches, "rows": self.rows, "skipped": self.n_skipped}),
+        )
+
+    def append(self, rows: np.ndarray, ids: list[int], skipped: list[tuple[int, str]], commit_every_s: float = 1.0):
+        """Append one finished batch; it counts as done once committed (at most ``commit_every_s`` later)."""
+        assert rows.shape == (len(ids), self.dim), rows.shape
+        self._rows_f.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self._ids_f.write(np.asarray(ids, dtype=np.int64).tobytes())
+        for unit, reason in skipped:
+            self._skip_f.write(json.dumps([unit, reason]) + "\n")
+        self._pending += 1
+        self._new = [self._new[0] + 1, self._new[1] + len(ids), self._new[2] + len(skipped)]
+        if time.monotonic() - self._last_commit >= commit_every_s:
+            self.commit()
+
+    def commit(self) -> None:
+        """fsync the appended bytes, then atomically advance progress.json past them."""
+        if not self._pending:
+            return
+        for f in (self._rows_f, self._ids_f, self._skip_f):
+            f.flush()
+            os.fsync(f.fileno())
+        self.batches += self._new[0]
+        self.rows += self._new[1]
+        self.n_skipped += self._new[2]
+        self._new = [0, 0, 0]
+        self._pending = 0
+        self._write_progress()
+        self._last_commit = time.monotonic()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.commit()
+        for f in (self._rows_f, self._ids_f, self._skip_f):
+            f.close()
+
+    def read(self) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+        """Committed (rows memmap, unit ids, skipped) of this shard."""
+        ids = np.fromfile(self.folder / "ids.bin", dtype=np.int64, count=self.rows)
+        if self.rows:
+            rows = np.memmap(self.folder / "rows.bin", dtype=self.dtype, mode="r", shape=(self.rows, self.dim))
+        else:
+            rows = np.zeros((0, self.dim), self.dtype)
+        lines = (self.folder / "skipped.jsonl").read_text().splitlines()[: self.n_skipped]
+        return rows, ids, [tuple(json.loads(line)) for line in lines]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finished files
+
+
+def chunk_rows(dim: int, itemsize: int) -> int:
+    """Rows per HDF5 chunk: about 1 MiB, so a mini-batch read touches one or two chunks."""
+    return max(1, min(4096, (1 << 20) // (dim * itemsize)))
+
+
+def write_feature_file(path: Path, meta: dict, n_rows: int, blocks, columns: dict, skipped: list[tuple[str, str]]):
+    """Write a finished file atomically: ``blocks`` yields (start, rows) feature blocks in order.
+
+    ``columns`` holds the per-row datasets (labels, paths, views, file_sizes, file_mtimes_ns).
+    """
+    import h5py
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    dim, dtype = int(meta["feature_dim"]), np.dtype(meta["dtype"])
+    try:
+        with h5py.File(tmp, "w") as f:
+            feats = f.create_dataset(
+                "features", shape=(n_rows, dim), dtype=dtype,
+                chunks=(min(max(n_rows, 1), chunk_rows(dim, dtype.itemsize)), dim) if n_rows else None,
+            )
+            written = 0
+            for start, rows in blocks:
+                feats[start : start + len(rows)] = rows
+                written += len(rows)
+            assert written == n_rows, (written, n_rows)
+            f.create_dataset("labels", data=np.asarray(columns["labels"], dtype=np.int64))
+            f.create_dataset("paths", data=list(columns["paths"]), dtype=h5py.string_dtype("utf-8"))
+            f.create_dataset("views", data=np.asarray(columns["views"], dtype=np.int8))
+            f.create_dataset("file_sizes", data=np.asarray(columns["file_sizes"], dtype=np.int64))
+            f.create_dataset("file_mtimes_ns", data=np.asarray(columns["file_mtimes_ns"], dtype=np.int64))
+            f.create_dataset(
+                "skipped", shape=(len(skipped), 2), dtype=h5py.string_dtype("utf-8"),
+                data=np.array(skipped, dtype=object).reshape(len(skipped), 2) if skipped else None,
+            )
+            for k, v in meta.items():
+                f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) and k != "classes" else v
+            f.attrs["skipped_count"] = len(skipped)
+            f.attrs["complete"] = True  # set last: a file without it was never finished
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _decode_attr(key: str, value):
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.ndarray):
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if key in ("preprocessing", "library_versions", "extract_config") and isinstance(value, str):
+        return json.loads(value)
+    return value
+
+
+def read_meta(path: Path) -> dict:
+    """Attributes of a finished feature file, decoded; one-line errors for missing, corrupt or foreign files."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise FlowerfeatError(f"{path}: feature file not found; run `flowerfeat features` first (or pass --features)")
+    try:
+        with h5py.File(path, "r") as f:
+            meta = {k: _decode_attr(k, v) for k, v in f.attrs.items()}
+            missing = [d for d in DATASETS if d not in f]
+    except OSError:
+        raise FlowerfeatError(
+            f"{path}: not a readable HDF5 feature file (truncated or corrupt); delete it and rerun `flowerfeat features`"
+        ) from None
+    if meta.get("format_version") != FORMAT_VERSION or missing or not meta.get("complete"):
+        raise FlowerfeatError(
+            f"{path}: not a finished flowerfeat feature file of format {FORMAT_VERSION}; "
+            "delete it and rerun `flowerfeat features`"
+        )
+    return meta
+
+
+@dataclass
+class FeatureSet:
+    """A feature file loaded into memory."""
+
+    features: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # (N,) int64
+    paths: list[str]
+    views: np.ndarray  # (N,) int8, 0 = centre crop
+    meta: dict
+
+
+def load_features(path: Path) -> FeatureSet:
+    import h5py
+
+    meta = read_meta(path)
+    with h5py.File(path, "r") as f:
+        return FeatureSet(
+            features=f["features"][...].astype(np.float32, copy=False),
+            labels=f["labels"][...],
+            paths=[p.decode() if isinstance(p, bytes) else p for p in f["paths"][...]],
+            views=f["views"][...],
+            meta=meta,
+        )
+
+
+def read_skipped(path: Path) -> list[tuple[str, str]]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return [tuple(x.decode() if isinstance(x, bytes) else x for x in row) for row in f["skipped"][...]]
