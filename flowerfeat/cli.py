@@ -1,0 +1,230 @@
+"""The typer CLI: parses and validates options, shows progress, and turns library errors into one-line messages."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Transfer learning on cached VGG16 features: extract once, fit the head in a second, report.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+LAYER_HELP = "fc7 (4096-d, default), fc6 (4096-d), pool5 (25088-d) or pool5-gap (512-d global average)."
+
+
+def _fail(message: str, code: int = 2):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def command(*args, **kwargs):
+    """app.command that turns FlowerfeatError into `error: ...` + exit 2, and Ctrl-C into exit 130."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*a, **k):
+            from flowerfeat.errors import FlowerfeatError
+
+            try:
+                return fn(*a, **k)
+            except FlowerfeatError as e:
+                _fail(str(e))
+            except KeyboardInterrupt:
+                _fail("interrupted", 130)
+
+        return app.command(*args, **kwargs)(inner)
+
+    return wrap
+
+
+def _sigterm_to_interrupt():
+    """SIGTERM (a job scheduler's stop) takes the same clean path as Ctrl-C."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _dist_from_env():
+    """torchrun sets WORLD_SIZE/RANK; join its process group (gloo on CPU, nccl on GPUs)."""
+    from flowerfeat.extract import Dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), lambda: None
+    import torch
+    import torch.distributed as td
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    td.init_process_group(backend)
+    return Dist(td.get_rank(), td.get_world_size(), td.barrier), td.destroy_process_group
+
+
+@command()
+def download(
+    out: Path = typer.Option(Path("data/flower_photos"), help="Where the train/test ImageFolder goes."),
+    url: str = typer.Option(None, help="Archive URL (default: TensorFlow's flower_photos.tgz)."),
+):
+    """Download TensorFlow's flower_photos and split it into train/ and test/ (about 15% test, by file-name hash).
+
+    Example: flowerfeat download --out data/flower_photos
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from flowerfeat.download import FLOWERS_BYTES, FLOWERS_URL, download_flowers
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  transient=True) as bar:
+        task = bar.add_task("flower_photos.tgz", total=None)
+        counts = download_flowers(out, url or FLOWERS_URL, FLOWERS_BYTES if url is None else None,
+                                  on_bytes=lambda d, t: bar.update(task, completed=d, total=t or None))
+    typer.echo(f"{out}: {counts['train']} train and {counts['test']} test images")
+
+
+@command()
+def features(
+    data: Path = typer.Option(Path("data/flower_photos"), help="ImageFolder root with train/<class>/ and test/<class>/."),
+    out: Path = typer.Option(Path("data/features"), help="Folder for <split>.h5 feature files."),
+    layer: str = typer.Option("fc7", help=LAYER_HELP),
+    weights: str = typer.Option("imagenet", help="imagenet (torchvision IMAGENET1K_V1), a local VGG16 state-dict PATH, or none (random init)."),
+    split: Optional[List[str]] = typer.Option(None, help="Split(s) to extract (repeatable); default train and test."),
+    batch_size: int = typer.Option(16, help="Images per trunk batch."),
+    workers: int = typer.Option(1, help="DataLoader processes decoding images beside the trunk."),
+    precision: str = typer.Option("auto", help="auto, fp32 or bf16 (auto: bf16 on CUDA or CPUs with native bf16)."),
+    dtype: str = typer.Option("float32", help="Storage dtype of the features: float32 or float16."),
+    views: int = typer.Option(0, help="Extra augmented views per training image (RandomResizedCrop + flip, seeded)."),
+    view_seed: int = typer.Option(0, help="Seed of the augmented views."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    strict: bool = typer.Option(False, help="Exit 1 when any image was skipped as unreadable."),
+):
+    """Extract frozen VGG16 features for every split into HDF5 (resumable; a second run with nothing changed does nothing).
+
+    Example: flowerfeat features --data ../shared/data/flower_photos --weights vgg16.pth --layer pool5
+    Many GPUs: torchrun --nproc-per-node 8 -m flowerfeat features ...
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from flowerfeat.config import ExtractConfig
+    from flowerfeat.extract import run_extraction
+
+    cfg = ExtractConfig(data=data, out=out, layer=layer, weights=weights, splits=tuple(split or ("train", "test")),
+                        batch_size=batch_size, workers=workers, precision=precision, dtype=dtype, views=views,
+                        view_seed=view_seed, device=device, strict=strict)
+    _sigterm_to_interrupt()
+    dist, shutdown = _dist_from_env()
+    show = dist.rank == 0
+    last = {}
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), disable=not show, transient=True)
+    tasks = {}
+
+    def on_progress(p):
+        last["p"] = p
+        if p.split not in tasks:
+            tasks[p.split] = bar.add_task(p.split, total=p.total, completed=p.done, rate="", start0=p.done)
+        busy = p.read_s + p.compute_s
+        new = p.done - bar.tasks[tasks[p.split]].fields["start0"]
+        rate = f"{new / busy:.1f} images/s" if busy > 0 and new else ""
+        bar.update(tasks[p.split], completed=p.done, rate=rate)
+
+    try:
+        with bar:
+            results = run_extraction(cfg, on_progress, dist)
+    except KeyboardInterrupt:
+        p = last.get("p")
+        where = f"{p.split} at {p.done}/{p.total} images" if p else "before the first batch"
+        _fail(f"interrupted in {where}; finished batches are saved, rerun the same command to resume", 130)
+    finally:
+        shutdown()
+    if not show:
+        return
+    skipped = []
+    for r in results:
+        if r.status == "up to date":
+            typer.echo(f"{r.split}: up to date ({r.rows} rows in {r.path}), nothing to extract")
+            continue
+        busy = r.read_s + r.compute_s
+        rate = f", {r.computed / busy:.2f} images/s" if busy else ""
+        typer.echo(f"{r.split}: {r.status} {r.computed} images -> {r.path} ({r.rows} rows) in {r.seconds:.1f} s{rate}; "
+                   f"waiting on reads {r.read_s:.1f} s, compute {r.compute_s:.1f} s, writes {r.write_s:.1f} s [{r.reason}]")
+        skipped += [(r.split, p, why) for p, why in r.skipped]
+    if skipped:
+        typer.echo(f"warning: {len(skipped)} unreadable image(s) skipped (listed in each file's 'skipped' dataset):", err=True)
+        for s, p, why in skipped:
+            typer.echo(f"  {s}: {p}: {why}", err=True)
+        if strict:
+            raise typer.Exit(1)
+
+
+@command("fit-head")
+def fit_head(
+    features: Path = typer.Option(Path("data/features/train.h5"), help="Training feature file."),
+    out: Path = typer.Option(Path("data/runs/head.pt"), help="Where the head checkpoint goes."),
+    epochs: int = typer.Option(2, help="Passes over the training features."),
+    batch_size: int = typer.Option(20, help="Mini-batch size (the textbook's 20)."),
+    optimizer: str = typer.Option("adam", help="adam (default) or sgd (the textbook's, with --lr 0.001)."),
+    lr: float = typer.Option(1e-3, help="Learning rate."),
+    momentum: float = typer.Option(0.0, help="SGD momentum (the textbook: 0)."),
+    weight_decay: float = typer.Option(0.0, help="L2 weight decay."),
+    dropout: float = typer.Option(0.5, help="Dropout before the linear layer, as VGG16's classifier[5]."),
+    solver: str = typer.Option("sgd", help="sgd (mini-batch, uses --optimizer) or lbfgs (full-batch logistic regression)."),
+    c: float = typer.Option(0.1, "--C", help="Inverse L2 strength for --solver lbfgs."),
+    val_fraction: float = typer.Option(0.0, help="Hold out this fraction of training images (stratified); keep the best epoch."),
+    seed: int = typer.Option(0, help="Seed for init, shuffling and dropout: same seed, bit-identical head."),
+    max_memory: float = typer.Option(4.0, help="GiB; larger feature files are streamed from disk."),
+):
+    """Train the replacement linear layer on cached features and save a self-sufficient checkpoint.
+
+    Example: flowerfeat fit-head --epochs 2
+    """
+    from flowerfeat.config import FitConfig
+    from flowerfeat.train import fit, save_checkpoint
+
+    cfg = FitConfig(features=features, out=out, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                    momentum=momentum, weight_decay=weight_decay, dropout=dropout, solver=solver, C=c,
+                    val_fraction=val_fraction, seed=seed, max_memory=max_memory)
+    result, meta = fit(cfg, log=typer.echo)
+    save_checkpoint(out, result, meta, cfg)
+    seconds = sum(h["seconds"] for h in result.history)
+    typer.echo(f"Saved head to {out} ({meta['layer']}, {meta['feature_dim']}-d, {len(meta['classes'])} classes; "
+               f"trained in {seconds:.2f} s)")
+
+
+@command()
+def report(
+    features: Path = typer.Option(Path("data/features/test.h5"), help="Test feature file."),
+    head: Path = typer.Option(Path("data/runs/head.pt"), help="Head checkpoint from fit-head."),
+    figures: Optional[Path] = typer.Option(None, help="Write confusion_matrix.png and samples.png here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of text."),
+):
+    """Per-class and overall test accuracy in the textbook's format, then a confusion matrix.
+
+    Example: flowerfeat report --figures data/runs/figures
+    """
+    from flowerfeat import report as rep
+    from flowerfeat.train import load_checkpoint
+
+    ev = rep.evaluate_file(load_checkpoint(head), features, head)
+    if as_json:
+        typer.echo(json.dumps(rep.metrics(ev), indent=2))
+    else:
+        typer.echo("\n".join(rep.textbook_lines(ev) + [""] + rep.confusion_lines(ev)))
+    if figures is not None:
+        for p in rep.write_figures(ev, figures):
+            typer.echo(f"wrote {p}", err=as_json)
+
+
+def main():
+    app()
