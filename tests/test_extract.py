@@ -1,0 +1,119 @@
+"""The extraction loop: schema, no-op reruns, incremental updates, bad images, locking, views, float16."""
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from flowerfeat import FORMAT_VERSION, store
+from flowerfeat.config import ExtractConfig
+from flowerfeat.errors import FlowerfeatError
+from flowerfeat.extract import run_extraction
+from test_data import write_corpus
+
+
+def extract(folder, out, trunk, **kw):
+    cfg = ExtractConfig(data=folder, out=out, weights="none", batch_size=4, workers=0, **kw)
+    return {r.split: r for r in run_extraction(cfg, trunk=trunk)}
+
+
+def datasets(path):
+    with h5py.File(path, "r") as f:
+        return {k: f[k][...] for k in store.DATASETS}
+
+
+def test_schema_shapes_dtypes_and_attributes(folder, tmp_path, tiny_trunk):
+    res = extract(folder, tmp_path / "f", tiny_trunk)
+    assert res["train"].status == "extracted" and res["train"].rows == 18 and res["test"].rows == 9
+    with h5py.File(tmp_path / "f" / "train.h5", "r") as f:  # plain h5py reads everything
+        assert f["features"].shape == (18, 24) and f["features"].dtype == np.float32
+        assert f["labels"].dtype == np.int64 and f["labels"][...].tolist() == [0] * 6 + [1] * 6 + [2] * 6
+        assert f["paths"][0].decode() == "train/daisy/train_daisy_0.jpg"
+        assert f["skipped"].shape == (0, 2)
+        assert list(f.attrs["classes"]) == ["daisy", "roses", "tulips"]
+        assert f.attrs["format_version"] == FORMAT_VERSION and f.attrs["complete"]
+        for key in ("layer", "weights", "preprocessing", "precision", "dtype", "fingerprint", "library_versions", "created"):
+            assert key in f.attrs, key
+        assert '"crop_size": [224]' in f.attrs["preprocessing"]
+        assert np.isfinite(f["features"][...]).all() and f["features"][...].std() > 0
+    assert not (tmp_path / "f" / "train.h5.partial").exists()
+
+
+def test_second_run_does_nothing(folder, tmp_path, tiny_trunk):
+    extract(folder, tmp_path / "f", tiny_trunk)
+    before = (tmp_path / "f" / "train.h5").stat().st_mtime_ns
+    res = extract(folder, tmp_path / "f", tiny_trunk)
+    assert res["train"].status == "up to date" and res["train"].computed == 0
+    assert (tmp_path / "f" / "train.h5").stat().st_mtime_ns == before
+
+
+def test_added_and_removed_images_extract_only_the_difference(folder, tmp_path, tiny_trunk):
+    extract(folder, tmp_path / "f", tiny_trunk)
+    shutil.copy(folder / "train/roses/train_roses_0.jpg", folder / "train/roses/zz_new.jpg")
+    (folder / "train/daisy/train_daisy_1.png").unlink()
+    res = extract(folder, tmp_path / "f", tiny_trunk)
+    assert res["train"].status == "updated" and res["train"].computed == 1 and res["test"].status == "up to date"
+    fresh = extract(folder, tmp_path / "fresh", tiny_trunk)
+    assert fresh["train"].computed == 18
+    a, b = datasets(tmp_path / "f" / "train.h5"), datasets(tmp_path / "fresh" / "train.h5")
+    assert list(a["paths"]) == list(b["paths"])
+    np.testing.assert_allclose(a["features"], b["features"], rtol=1e-6, atol=1e-6)
+
+
+def test_changed_setting_reextracts_and_says_why(folder, tmp_path, tiny_trunk):
+    extract(folder, tmp_path / "f", tiny_trunk)
+    res = extract(folder, tmp_path / "f", tiny_trunk, dtype="float16")
+    assert res["train"].computed == 18 and "dtype float32 -> float16" in res["train"].reason
+    with h5py.File(tmp_path / "f" / "train.h5", "r") as f:
+        assert f["features"].dtype == np.float16
+
+
+def test_float16_storage_round_trip(folder, tmp_path, tiny_trunk):
+    extract(folder, tmp_path / "a", tiny_trunk)
+    extract(folder, tmp_path / "b", tiny_trunk, dtype="float16")
+    a, b = store.load_features(tmp_path / "a" / "train.h5"), store.load_features(tmp_path / "b" / "train.h5")
+    assert b.features.dtype == np.float32  # loaded as float32
+    np.testing.assert_allclose(b.features, a.features, rtol=1e-3, atol=1e-3)
+    assert (tmp_path / "b" / "train.h5").stat().st_size < (tmp_path / "a" / "train.h5").stat().st_size
+
+
+def test_bad_images_are_skipped_recorded_and_the_run_goes_on(folder, tmp_path, tiny_trunk):
+    expected = write_corpus(folder / "train" / "daisy")
+    res = extract(folder, tmp_path / "f", tiny_trunk)
+    bad = {name for name, outcome in expected.items() if outcome != "ok"}
+    skipped = store.read_skipped(tmp_path / "f" / "train.h5")
+    assert {p.split("/")[-1] for p, _ in skipped} == {n.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for n in bad}
+    assert res["train"].rows == 18 + len(expected) - len(bad)
+    reasons = dict(skipped)
+    assert "empty file" in reasons["train/daisy/zero.jpg"]
+    assert "decompression bomb" in reasons["train/daisy/bomb.png"]
+    assert "caf\\xe9.jpg" in "".join(reasons)  # the non-UTF-8 name is recorded, escaped
+
+
+def test_augmented_views_are_cached_for_train_only(folder, tmp_path, tiny_trunk):
+    extract(folder, tmp_path / "f", tiny_trunk, views=2)
+    tr, te = store.load_features(tmp_path / "f" / "train.h5"), store.load_features(tmp_path / "f" / "test.h5")
+    assert len(tr.labels) == 18 * 3 and tr.views.tolist()[:3] == [0, 1, 2] and tr.meta["views"] == 2
+    assert len(te.labels) == 9 and te.meta["views"] == 0
+    assert not np.allclose(tr.features[0], tr.features[1])  # a view differs from the centre crop
+    again = extract(folder, tmp_path / "g", tiny_trunk, views=2)  # seeded: same views again
+    assert again["train"].rows == 54
+    np.testing.assert_array_equal(tr.features, store.load_features(tmp_path / "g" / "train.h5").features)
+
+
+def test_a_second_run_on_the_same_output_is_refused(folder, tmp_path, tiny_trunk):
+    out = tmp_path / "f"
+    out.mkdir()
+    with store.exclusive_lock(out, "features-rank0of1"):
+        with pytest.raises(FlowerfeatError, match="another flowerfeat run is writing here"):
+            extract(folder, out, tiny_trunk)
+    assert not (out / "train.h5").exists() and not (out / "train.h5.partial").exists()
+
+
+def test_unwritable_output_is_refused_before_work(folder, tmp_path, tiny_trunk):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(FlowerfeatError, match="not writable"):
+        extract(folder, blocker / "sub", tiny_trunk)
