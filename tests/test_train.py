@@ -1,0 +1,133 @@
+"""Fitting the head: it learns, it is seeded, it streams, and its checkpoint is self-sufficient and safe."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flowerfeat import train
+from flowerfeat.config import FitConfig
+from flowerfeat.errors import FlowerfeatError
+from conftest import blobs, write_features
+
+
+@pytest.fixture
+def train_file(tmp_path):
+    x, y = blobs(60, spread=2.0)
+    return write_features(tmp_path / "train.h5", x, y)
+
+
+def test_head_learns_well_above_chance(tmp_path):
+    x, y = blobs(300, spread=2.0)
+    lines = []
+    result, meta = train.fit(FitConfig(features=write_features(tmp_path / "t.h5", x, y), epochs=2), log=lines.append)
+    assert result.weight.shape == (3, 16)
+    x2, y2 = blobs(300, spread=2.0, seed=0)[0][::7] + 0, y[::7]  # held-out: other noise, same centres
+    x2 = x2 + np.random.default_rng(9).normal(0, 1.0, x2.shape).astype(np.float32)
+    _, pred, _ = train.evaluate(result.weight, result.bias, x2, y2)
+    assert (pred == y2).mean() > 0.8  # chance is 1/3
+    # 900 rows / 20 = 45 batches per epoch: running-loss lines at batches 20 and 40, then the summary
+    assert [s[:20] for s in lines[:3]] == ["Epoch 1, Batch 20 lo", "Epoch 1, Batch 40 lo", "Epoch 1 done: train "]
+
+
+def test_running_loss_lines_use_the_textbook_format(train_file):
+    lines = []
+    train.fit(FitConfig(features=train_file, epochs=1, batch_size=2, log_every=20), log=lines.append)
+    batch_lines = [s for s in lines if "Batch" in s]
+    assert batch_lines[0].startswith("Epoch 1, Batch 20 loss: ") and len(batch_lines) == 90 // 20
+    assert len(batch_lines[0].split("loss: ")[1]) == 18  # %.16f
+
+
+def test_same_seed_bit_identical_other_seed_differs(train_file):
+    a, _ = train.fit(FitConfig(features=train_file, seed=3))
+    b, _ = train.fit(FitConfig(features=train_file, seed=3))
+    c, _ = train.fit(FitConfig(features=train_file, seed=4))
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert not torch.equal(a.weight, c.weight)
+
+
+def test_textbook_sgd_is_reachable_and_slower_to_converge(tmp_path):
+    x, y = blobs(300, dim=64, spread=3.0)
+    path = write_features(tmp_path / "t.h5", 0.05 * x, y)  # small features: SGD's steps scale with them, Adam's don't
+    sgd, _ = train.fit(FitConfig(features=path, optimizer="sgd", lr=0.001))
+    adam, _ = train.fit(FitConfig(features=path))
+    assert sgd.metrics["train_loss"] > adam.metrics["train_loss"] + 0.2  # SGD barely leaves ln(3)
+
+
+def test_streamed_training_equals_in_memory(tmp_path, monkeypatch):
+    x, y = blobs(400, dim=64)
+    path = write_features(tmp_path / "train.h5", x, y)
+    monkeypatch.setattr(train, "WINDOW_BYTES", 64 * 4 * 300)  # windows of 300 rows, so streaming has 4 windows
+    mem, _ = train.fit(FitConfig(features=path, epochs=2))
+    streamed, _ = train.fit(FitConfig(features=path, epochs=2, max_memory=1e-6))
+    assert streamed.metrics["streamed"] and not mem.metrics["streamed"]
+    assert torch.equal(mem.weight, streamed.weight) and torch.equal(mem.bias, streamed.bias)
+
+
+def test_epoch_windows_cover_every_row_once():
+    rows = np.concatenate(list(train.epoch_windows(1000, 64, 300, seed=1, epoch=1)))
+    assert sorted(rows.tolist()) == list(range(1000))
+    assert rows.tolist() != list(range(1000))
+
+
+def test_lbfgs_solver_and_validation_split(train_file):
+    lines = []
+    res, _ = train.fit(FitConfig(features=train_file, solver="lbfgs", C=1.0, val_fraction=0.2), log=lines.append)
+    assert res.metrics["val_rows"] == 36 and res.metrics["train_rows"] == 144
+    assert res.metrics["train_acc"] > 0.9 and res.metrics["val_acc"] > 0.8
+    assert "L-BFGS done" in lines[0]
+
+
+def test_validation_keeps_the_best_epoch(train_file):
+    lines = []
+    res, _ = train.fit(FitConfig(features=train_file, epochs=4, val_fraction=0.25), log=lines.append)
+    accs = [h["val_acc"] for h in res.history]
+    assert res.metrics["best_epoch"] == 1 + int(np.argmax(accs)) and res.metrics["val_acc"] == max(accs)
+    assert any(s.startswith("Kept epoch") for s in lines)
+
+
+def test_validation_split_is_stratified_and_keeps_views_together():
+    labels = np.repeat([0, 1], 40)
+    paths = np.array([f"img{i // 2}" for i in range(80)])  # two views per image
+    mask = train.split_validation(labels, paths, 0.25, seed=0)
+    assert mask[labels == 0].sum() == mask[labels == 1].sum() == 10
+    assert all(mask[i] == mask[i + 1] for i in range(0, 80, 2))
+
+
+def test_checkpoint_round_trip_without_pickle(train_file, tmp_path):
+    cfg = FitConfig(features=train_file)
+    res, meta = train.fit(cfg)
+    train.save_checkpoint(tmp_path / "head.pt", res, meta, cfg)
+    blob = torch.load(tmp_path / "head.pt", weights_only=True)  # loads with code execution off
+    assert set(blob) == {"weight", "bias", "meta"}
+    ck = train.load_checkpoint(tmp_path / "head.pt")
+    assert torch.equal(ck.weight, res.weight) and ck.classes == ["a", "b", "c"]
+    assert ck.meta["features"]["fingerprint"] == meta["fingerprint"] and ck.meta["config"]["epochs"] == 2
+    assert not list(tmp_path.glob(".head.pt.tmp*"))
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    (tmp_path / "head.pt").write_bytes(b"garbage")
+    with pytest.raises(FlowerfeatError, match="not a flowerfeat head checkpoint"):
+        train.load_checkpoint(tmp_path / "head.pt")
+
+
+def test_features_from_another_layer_are_refused(train_file, tmp_path):
+    cfg = FitConfig(features=train_file)
+    res, meta = train.fit(cfg)
+    train.save_checkpoint(tmp_path / "head.pt", res, meta, cfg)
+    x, y = blobs(5)
+    other = write_features(tmp_path / "test.h5", x, y, layer="fc6")
+    from flowerfeat import store
+
+    with pytest.raises(FlowerfeatError, match="features do not match head.*layer fc7 vs fc6"):
+        train.check_compatible(train.load_checkpoint(tmp_path / "head.pt"), store.read_meta(other), other, tmp_path / "head.pt")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(epochs=0), "--epochs must be > 0"), (dict(lr=-1.0), "--lr must be > 0"),
+    (dict(optimizer="rmsprop"), "unknown optimizer"), (dict(val_fraction=1.5), "--val-fraction"),
+])
+def test_bad_fit_settings_are_refused(change, message):
+    with pytest.raises(FlowerfeatError, match=message):
+        FitConfig(**change)
