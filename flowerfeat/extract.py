@@ -198,6 +198,7 @@ def extract_split(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precisio
         return SplitResult(split.name, final, "up to date", "fingerprint matches", int(old["num_rows"]), 0,
                            store.read_skipped(final))
     reuse, reason = _reusable_rows(final, meta, split)
+    trunk = get_trunk()  # built (and its weights checked) before anything is written
     todo = [u for u in range(n_units) if u not in reuse]
     batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
     mine = [b for i, b in enumerate(batches) if i % dist.world == dist.rank]  # interleaved: same batches as 1 rank
@@ -227,7 +228,6 @@ def extract_split(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precisio
                 pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
                 persistent_workers=False,
             )
-            trunk = get_trunk()
 
             def on_batch(n, r, c):
                 prog.done += n

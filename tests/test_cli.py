@@ -1,0 +1,170 @@
+"""The CLI through typer's CliRunner: the whole product path, exit codes and one-line errors."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flowerfeat.cli import app
+from conftest import blobs, make_folder, write_features
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_features_fit_report_end_to_end_with_vgg16(tmp_path):
+    """Real VGG16 (weights=None) at fc7 on a tiny folder: the product path a user runs."""
+    data = make_folder(tmp_path / "flowers", {"train": 4, "test": 2})
+    feats, head = tmp_path / "features", tmp_path / "runs" / "head.pt"
+    r = run("features", "--data", data, "--out", feats, "--weights", "none", "--batch-size", "6", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert re.search(r"train: extracted 12 images -> .*train\.h5 \(12 rows\)", r.output)
+    r = run("features", "--data", data, "--out", feats, "--weights", "none")
+    assert r.exit_code == 0 and "train: up to date" in r.output and "test: up to date" in r.output
+    r = run("fit-head", "--features", feats / "train.h5", "--out", head, "--epochs", "2", "--batch-size", "4")
+    assert r.exit_code == 0, r.output
+    assert "Epoch 2 done" in r.output and f"Saved head to {head}" in r.output
+    r = run("report", "--features", feats / "test.h5", "--head", head, "--figures", tmp_path / "fig")
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("Test Loss: ")
+    assert re.search(r"Test Accuracy of daisy: +\d+% \( ?\d/ 2\)", r.output)
+    assert re.search(r"Test Accuracy \(Overall\): +\d+% \( ?\d/ 6\)", r.output)
+    assert "Confusion matrix" in r.output and (tmp_path / "fig" / "confusion_matrix.png").stat().st_size > 1000
+    r = run("report", "--features", feats / "test.h5", "--head", head, "--json")
+    assert r.exit_code == 0 and '"per_class"' in r.output
+
+
+def _trained_head(tmp_path, **meta):
+    x, y = blobs(20, dim=8)
+    train_file = write_features(tmp_path / "train.h5", x, y, **meta)
+    r = run("fit-head", "--features", train_file, "--out", tmp_path / "head.pt")
+    assert r.exit_code == 0, r.output
+    return tmp_path / "head.pt"
+
+
+def _data(tmp_path):
+    return make_folder(tmp_path / "d", {"train": 1, "test": 1})
+
+
+# (name, setup(tmp_path) -> argv, message fragment); every case must exit 2 with one line and write nothing.
+STRUCTURAL = [
+    ("data folder missing", lambda t: ["features", "--data", t / "nope"], "data folder not found; run `flowerfeat download`"),
+    ("no test split", lambda t: ["features", "--data", _rm(_data(t) / "test")], "no 'test' folder"),
+    ("split without images", lambda t: ["features", "--data", _empty_split(_data(t))], "no class folders"),
+    ("empty class folder", lambda t: ["features", "--data", _empty_class(_data(t))], "class folder has no images"),
+    ("classes differ", lambda t: ["features", "--data", _rename_class(_data(t))], "classes differ from the other split"),
+    ("output not writable", lambda t: ["features", "--data", _data(t), "--out", _file(t) / "sub"], "output folder is not writable"),
+    ("unknown layer", lambda t: ["features", "--data", _data(t), "--layer", "fc8"], "unknown layer 'fc8'"),
+    ("weights not a state dict", lambda t: ["features", "--data", _data(t), "--layer", "pool5", "--weights", _file(t)],
+     "not a loadable state dict"),
+    ("weights with wrong shapes", lambda t: ["features", "--data", _data(t), "--layer", "pool5", "--weights", _bad_shapes(t)],
+     "has shape (2,), VGG16 needs (64, 3, 3, 3)"),
+    ("epochs 0", lambda t: ["fit-head", "--epochs", "0"], "--epochs must be > 0"),
+    ("epochs negative", lambda t: ["fit-head", "--epochs", "-3"], "--epochs must be > 0"),
+    ("feature file not HDF5", lambda t: ["fit-head", "--features", _file(t)], "not a readable HDF5 feature file"),
+    ("feature file truncated", lambda t: ["fit-head", "--features", _truncated(t)], "truncated or corrupt"),
+    ("report: features from another layer", lambda t: ["report", "--head", _trained_head(t), "--features", _other(t, layer="fc6")],
+     "layer fc7 vs fc6"),
+    ("report: features from other weights", lambda t: ["report", "--head", _trained_head(t), "--features", _other(t, weights="file:x.pth")],
+     "weights none:random-init-seed-0 vs file:x.pth"),
+    ("report: checkpoint classes differ", lambda t: ["report", "--head", _trained_head(t), "--features", _other(t, classes=("p", "q", "r"))],
+     "classes ['a', 'b', 'c'] vs ['p', 'q', 'r']"),
+    ("report: head missing", lambda t: ["report", "--head", t / "none.pt", "--features", _other(t)], "head checkpoint not found"),
+]
+
+
+def _rm(p: Path) -> Path:
+    import shutil
+
+    shutil.rmtree(p)
+    return p.parent
+
+
+def _empty_split(root: Path) -> Path:
+    import shutil
+
+    shutil.rmtree(root / "train")
+    (root / "train").mkdir()
+    return root
+
+
+def _empty_class(root: Path) -> Path:
+    for p in (root / "train" / "roses").iterdir():
+        p.unlink()
+    return root
+
+
+def _rename_class(root: Path) -> Path:
+    (root / "test" / "roses").rename(root / "test" / "rose")
+    return root
+
+
+def _file(t: Path) -> Path:
+    (t / "plain.txt").write_text("not a folder, not a model, not HDF5")
+    return t / "plain.txt"
+
+
+def _bad_shapes(t: Path) -> Path:
+    from flowerfeat.backbone import _CONV_IDX
+
+    torch.save({f"features.{i}.{w}": torch.zeros(2) for i in _CONV_IDX for w in ("weight", "bias")}, t / "bad.pth")
+    return t / "bad.pth"
+
+
+def _truncated(t: Path) -> Path:
+    x, y = blobs(20, dim=8)
+    p = write_features(t / "cut.h5", x, y)
+    p.write_bytes(p.read_bytes()[:1500])
+    return p
+
+
+def _other(t: Path, classes=("a", "b", "c"), **meta) -> Path:
+    x, y = blobs(5, dim=8)
+    return write_features(t / "test.h5", x, y, classes=classes, **meta)
+
+
+@pytest.mark.parametrize("name, argv, message", STRUCTURAL, ids=[s[0] for s in STRUCTURAL])
+def test_structural_errors_exit_2_with_one_line(tmp_path, monkeypatch, name, argv, message):
+    monkeypatch.chdir(tmp_path)
+    args = argv(tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    r = run(*args)
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
+    assert "Traceback" not in r.output
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if not p.name.startswith(".features-rank")}
+    assert {p: m for p, m in after.items() if p in before} == {p: m for p, m in before.items() if p in after}
+    assert not [p for p in after if p not in before and p.suffix in (".h5", ".pt", ".partial")]
+
+
+def test_non_numeric_epochs_is_a_usage_error():
+    r = run("fit-head", "--epochs", "two")
+    assert r.exit_code == 2 and "--epochs" in r.output and "Traceback" not in r.output
+
+
+def test_strict_exits_1_when_an_image_was_skipped(tmp_path):
+    data = make_folder(tmp_path / "flowers", {"train": 1, "test": 1})
+    (data / "train" / "daisy" / "broken.jpg").write_bytes(b"")
+    r = run("features", "--data", data, "--out", tmp_path / "f", "--weights", "none", "--layer", "pool5-gap",
+            "--split", "train", "--workers", "0", "--strict")
+    assert r.exit_code == 1 and "1 unreadable image(s) skipped" in r.output and "broken.jpg: empty file" in r.output
+    assert (tmp_path / "f" / "train.h5").exists()  # the finished work is kept
+
+
+def test_every_command_has_help_with_an_example():
+    for cmd in app.registered_commands:
+        assert "Example:" in (cmd.callback.__doc__ or ""), cmd.name
+
+
+def test_every_command_is_documented_in_the_readme():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for cmd in app.registered_commands:
+        name = cmd.name or cmd.callback.__name__
+        assert f"flowerfeat {name}" in readme, name
