@@ -226,5 +226,63 @@ def report(
             typer.echo(f"wrote {p}", err=as_json)
 
 
+@command()
+def predict(
+    paths: List[Path] = typer.Argument(..., help="Image files or folders of images."),
+    head: Path = typer.Option(Path("data/runs/head.pt"), help="Head checkpoint from fit-head."),
+    weights: Optional[str] = typer.Option(None, help="Trunk weights (default: those the head's features came from)."),
+    top_k: int = typer.Option(1, help="Classes to show per image."),
+    output: Optional[Path] = typer.Option(None, help="Also write the predictions to a .csv or .json file."),
+    batch_size: int = typer.Option(16, help="Images per trunk batch."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+):
+    """Classify new images with the trunk and the trained head: one line per image (path, class, probability).
+
+    Example: flowerfeat predict my_photos/ --top-k 3 --output predictions.csv
+    """
+    from flowerfeat import backbone
+    from flowerfeat.predict import list_images, predict as run_predict, weights_for, write_predictions
+    from flowerfeat.train import load_checkpoint
+
+    if top_k < 1:
+        _fail(f"--top-k must be >= 1, got {top_k}")
+    ck = load_checkpoint(head)
+    info, weights_arg = weights_for(ck, weights)
+    images = list_images(list(paths))
+    dev = backbone.resolve_device(device)
+    import torch
+
+    trunk = backbone.build_trunk(info, ck.meta["features"]["layer"], weights_arg).to(dev)
+    trunk = trunk.to(memory_format=torch.channels_last)
+    preds = run_predict(ck, images, trunk, top_k, batch_size, dev)
+    for p in preds:
+        if p.error:
+            typer.echo(f"warning: skipped {p.path}: {p.error}", err=True)
+        else:
+            typer.echo(f"{p.path}: " + ", ".join(f"{c} {q:.3f}" for c, q in p.top))
+    if output is not None:
+        write_predictions(preds, output)
+        typer.echo(f"wrote {output}", err=True)
+
+
+@command()
+def export(
+    out: Path = typer.Argument(..., help="Output .pth: a full torchvision VGG16 state dict."),
+    head: Path = typer.Option(Path("data/runs/head.pt"), help="Head checkpoint from fit-head (trained on fc7)."),
+    weights: Optional[str] = typer.Option(None, help="Trunk weights (default: those the head's features came from)."),
+):
+    """Export VGG16 with the trained layer in classifier[6] (the textbook's final model) plus a JSON of classes.
+
+    Example: flowerfeat export data/runs/vgg16_flowers.pth
+    """
+    from flowerfeat.predict import export as run_export, weights_for
+    from flowerfeat.train import load_checkpoint
+
+    ck = load_checkpoint(head)
+    info, weights_arg = weights_for(ck, weights)
+    side = run_export(ck, out, info, weights_arg)
+    typer.echo(f"wrote {out} and {side}; load with torchvision.models.vgg16(num_classes={len(ck.classes)})")
+
+
 def main():
     app()

@@ -100,20 +100,23 @@ def _reusable_rows(final: Path, meta: dict, split: Split) -> tuple[dict, str]:
         old = store.read_meta(final)
     except FlowerfeatError:  # a corrupt or unfinished file is simply rebuilt
         return {}, "existing file unusable: rebuilding it"
-    if old["model_key"] != meta["model_key"] or old["views"] != meta["views"] or old["classes"] != meta["classes"]:
+    # Rows are keyed by (path, view, size, mtime): a different --views count still reuses the views both have.
+    if old["model_key"] != meta["model_key"] or old["classes"] != meta["classes"]:
         return {}, "re-extracting: " + store.describe_difference(old, meta)
     with h5py.File(final, "r") as f:
         paths = [p.decode() for p in f["paths"][...]]
         keys = zip(paths, f["views"][...].tolist(), f["file_sizes"][...].tolist(), f["file_mtimes_ns"][...].tolist())
         old_rows = {k: r for r, k in enumerate(keys)}
     nv = 1 + meta["views"]
+    # Augmented views are only valid under the same seed; centre crops (view 0) always are.
+    reusable_views = nv if old["view_seed"] == meta["view_seed"] else 1
     reuse = {}
     for idx, item in enumerate(split.items):
-        for v in range(nv):
+        for v in range(reusable_views):
             r = old_rows.get((item.relpath, v, item.size, item.mtime_ns))
             if r is not None:
                 reuse[idx * nv + v] = r
-    return reuse, "image list changed"
+    return reuse, "views changed" if old["views"] != meta["views"] else "image list changed"
 
 
 class _Writer:

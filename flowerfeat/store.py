@@ -24,7 +24,7 @@ from flowerfeat.errors import FlowerfeatError
 
 # Attributes that decide the feature values; a change in any of them invalidates every cached row.
 MODEL_KEY_FIELDS = (
-    "format_version", "layer", "feature_dim", "weights", "preprocessing", "precision", "dtype", "view_seed",
+    "format_version", "layer", "feature_dim", "weights", "preprocessing", "precision", "dtype",
 )
 # Datasets of a finished file (all length N = rows, except `skipped`, which is (S, 2): path, reason).
 DATASETS = ("features", "labels", "paths", "views", "file_sizes", "file_mtimes_ns", "skipped")
@@ -36,9 +36,9 @@ def model_key(meta: dict) -> str:
 
 
 def fingerprint(meta: dict, image_list: list[tuple]) -> str:
-    """Hash of the model key, the views count and every (relpath, label, size, mtime_ns) of the split."""
+    """Hash of the model key, the views and their seed, the classes and every (relpath, label, size, mtime_ns)."""
     h = hashlib.sha256(model_key(meta).encode())
-    h.update(json.dumps([meta["views"], meta["classes"]]).encode())
+    h.update(json.dumps([meta["views"], meta["view_seed"], meta["classes"]]).encode())
     for entry in image_list:
         h.update(json.dumps(entry).encode())
     return h.hexdigest()
@@ -46,7 +46,7 @@ def fingerprint(meta: dict, image_list: list[tuple]) -> str:
 
 def describe_difference(old: dict, new: dict) -> str:
     """Name the fields that differ between two feature metadata dicts."""
-    keys = [k for k in (*MODEL_KEY_FIELDS, "views", "classes") if old.get(k) != new.get(k)]
+    keys = [k for k in (*MODEL_KEY_FIELDS, "views", "view_seed", "classes") if old.get(k) != new.get(k)]
     parts = []
     for k in keys:
         a, b = str(old.get(k)), str(new.get(k))

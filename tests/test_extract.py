@@ -117,3 +117,11 @@ def test_unwritable_output_is_refused_before_work(folder, tmp_path, tiny_trunk):
     blocker.write_text("not a folder")
     with pytest.raises(FlowerfeatError, match="not writable"):
         extract(folder, blocker / "sub", tiny_trunk)
+
+
+def test_adding_views_reuses_the_centre_crops(folder, tmp_path, tiny_trunk):
+    extract(folder, tmp_path / "f", tiny_trunk)
+    res = extract(folder, tmp_path / "f", tiny_trunk, views=1)
+    assert res["train"].computed == 18 and res["train"].rows == 36 and res["test"].status == "up to date"
+    res = extract(folder, tmp_path / "f", tiny_trunk, views=1, view_seed=5)
+    assert res["train"].computed == 18 and "view_seed 0 -> 5" not in res["train"].reason

@@ -1,0 +1,82 @@
+"""predict and export: the trained head used on new images, and the textbook's full VGG16 written out."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+import torchvision
+from typer.testing import CliRunner
+
+from flowerfeat import backbone, train
+from flowerfeat.cli import app
+from flowerfeat.config import FitConfig
+from conftest import blobs, make_folder, make_image, write_features
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def head_fc7(tmp_path_factory):
+    """A head for random-init VGG16 fc7 features (classes daisy/roses/tulips), trained on hand-made rows."""
+    tmp = tmp_path_factory.mktemp("head")
+    x, y = blobs(10, dim=4096)
+    path = write_features(tmp / "train.h5", x, y, classes=("daisy", "roses", "tulips"),
+                          preprocessing=backbone.preprocessing())
+    cfg = FitConfig(features=path, out=tmp / "head.pt")
+    res, meta = train.fit(cfg)
+    train.save_checkpoint(cfg.out, res, meta, cfg)
+    return cfg.out
+
+
+def test_export_round_trip_matches_trunk_plus_head(head_fc7, tmp_path):
+    r = runner.invoke(app, ["export", str(tmp_path / "vgg.pth"), "--head", str(head_fc7)])
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "vgg.json").read_text())
+    assert side["classes"] == ["daisy", "roses", "tulips"] and side["preprocessing"]["crop_size"] == [224]
+    model = torchvision.models.vgg16(num_classes=3)  # plain torchvision, no flowerfeat involved
+    model.load_state_dict(torch.load(tmp_path / "vgg.pth", weights_only=True))
+    model.eval()
+    ck = train.load_checkpoint(head_fc7)
+    trunk = backbone.build_trunk(backbone.resolve_weights("none"), "fc7")
+    x = torch.stack([backbone.build_transform()(make_image(c, 0, (64, 48))) for c in range(3)])
+    with torch.inference_mode():
+        expected = trunk(x) @ ck.weight.T + ck.bias
+        got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # same ops; only summation order may differ
+
+
+def test_export_refuses_non_fc7_heads(tmp_path):
+    x, y = blobs(10, dim=512)
+    path = write_features(tmp_path / "train.h5", x, y, layer="pool5-gap", preprocessing=backbone.preprocessing())
+    cfg = FitConfig(features=path, out=tmp_path / "head.pt")
+    res, meta = train.fit(cfg)
+    train.save_checkpoint(cfg.out, res, meta, cfg)
+    r = runner.invoke(app, ["export", str(tmp_path / "vgg.pth"), "--head", str(cfg.out)])
+    assert r.exit_code == 2 and "only an fc7 head is VGG16's classifier[6]" in r.output
+
+
+def test_predict_lines_and_files(head_fc7, tmp_path):
+    root = make_folder(tmp_path / "imgs", {"new": 1})
+    (root / "new" / "daisy" / "broken.jpg").write_bytes(b"nope")
+    r = runner.invoke(app, ["predict", str(root), "--head", str(head_fc7), "--top-k", "2",
+                            "--output", str(tmp_path / "p.csv")])
+    assert r.exit_code == 0, r.output
+    lines = [s for s in r.output.splitlines() if s.endswith(tuple("0123456789"))]
+    assert len(lines) == 3 and all(s.count(", ") == 1 for s in lines)
+    assert "warning: skipped" in r.output and "broken.jpg" in r.output
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == 3 * 2 + 1
+    first = [row for row in rows if row["rank"] == "1"]
+    assert all(row["class"] in ("daisy", "roses", "tulips") and 0 < float(row["probability"]) <= 1 for row in first)
+    r = runner.invoke(app, ["predict", str(root / "new" / "roses"), "--head", str(head_fc7), "--output", str(tmp_path / "p.json")])
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert r.exit_code == 0 and len(data) == 1 and data[0]["top"][0]["class"] in ("daisy", "roses", "tulips")
+
+
+def test_predict_refuses_other_weights(head_fc7, tmp_path):
+    other = tmp_path / "w.pth"
+    torch.save({"features.0.weight": torch.zeros(1)}, other)
+    r = runner.invoke(app, ["predict", str(tmp_path), "--head", str(head_fc7), "--weights", str(other)])
+    assert r.exit_code == 2 and "the head was trained on features from none:random-init-seed-0" in r.output
