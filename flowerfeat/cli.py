@@ -55,23 +55,6 @@ def _sigterm_to_interrupt():
     signal.signal(signal.SIGTERM, handler)
 
 
-def _dist_from_env():
-    """torchrun sets WORLD_SIZE/RANK; join its process group (gloo on CPU, nccl on GPUs)."""
-    from flowerfeat.extract import Dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(), lambda: None
-    import torch
-    import torch.distributed as td
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    td.init_process_group(backend)
-    return Dist(td.get_rank(), td.get_world_size(), td.barrier), td.destroy_process_group
-
-
 @command()
 def download(
     out: Path = typer.Option(Path("data/flower_photos"), help="Where the train/test ImageFolder goes."),
@@ -100,8 +83,9 @@ def features(
     layer: str = typer.Option("fc7", help=LAYER_HELP),
     weights: str = typer.Option("imagenet", help="imagenet (torchvision IMAGENET1K_V1), a local VGG16 state-dict PATH, or none (random init)."),
     split: Optional[List[str]] = typer.Option(None, help="Split(s) to extract (repeatable); default train and test."),
-    batch_size: int = typer.Option(16, help="Images per trunk batch."),
+    batch_size: int = typer.Option(0, help="Images per trunk batch; 0 = auto (16 on CPU, 256 on CUDA)."),
     workers: int = typer.Option(1, help="DataLoader processes decoding images beside the trunk."),
+    decode: str = typer.Option("auto", help="auto, cpu (PIL) or gpu (batched torchvision.io JPEG decode on the device)."),
     precision: str = typer.Option("auto", help="auto, fp32 or bf16 (auto: bf16 on CUDA or CPUs with native bf16)."),
     dtype: str = typer.Option("float32", help="Storage dtype of the features: float32 or float16."),
     views: int = typer.Option(0, help="Extra augmented views per training image (RandomResizedCrop + flip, seeded)."),
@@ -117,13 +101,13 @@ def features(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from flowerfeat.config import ExtractConfig
-    from flowerfeat.extract import run_extraction
+    from flowerfeat.extract import dist_from_env, run_extraction
 
     cfg = ExtractConfig(data=data, out=out, layer=layer, weights=weights, splits=tuple(split or ("train", "test")),
                         batch_size=batch_size, workers=workers, precision=precision, dtype=dtype, views=views,
-                        view_seed=view_seed, device=device, strict=strict)
+                        view_seed=view_seed, device=device, decode=decode, strict=strict)
     _sigterm_to_interrupt()
-    dist, shutdown = _dist_from_env()
+    dist, shutdown = dist_from_env()
     show = dist.rank == 0
     last = {}
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -175,8 +159,10 @@ def fit_head(
     epochs: int = typer.Option(2, help="Passes over the training features."),
     batch_size: int = typer.Option(20, help="Mini-batch size (the textbook's 20)."),
     optimizer: str = typer.Option("adam", help="adam (default) or sgd (the textbook's, with --lr 0.001)."),
-    lr: float = typer.Option(1e-3, help="Learning rate."),
+    lr: float = typer.Option(1e-4, help="Learning rate (peak, with --schedule cosine)."),
     momentum: float = typer.Option(0.0, help="SGD momentum (the textbook: 0)."),
+    schedule: str = typer.Option("cosine", help="cosine (decays to 0 over the run) or constant (the textbook's)."),
+    init: str = typer.Option("class-means", help="class-means (start at each class's mean feature) or random."),
     weight_decay: float = typer.Option(0.0, help="L2 weight decay."),
     dropout: float = typer.Option(0.5, help="Dropout before the linear layer, as VGG16's classifier[5]."),
     solver: str = typer.Option("sgd", help="sgd (mini-batch, uses --optimizer) or lbfgs (full-batch logistic regression)."),
@@ -193,7 +179,8 @@ def fit_head(
     from flowerfeat.train import fit, save_checkpoint
 
     cfg = FitConfig(features=features, out=out, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-                    momentum=momentum, weight_decay=weight_decay, dropout=dropout, solver=solver, C=c,
+                    momentum=momentum, schedule=schedule, init=init, weight_decay=weight_decay, dropout=dropout,
+                    solver=solver, C=c,
                     val_fraction=val_fraction, seed=seed, max_memory=max_memory)
     result, meta = fit(cfg, log=typer.echo)
     save_checkpoint(out, result, meta, cfg)
@@ -282,6 +269,30 @@ def export(
     info, weights_arg = weights_for(ck, weights)
     side = run_export(ck, out, info, weights_arg)
     typer.echo(f"wrote {out} and {side}; load with torchvision.models.vgg16(num_classes={len(ck.classes)})")
+
+
+@command()
+def bench(
+    data: Path = typer.Option(Path("data/flower_photos"), help="ImageFolder to time on."),
+    weights: str = typer.Option("imagenet", help="As for `features`."),
+    layer: str = typer.Option("fc7", help=LAYER_HELP),
+    limit: int = typer.Option(64, help="Images to use (80% train, 20% test, spread over the classes)."),
+    batch_size: int = typer.Option(16, help="flowerfeat's batch size (the naive and textbook loops use 20)."),
+    workers: int = typer.Option(1, help="flowerfeat's decoding workers."),
+    precision: str = typer.Option("auto", help="flowerfeat's precision: auto, fp32 or bf16."),
+    agreement_images: int = typer.Option(8, help="Images for the bf16-vs-fp32 feature agreement (0 skips it)."),
+):
+    """Time the textbook loop, a naive extraction loop and flowerfeat on the same images; print the ratios.
+
+    Example: flowerfeat bench --data ../shared/data/flower_photos --weights vgg16.pth --layer pool5 --limit 200
+    """
+    from flowerfeat.bench import run_bench
+    from flowerfeat.config import ExtractConfig
+
+    ExtractConfig(layer=layer, precision=precision, batch_size=batch_size, workers=workers)  # validates the options
+    if limit < 10:
+        _fail(f"--limit must be >= 10, got {limit}")
+    run_bench(data, weights, layer, limit, batch_size, workers, precision, agreement_images, log=typer.echo)
 
 
 def main():

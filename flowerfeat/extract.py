@@ -56,6 +56,22 @@ class Dist:
     barrier: Callable[[], None] = lambda: None
 
 
+def dist_from_env() -> tuple[Dist, Callable[[], None]]:
+    """Join torchrun's process group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPUs); else a single-rank Dist."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), lambda: None
+    import torch.distributed as td
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    td.init_process_group(backend)
+    return Dist(td.get_rank(), td.get_world_size(), td.barrier), td.destroy_process_group
+
+
 def library_versions() -> dict:
     import h5py
     import torchvision
@@ -64,7 +80,8 @@ def library_versions() -> dict:
             "h5py": h5py.__version__, "numpy": np.__version__}
 
 
-def split_meta(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precision: str, feature_dim: int) -> dict:
+def split_meta(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precision: str, feature_dim: int,
+               decoder: str = "pil") -> dict:
     """The self-description of one split's feature file, fingerprint included."""
     n_views = cfg.views if split.name == "train" else 0
     meta = {
@@ -77,6 +94,7 @@ def split_meta(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precision: 
         "weights_sha256": winfo.sha256,
         "preprocessing": preprocessing(),
         "precision": precision,
+        "decoder": decoder,
         "dtype": cfg.dtype,
         "views": n_views,
         "view_seed": cfg.view_seed if n_views else 0,
@@ -188,7 +206,9 @@ def extract_split(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precisio
     t_start = time.perf_counter()
     out = Path(cfg.out)
     final = out / f"{split.name}.h5"
-    meta = split_meta(cfg, split, winfo, precision, feature_dim)
+    decoder = "torchvision.io" if cfg.decode == "gpu" or (cfg.decode == "auto" and device.type == "cuda") else "pil"
+    batch_size = cfg.batch_size or (256 if device.type == "cuda" else 16)
+    meta = split_meta(cfg, split, winfo, precision, feature_dim, decoder)
     n_views = meta["views"]
     nv = 1 + n_views
     n_units = len(split.items) * nv
@@ -203,12 +223,12 @@ def extract_split(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precisio
     reuse, reason = _reusable_rows(final, meta, split)
     trunk = get_trunk()  # built (and its weights checked) before anything is written
     todo = [u for u in range(n_units) if u not in reuse]
-    batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     mine = [b for i, b in enumerate(batches) if i % dist.world == dist.rank]  # interleaved: same batches as 1 rank
 
     partial_root = out / f"{split.name}.h5.partial"
     header = {"fingerprint": meta["fingerprint"], "feature_dim": meta["feature_dim"], "dtype": meta["dtype"],
-              "batch_size": cfg.batch_size, "todo": len(todo), "world": dist.world, "rank": dist.rank}
+              "batch_size": batch_size, "todo": len(todo), "world": dist.world, "rank": dist.rank}
     log = store.ShardLog(partial_root / f"rank{dist.rank}of{dist.world}", header)
     status = "resumed" if log.batches else ("updated" if reuse else "extracted")
     if log.discarded:
@@ -225,12 +245,19 @@ def extract_split(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precisio
         if remaining:
             from torch.utils.data import DataLoader
 
-            dataset = UnitDataset(split, list(range(n_units)), n_views, transform, augment, cfg.view_seed)
+            if decoder == "torchvision.io":
+                from flowerfeat.gpudecode import GpuPreprocess, RawUnitDataset, collate_raw, gpu_batches
+
+                dataset = RawUnitDataset(split, list(range(n_units)), n_views, transform, augment, cfg.view_seed)
+            else:
+                dataset = UnitDataset(split, list(range(n_units)), n_views, transform, augment, cfg.view_seed)
             loader = DataLoader(
-                dataset, batch_sampler=remaining, num_workers=cfg.workers, collate_fn=collate_units,
+                dataset, batch_sampler=remaining, num_workers=cfg.workers,
+                collate_fn=collate_raw if decoder == "torchvision.io" else collate_units,
                 pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
-                persistent_workers=False,
             )
+            if decoder == "torchvision.io":
+                loader = gpu_batches(loader, GpuPreprocess(device, transform))
 
             def on_batch(n, r, c):
                 prog.done += n
@@ -321,6 +348,8 @@ def run_extraction(cfg: ExtractConfig, on_progress: Callable[[Progress], None] =
     if dist.world > 1 and device.type == "cuda":
         device = torch.device("cuda", dist.rank % torch.cuda.device_count())
     precision = backbone.resolve_precision(cfg.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest convolutions
     out = Path(cfg.out)
     store.check_writable(out)
     built: list[torch.nn.Module] = []

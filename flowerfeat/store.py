@@ -24,7 +24,7 @@ from flowerfeat.errors import FlowerfeatError
 
 # Attributes that decide the feature values; a change in any of them invalidates every cached row.
 MODEL_KEY_FIELDS = (
-    "format_version", "layer", "feature_dim", "weights", "preprocessing", "precision", "dtype",
+    "format_version", "layer", "feature_dim", "weights", "preprocessing", "decoder", "precision", "dtype",
 )
 # Datasets of a finished file (all length N = rows, except `skipped`, which is (S, 2): path, reason).
 DATASETS = ("features", "labels", "paths", "views", "file_sizes", "file_mtimes_ns", "skipped")

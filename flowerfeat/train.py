@@ -22,7 +22,7 @@ from flowerfeat.errors import FlowerfeatError
 WINDOW_BYTES = 256 << 20
 CHECKPOINT_VERSION = 1
 # Feature-file attributes a head depends on; predict/report check them against the trunk or test file.
-FEATURE_KEYS = ("layer", "feature_dim", "weights", "weights_sha256", "preprocessing", "precision", "dtype",
+FEATURE_KEYS = ("layer", "feature_dim", "weights", "weights_sha256", "preprocessing", "decoder", "precision", "dtype",
                 "model_key", "fingerprint", "classes", "views")
 
 
@@ -80,6 +80,19 @@ class Rows:
             chunk = self.ds[b * self.block : min((b + 1) * self.block, self.n)]
             out[order[sel]] = chunk[sorted_rows[sel] - b * self.block]
         return out
+
+    def class_means(self, mask: np.ndarray, n_classes: int) -> np.ndarray:
+        """(C, D) mean feature per class over the rows in ``mask``, read in file order, one block at a time."""
+        sums, counts = np.zeros((n_classes, self.dim)), np.zeros(n_classes)
+        step = max(self.block, window_rows(self.dim) // self.block * self.block)
+        for start in range(0, self.n, step):
+            rows = np.arange(start, min(start + step, self.n))
+            rows = rows[mask[rows]]
+            x, y = self.take(rows), self.labels[rows]
+            for c in np.unique(y):
+                sums[c] += x[y == c].sum(0, dtype=np.float64)
+                counts[c] += (y == c).sum()
+        return sums / np.maximum(counts, 1)[:, None]
 
     def close(self):
         self.file.close()
@@ -150,6 +163,8 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
     with torch.random.fork_rng(devices=[]):  # seeds dropout and init without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         head = make_head(rows.dim, n_classes, cfg.dropout)
+        if cfg.init == "class-means":
+            _init_from_class_means(head[1], rows.class_means(~val, n_classes))
         params = head[1].parameters()
         if cfg.optimizer == "adam":
             opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -157,6 +172,12 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
             opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         criterion = nn.CrossEntropyLoss()
         labels = torch.from_numpy(rows.labels)
+        steps = cfg.epochs * sum(math.ceil(len(w[~val[w]]) / cfg.batch_size)
+                                 for w in epoch_windows(rows.n, rows.block, window_rows(rows.dim), cfg.seed, 1))
+        if cfg.schedule == "cosine":  # short runs converge much closer when the step size decays to zero
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+        else:
+            sched = None
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
             head.train()
@@ -172,6 +193,8 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
                     loss = criterion(out, y)
                     loss.backward()
                     opt.step()
+                    if sched is not None:
+                        sched.step()
                     batch_i += 1
                     running += loss.item()
                     total_loss += loss.item() * len(y)
@@ -197,6 +220,16 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
     if val_x is not None:
         log(f"Kept epoch {entry['epoch']} (best validation accuracy {entry['val_acc']:.1%})")
     return FitResult(weight, bias, metrics, history)
+
+
+def _init_from_class_means(linear: nn.Linear, means: np.ndarray, margin: float = 4.0) -> None:
+    """Point each class's weights along its centred mean feature ("weight imprinting"), scaled so that the
+    class means get logit margins of about ``margin``; training then starts near a nearest-mean classifier."""
+    centred = means - means.mean(0)
+    scale = margin / max(float((centred**2).sum(1).mean()), 1e-12)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(centred * scale).float())
+        linear.bias.zero_()
 
 
 def _epoch_line(e: dict) -> str:
@@ -293,7 +326,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
 def check_compatible(ck: Checkpoint, feature_meta: dict, features_path: Path, head_path: Path) -> None:
     """Refuse a head and a feature file that were not made by the same trunk, layer, preprocessing and classes."""
     own = ck.meta["features"]
-    diffs = [k for k in ("layer", "feature_dim", "weights", "preprocessing", "precision", "model_key", "classes")
+    diffs = [k for k in ("layer", "feature_dim", "weights", "preprocessing", "decoder", "precision", "model_key", "classes")
              if own[k] != feature_meta[k]]
     if diffs:
         what = ", ".join(f"{k} {str(own[k])[:50]!s} vs {str(feature_meta[k])[:50]!s}" for k in diffs[:3])

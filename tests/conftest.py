@@ -72,7 +72,7 @@ def write_features(path: Path, x: np.ndarray, y: np.ndarray, classes=("a", "b", 
     meta = {
         "format_version": FORMAT_VERSION, "split": path.stem, "classes": list(classes), "layer": "fc7",
         "feature_dim": int(x.shape[1]), "weights": "none:random-init-seed-0", "weights_sha256": "",
-        "preprocessing": {"crop_size": [224]}, "precision": "fp32", "dtype": "float32", "views": 0,
+        "preprocessing": {"crop_size": [224]}, "decoder": "pil", "precision": "fp32", "dtype": "float32", "views": 0,
         "view_seed": 0, "num_images": len(y), "data_root": str(path.parent), "library_versions": {},
         "extract_config": {}, **meta_changes,
     }

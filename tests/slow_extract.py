@@ -1,4 +1,4 @@
-"""Run by test_store's kill test in a subprocess: extraction with a deliberately slow tiny trunk."""
+"""Extraction with a deliberately slow tiny trunk, run in subprocesses by the kill, lock and torchrun tests."""
 import os
 import sys
 import time
@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TinyTrunk  # noqa: E402
 
 from flowerfeat.config import ExtractConfig  # noqa: E402
-from flowerfeat.extract import run_extraction  # noqa: E402
+from flowerfeat.extract import dist_from_env, run_extraction  # noqa: E402
 
 
 class SlowTrunk(TinyTrunk):
@@ -20,5 +20,9 @@ class SlowTrunk(TinyTrunk):
 if __name__ == "__main__":
     data, out = sys.argv[1], sys.argv[2]
     cfg = ExtractConfig(data=Path(data), out=Path(out), weights="none", batch_size=2, workers=0)
-    for r in run_extraction(cfg, trunk=SlowTrunk().eval()):
-        print(r.split, r.status, r.computed)
+    dist, shutdown = dist_from_env()  # torchrun: one shard per rank
+    try:
+        for r in run_extraction(cfg, trunk=SlowTrunk().eval(), dist=dist):
+            print(f"rank {dist.rank}:", r.split, r.status, r.computed)
+    finally:
+        shutdown()

@@ -49,7 +49,7 @@ def test_same_seed_bit_identical_other_seed_differs(train_file):
 def test_textbook_sgd_is_reachable_and_slower_to_converge(tmp_path):
     x, y = blobs(300, dim=64, spread=3.0)
     path = write_features(tmp_path / "t.h5", 0.05 * x, y)  # small features: SGD's steps scale with them, Adam's don't
-    sgd, _ = train.fit(FitConfig(features=path, optimizer="sgd", lr=0.001))
+    sgd, _ = train.fit(FitConfig(features=path, optimizer="sgd", lr=0.001, schedule="constant", init="random"))
     adam, _ = train.fit(FitConfig(features=path))
     assert sgd.metrics["train_loss"] > adam.metrics["train_loss"] + 0.2  # SGD barely leaves ln(3)
 

@@ -1,0 +1,218 @@
+"""Benchmark: the textbook loop vs a naive extraction loop vs flowerfeat, on the same images, in one run."""
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from flowerfeat import backbone
+from flowerfeat.config import ExtractConfig, FitConfig
+from flowerfeat.data import Split, UnitDataset, collate_units, scan_data
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 1.5) -> float:
+    """Best GFLOP/s of an n x n matmul over about ``seconds`` (after one warm-up)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def gflop_per_image(trunk: nn.Module) -> float:
+    """Counted, not hand-copied: torch's FlopCounterMode over one 224x224 image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        trunk(torch.zeros(1, 3, 224, 224))
+    return counter.get_total_flops() / 1e9
+
+
+def subset(split: Split, n: int) -> Split:
+    """``n`` items spread evenly over the split (every class represented)."""
+    if n >= len(split.items):
+        return split
+    idx = np.linspace(0, len(split.items) - 1, n).round().astype(int)
+    return replace(split, items=tuple(split.items[i] for i in idx))
+
+
+def _loader(split: Split, batch_size: int, workers: int):
+    from torch.utils.data import DataLoader
+
+    ds = UnitDataset(split, list(range(len(split.items))), 0, backbone.build_transform(), None, 0)
+    return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_units)
+
+
+def textbook_loop(train: Split, test: Split, vgg: nn.Module, epochs: int = 2, batch_size: int = 20) -> float:
+    """The textbook: full VGG16 fp32 in train mode, classifier[6] replaced and trained with SGD, every epoch
+    through the whole network; then a test pass. Returns seconds."""
+    n_classes = len(train.classes)
+    vgg.classifier[6] = nn.Linear(4096, n_classes)
+    for p in vgg.features.parameters():
+        p.requires_grad = False
+    opt = torch.optim.SGD(vgg.classifier[6].parameters(), lr=0.001)
+    criterion = nn.CrossEntropyLoss()
+    t = time.perf_counter()
+    vgg.train()
+    for _ in range(epochs):
+        for x, ids, _bad in _loader(train, batch_size, 0):
+            y = torch.tensor([train.items[i].label for i in ids])
+            opt.zero_grad()
+            loss = criterion(vgg(x), y)
+            loss.backward()
+            opt.step()
+    vgg.eval()
+    with torch.no_grad():
+        for x, ids, _bad in _loader(test, batch_size, 0):
+            vgg(x)
+    return time.perf_counter() - t
+
+
+def naive_loop(split: Split, trunk: nn.Module, batch_size: int = 20) -> float:
+    """Extraction with no tricks: fp32, NCHW, no_grad, decoding in the main process. Returns seconds."""
+    t = time.perf_counter()
+    with torch.no_grad():
+        for x, _ids, _bad in _loader(split, batch_size, 0):
+            trunk(x)
+    return time.perf_counter() - t
+
+
+def cosine_agreement(trunk: nn.Module, split: Split, n: int) -> float:
+    """Mean cosine similarity of bf16-autocast vs fp32 features over ``n`` images."""
+    x, _ids, _ = collate_units([_loader(subset(split, n), n, 0).dataset[i] for i in range(min(n, len(split.items)))])
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        a = trunk(x).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            b = trunk(x).float()
+    return float(nn.functional.cosine_similarity(a, b, dim=1).mean())
+
+
+def fit_timing(n: int, dim: int, n_classes: int) -> float:
+    """Seconds for fit-head's default 2 epochs on an n x dim feature file (training only, file in memory)."""
+    from flowerfeat.train import fit
+
+    from flowerfeat import FORMAT_VERSION, store
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, n_classes, n)
+    x = np.maximum(rng.normal(0, 1, (n, dim)) + y[:, None] * 0.1, 0).astype(np.float32)  # ReLU-like features
+    meta = {"format_version": FORMAT_VERSION, "classes": [str(c) for c in range(n_classes)], "layer": "fc7",
+            "feature_dim": dim, "weights": "synthetic", "preprocessing": {}, "decoder": "pil", "precision": "fp32", "dtype": "float32",
+            "views": 0, "view_seed": 0}
+    meta.update(model_key=store.model_key(meta), fingerprint="synthetic", weights_sha256="", num_rows=n)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train.h5"
+        columns = {"labels": y, "paths": [str(i) for i in range(n)], "views": np.zeros(n), "file_sizes": np.zeros(n),
+                   "file_mtimes_ns": np.zeros(n)}
+        store.write_feature_file(path, meta, n, [(0, x)], columns, [])
+        result, _ = fit(FitConfig(features=path, epochs=2))
+    return sum(h["seconds"] for h in result.history)
+
+
+@dataclass
+class BenchResult:
+    lines: list[str]
+    figures: dict
+
+
+def run_bench(data: Path, weights: str, layer: str, limit: int, batch_size: int, workers: int, precision: str,
+              agreement_images: int, log: Callable[[str], None] = print) -> BenchResult:
+    from flowerfeat.extract import Dist, extract_split
+    from flowerfeat.report import Evaluation, textbook_lines
+    from flowerfeat.train import evaluate, fit
+
+    splits = scan_data(Path(data))
+    n_test = max(len(splits["train"].classes), round(limit * 0.2))
+    train, test = subset(splits["train"], limit - n_test), subset(splits["test"], n_test)
+    n_images = len(train.items) + len(test.items)
+    info = backbone.resolve_weights(weights)
+    device = torch.device("cpu")
+    prec = backbone.resolve_precision(precision, device)
+    fig = {"train_images": len(train.items), "test_images": len(test.items), "threads": torch.get_num_threads(),
+           "precision": prec, "layer": layer, "batch_size": batch_size, "workers": workers}
+    log(f"{len(train.items)} train + {len(test.items)} test images; layer {layer}; precision {prec}; "
+        f"{torch.get_num_threads()} threads")
+    fig["fp32_peak"] = matmul_peak(torch.float32, device)
+    fig["bf16_peak"] = matmul_peak(torch.bfloat16, device, n=1024 if not backbone.cpu_has_bf16() else 2048)
+    log(f"matmul peak: fp32 {fig['fp32_peak']:.0f} GFLOP/s, bf16 {fig['bf16_peak']:.1f} GFLOP/s")
+
+    # (c) flowerfeat end to end: features for both splits, fit-head --epochs 2, report.
+    trunk = backbone.build_trunk(info, layer, weights)
+    fig["gflop_per_image"] = gflop_per_image(trunk)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = ExtractConfig(data=Path(data), out=Path(tmp), layer=layer, weights=weights, batch_size=batch_size,
+                            workers=workers, precision=prec)
+        ct = trunk.to(memory_format=torch.channels_last)
+        t0 = time.perf_counter()
+        extract_s = 0.0
+        for split in (train, test):
+            r = extract_split(cfg, split, info, prec, backbone.FEATURE_DIMS[layer], device, lambda: ct,
+                              backbone.build_transform(), backbone.Augment(), dist=Dist())
+            extract_s += r.seconds
+        t1 = time.perf_counter()
+        result, _ = fit(FitConfig(features=Path(tmp) / "train.h5", epochs=2))
+        t2 = time.perf_counter()
+        from flowerfeat.store import load_features
+
+        fs = load_features(Path(tmp) / "test.h5")
+        loss, pred, probs = evaluate(result.weight, result.bias, fs.features, fs.labels)
+        lines = textbook_lines(Evaluation(list(fs.meta["classes"]), fs.labels, pred, probs, loss, fs.paths, ""))
+        fig["flowerfeat_s"] = time.perf_counter() - t0
+        fig["extract_s"], fig["fit_s"] = extract_s, t2 - t1
+    fig["flowerfeat_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    fig["extract_ips"] = n_images / fig["extract_s"]
+    fig["flowerfeat_ips"] = n_images / fig["flowerfeat_s"]
+    achieved = fig["extract_ips"] * fig["gflop_per_image"]
+    peak = fig["bf16_peak"] if prec == "bf16" else fig["fp32_peak"]
+    log(f"(c) flowerfeat: {fig['flowerfeat_s']:.1f} s end to end ({fig['flowerfeat_ips']:.2f} images/s); extraction "
+        f"{fig['extract_ips']:.2f} images/s = {achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the {prec} matmul peak; "
+        f"fit-head {fig['fit_s']:.2f} s; {lines[-1].strip()}")
+
+    # (b) naive extraction loop on the same images.
+    naive = backbone.build_trunk(info, layer, weights)
+    fig["naive_s"] = naive_loop(train, naive) + naive_loop(test, naive)
+    fig["naive_ips"] = n_images / fig["naive_s"]
+    log(f"(b) naive loop: {fig['naive_s']:.1f} s ({fig['naive_ips']:.2f} images/s)")
+
+    # (a) the textbook's 2-epoch loop through the whole network.
+    vgg = backbone.load_vgg16(info, "pool5", weights) if info.kind != "torchvision" else backbone.load_vgg16(info, "fc7")
+    fig["textbook_s"] = textbook_loop(train, test, vgg)
+    fig["textbook_ips"] = n_images / fig["textbook_s"]
+    log(f"(a) textbook loop: {fig['textbook_s']:.1f} s ({fig['textbook_ips']:.2f} images/s over the image set)")
+
+    fig["fit_2600x4096_s"] = fit_timing(2600, 4096, len(train.classes))
+    log(f"fit-head --epochs 2 on 2,600 x 4,096 synthetic rows: {fig['fit_2600x4096_s']:.3f} s")
+
+    if agreement_images:
+        fig["bf16_cosine"] = cosine_agreement(trunk, test, agreement_images)
+        log(f"bf16 vs fp32 features: mean cosine {fig['bf16_cosine']:.5f} over {min(agreement_images, len(test.items))} images")
+    fig["naive_over_flowerfeat_extract"] = fig["naive_s"] / fig["extract_s"]
+    fig["textbook_over_flowerfeat"] = fig["textbook_s"] / fig["flowerfeat_s"]
+    summary = [
+        f"extraction speed-up over the naive loop (b)/(c): {fig['naive_over_flowerfeat_extract']:.2f}x",
+        f"end-to-end speed-up over the textbook (a)/(c): {fig['textbook_over_flowerfeat']:.2f}x",
+        f"achieved {achieved:.0f} GFLOP/s ({fig['gflop_per_image']:.1f} GFLOP/image) = {achieved / peak:.0%} of the "
+        f"measured {prec} matmul peak ({peak:.0f} GFLOP/s)",
+        f"fit-head --epochs 2 on {len(train.items)} rows: {fig['fit_s']:.3f} s; peak RSS during (c): "
+        f"{fig['flowerfeat_peak_rss_mib']:.0f} MiB",
+    ]
+    for s in summary:
+        log(s)
+    return BenchResult(summary, fig)
