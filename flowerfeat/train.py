@@ -61,8 +61,7 @@ class Rows:
         self.file = h5py.File(path, "r")
         self.ds = self.file["features"]
         self.n, self.dim = self.ds.shape
-        self.labels = self.file["labels"][...]
-        self.paths = self.file["paths"][...]
+        self.labels = self.file["labels"][...]  # (N,) int64: 8 bytes a row beside 4*D of features
         self.block = self.ds.chunks[0] if self.ds.chunks else max(1, self.n)
         self.streamed = self.n * self.dim * 4 > max_memory_gib * (1 << 30)
         self.data = None if self.streamed else self.ds[...].astype(np.float32, copy=False)
@@ -141,7 +140,8 @@ def fit(cfg: FitConfig, log: Callable[[str], None] = lambda s: None) -> tuple[Fi
         meta = rows.meta
         if len(set(rows.labels.tolist())) < 2:
             raise FlowerfeatError(f"{cfg.features}: features hold fewer than 2 classes; a classifier needs at least 2")
-        val = split_validation(rows.labels, rows.paths, cfg.val_fraction, cfg.seed)
+        paths = rows.file["paths"][...] if cfg.val_fraction > 0 else np.array([], object)  # only to group views
+        val = split_validation(rows.labels, paths, cfg.val_fraction, cfg.seed)
         if cfg.val_fraction and not val.any():
             raise FlowerfeatError(f"--val-fraction {cfg.val_fraction} leaves no validation image; raise it or use 0")
         if cfg.solver == "lbfgs":

@@ -131,3 +131,22 @@ def test_features_from_another_layer_are_refused(train_file, tmp_path):
 def test_bad_fit_settings_are_refused(change, message):
     with pytest.raises(FlowerfeatError, match=message):
         FitConfig(**change)
+
+
+def test_streamed_training_memory_stays_flat_as_n_grows(tmp_path, monkeypatch):
+    import tracemalloc
+
+    monkeypatch.setattr(train, "WINDOW_BYTES", 512 * 4 * 128)  # windows of 128 rows of 512-d
+    peaks, sizes = [], []
+    for n in (200, 3000, 12000):  # the first run only warms up imports and caches
+        x, y = blobs(n // 2, dim=512, n_classes=2)
+        path = write_features(tmp_path / f"f{n}.h5", x, y, classes=("a", "b"))
+        sizes.append(path.stat().st_size)
+        tracemalloc.start()
+        res, _ = train.fit(FitConfig(features=path, epochs=1, max_memory=1e-6))  # force streaming
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert res.metrics["streamed"]
+    # memory ~ one window + one HDF5 chunk (1 MiB), whatever N: 4x the rows, about the same peak
+    assert sizes[2] > 3.9 * sizes[1]
+    assert peaks[2] < 1.3 * peaks[1] and peaks[2] < sizes[2] / 4, (peaks, sizes)
