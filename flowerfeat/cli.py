@@ -40,6 +40,9 @@ def command(*args, **kwargs):
                 _fail(str(e))
             except KeyboardInterrupt:
                 _fail("interrupted", 130)
+            except OSError as e:  # disk full, permissions, a vanished file: finished work is kept
+                where = f"{e.filename}: " if e.filename else ""
+                _fail(f"{where}{e.strerror or e}; finished batches are saved, fix this and rerun to resume", 1)
 
         return app.command(*args, **kwargs)(inner)
 
@@ -88,6 +91,7 @@ def features(
     decode: str = typer.Option("auto", help="auto, cpu (PIL) or gpu (batched torchvision.io JPEG decode on the device)."),
     precision: str = typer.Option("auto", help="auto, fp32 or bf16 (auto: bf16 on CUDA or CPUs with native bf16)."),
     dtype: str = typer.Option("float32", help="Storage dtype of the features: float32 or float16."),
+    compression: str = typer.Option("none", help="HDF5 filter for the features: none, lzf or gzip (pays for sparse pool5)."),
     views: int = typer.Option(0, help="Extra augmented views per training image (RandomResizedCrop + flip, seeded)."),
     view_seed: int = typer.Option(0, help="Seed of the augmented views."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -104,7 +108,7 @@ def features(
     from flowerfeat.extract import dist_from_env, run_extraction
 
     cfg = ExtractConfig(data=data, out=out, layer=layer, weights=weights, splits=tuple(split or ("train", "test")),
-                        batch_size=batch_size, workers=workers, precision=precision, dtype=dtype, views=views,
+                        batch_size=batch_size, workers=workers, precision=precision, dtype=dtype, compression=compression, views=views,
                         view_seed=view_seed, device=device, decode=decode, strict=strict)
     _sigterm_to_interrupt()
     dist, shutdown = dist_from_env()

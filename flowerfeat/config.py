@@ -38,6 +38,9 @@ class ExtractConfig:
     workers: int = 1  # decode+resize in a worker process overlaps the trunk; one is plenty on CPU
     precision: str = "auto"
     dtype: str = "float32"  # storage dtype of the features dataset
+    # HDF5 filter on the features. pool5 rows are ~90 % zeros: lzf stores them 7x smaller for a 30 % slower full
+    # read (docs/benchmarks.md); dense fc6/fc7 rows gain little, so the default is none.
+    compression: str = "none"
     views: int = 0  # extra augmented views per training image (test splits always get the centre crop only)
     view_seed: int = 0
     device: str = "auto"
@@ -51,6 +54,7 @@ class ExtractConfig:
         _check_choice("layer", self.layer, LAYERS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("compression", self.compression, ("none", "lzf", "gzip"))
         _check_positive("--batch-size", self.batch_size, allow_zero=True)
         _check_choice("decode", self.decode, ("auto", "cpu", "gpu"))
         _check_positive("--workers", self.workers, allow_zero=True)

@@ -96,6 +96,7 @@ def split_meta(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precision: 
         "precision": precision,
         "decoder": decoder,
         "dtype": cfg.dtype,
+        "compression": cfg.compression,
         "views": n_views,
         "view_seed": cfg.view_seed if n_views else 0,
         "num_images": len(split.items),
@@ -134,7 +135,11 @@ def _reusable_rows(final: Path, meta: dict, split: Split) -> tuple[dict, str]:
             r = old_rows.get((item.relpath, v, item.size, item.mtime_ns))
             if r is not None:
                 reuse[idx * nv + v] = r
-    return reuse, "views changed" if old["views"] != meta["views"] else "image list changed"
+    if old["views"] != meta["views"]:
+        return reuse, "views changed"
+    if old.get("compression", "none") != meta["compression"]:
+        return reuse, "compression changed: rewriting from cached rows"
+    return reuse, "image list changed"
 
 
 class _Writer:

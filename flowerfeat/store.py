@@ -36,9 +36,10 @@ def model_key(meta: dict) -> str:
 
 
 def fingerprint(meta: dict, image_list: list[tuple]) -> str:
-    """Hash of the model key, the views and their seed, the classes and every (relpath, label, size, mtime_ns)."""
+    """Hash of the model key, the views and their seed, the classes, the storage filter and every
+    (relpath, label, size, mtime_ns). A new filter rewrites the file from the cached rows, without the trunk."""
     h = hashlib.sha256(model_key(meta).encode())
-    h.update(json.dumps([meta["views"], meta["view_seed"], meta["classes"]]).encode())
+    h.update(json.dumps([meta["views"], meta["view_seed"], meta["classes"], meta.get("compression", "none")]).encode())
     for entry in image_list:
         h.update(json.dumps(entry).encode())
     return h.hexdigest()
@@ -46,7 +47,7 @@ def fingerprint(meta: dict, image_list: list[tuple]) -> str:
 
 def describe_difference(old: dict, new: dict) -> str:
     """Name the fields that differ between two feature metadata dicts."""
-    keys = [k for k in (*MODEL_KEY_FIELDS, "views", "view_seed", "classes") if old.get(k) != new.get(k)]
+    keys = [k for k in (*MODEL_KEY_FIELDS, "views", "view_seed", "classes", "compression") if old.get(k) != new.get(k)]
     parts = []
     for k in keys:
         a, b = str(old.get(k)), str(new.get(k))
@@ -216,9 +217,11 @@ def write_feature_file(path: Path, meta: dict, n_rows: int, blocks, columns: dic
     dim, dtype = int(meta["feature_dim"]), np.dtype(meta["dtype"])
     try:
         with h5py.File(tmp, "w") as f:
+            compression = meta.get("compression", "none")
             feats = f.create_dataset(
                 "features", shape=(n_rows, dim), dtype=dtype,
                 chunks=(min(max(n_rows, 1), chunk_rows(dim, dtype.itemsize)), dim) if n_rows else None,
+                compression=None if compression == "none" or not n_rows else compression,
             )
             written = 0
             for start, rows in blocks:

@@ -125,3 +125,51 @@ def test_adding_views_reuses_the_centre_crops(folder, tmp_path, tiny_trunk):
     assert res["train"].computed == 18 and res["train"].rows == 36 and res["test"].status == "up to date"
     res = extract(folder, tmp_path / "f", tiny_trunk, views=1, view_seed=5)
     assert res["train"].computed == 18 and "view_seed 0 -> 5" not in res["train"].reason
+
+
+def test_a_crash_mid_run_keeps_finished_batches_and_resumes(folder, tmp_path, tiny_trunk):
+    class Crashes(type(tiny_trunk)):
+        calls = 0
+
+        def forward(self, x):
+            Crashes.calls += 1
+            if Crashes.calls == 3:
+                raise RuntimeError("worker died")
+            return super().forward(x)
+
+    with pytest.raises(RuntimeError, match="worker died"):
+        extract(folder, tmp_path / "f", Crashes().eval())
+    progress = (tmp_path / "f" / "train.h5.partial" / "rank0of1" / "progress.json").read_text()
+    assert '"batches": 2' in progress and not (tmp_path / "f" / "train.h5").exists()
+    res = extract(folder, tmp_path / "f", tiny_trunk)
+    assert res["train"].status == "resumed" and res["train"].computed == 18 - 8
+    extract(folder, tmp_path / "fresh", tiny_trunk)
+    np.testing.assert_array_equal(datasets(tmp_path / "f" / "train.h5")["features"],
+                                  datasets(tmp_path / "fresh" / "train.h5")["features"])
+
+
+def test_disk_full_is_one_line_and_resumable(folder, tmp_path, tiny_trunk, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flowerfeat import cli
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "f" / "train.h5.partial"))
+
+    monkeypatch.setattr(store.ShardLog, "append", full)
+    monkeypatch.setattr("flowerfeat.backbone.build_trunk", lambda *a, **k: tiny_trunk)
+    monkeypatch.setattr("flowerfeat.extract.FEATURE_DIMS", {"fc7": 24})
+    r = CliRunner().invoke(cli.app, ["features", "--data", str(folder), "--out", str(tmp_path / "f"), "--weights", "none",
+                                     "--workers", "0"])
+    assert r.exit_code == 1 and "No space left on device; finished batches are saved" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_compression_rewrites_from_cached_rows(folder, tmp_path, tiny_trunk):
+    extract(folder, tmp_path / "f", tiny_trunk)
+    plain = datasets(tmp_path / "f" / "train.h5")["features"]
+    res = extract(folder, tmp_path / "f", tiny_trunk, compression="lzf")
+    assert res["train"].computed == 0 and res["train"].status == "updated" and "compression" in res["train"].reason
+    with h5py.File(tmp_path / "f" / "train.h5", "r") as f:
+        assert f["features"].compression == "lzf"
+        np.testing.assert_array_equal(f["features"][...], plain)
