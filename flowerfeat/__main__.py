@@ -1,4 +1,5 @@
 """`python -m flowerfeat` (and `torchrun -m flowerfeat`) run the CLI."""
+
 from flowerfeat.cli import main
 
 main()

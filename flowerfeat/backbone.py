@@ -1,4 +1,5 @@
 """The frozen VGG16 trunk cut at fc7 / fc6 / pool5, its weights' identity, and the weights' own preprocessing."""
+
 from __future__ import annotations
 
 import hashlib
@@ -130,7 +131,6 @@ def required_keys(layer: str) -> list[str]:
     return keys + [f"classifier.{i}.{p}" for i in fcs for p in ("weight", "bias")]
 
 
-
 def _random_vgg16() -> nn.Module:
     """VGG16 with seeded random init: reproducible across processes, so resumed runs stay bit-identical."""
     from torchvision.models import vgg16
@@ -159,7 +159,9 @@ def load_vgg16(info: WeightsInfo, layer: str, path: str | None = None) -> nn.Mod
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FlowerfeatError(f"{path}: not a loadable state dict ({type(e).__name__}); pass a torchvision VGG16 .pth") from None
+        raise FlowerfeatError(
+            f"{path}: not a loadable state dict ({type(e).__name__}); pass a torchvision VGG16 .pth"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

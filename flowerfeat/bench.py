@@ -1,4 +1,5 @@
 """Benchmark: the textbook loop vs a naive extraction loop vs flowerfeat, on the same images, in one run."""
+
 from __future__ import annotations
 
 import resource
@@ -113,14 +114,29 @@ def fit_timing(n: int, dim: int, n_classes: int) -> float:
     rng = np.random.default_rng(0)
     y = rng.integers(0, n_classes, n)
     x = np.maximum(rng.normal(0, 1, (n, dim)) + y[:, None] * 0.1, 0).astype(np.float32)  # ReLU-like features
-    meta = {"format_version": FORMAT_VERSION, "classes": [str(c) for c in range(n_classes)], "layer": "fc7",
-            "feature_dim": dim, "weights": "synthetic", "preprocessing": {}, "decoder": "pil", "precision": "fp32", "dtype": "float32",
-            "views": 0, "view_seed": 0}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "classes": [str(c) for c in range(n_classes)],
+        "layer": "fc7",
+        "feature_dim": dim,
+        "weights": "synthetic",
+        "preprocessing": {},
+        "decoder": "pil",
+        "precision": "fp32",
+        "dtype": "float32",
+        "views": 0,
+        "view_seed": 0,
+    }
     meta.update(model_key=store.model_key(meta), fingerprint="synthetic", weights_sha256="", num_rows=n)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.h5"
-        columns = {"labels": y, "paths": [str(i) for i in range(n)], "views": np.zeros(n), "file_sizes": np.zeros(n),
-                   "file_mtimes_ns": np.zeros(n)}
+        columns = {
+            "labels": y,
+            "paths": [str(i) for i in range(n)],
+            "views": np.zeros(n),
+            "file_sizes": np.zeros(n),
+            "file_mtimes_ns": np.zeros(n),
+        }
         store.write_feature_file(path, meta, n, [(0, x)], columns, [])
         result, _ = fit(FitConfig(features=path, epochs=2))
     return sum(h["seconds"] for h in result.history)
@@ -132,8 +148,17 @@ class BenchResult:
     figures: dict
 
 
-def run_bench(data: Path, weights: str, layer: str, limit: int, batch_size: int, workers: int, precision: str,
-              agreement_images: int, log: Callable[[str], None] = print) -> BenchResult:
+def run_bench(
+    data: Path,
+    weights: str,
+    layer: str,
+    limit: int,
+    batch_size: int,
+    workers: int,
+    precision: str,
+    agreement_images: int,
+    log: Callable[[str], None] = print,
+) -> BenchResult:
     from flowerfeat.extract import Dist, extract_split
     from flowerfeat.report import Evaluation, textbook_lines
     from flowerfeat.train import evaluate, fit
@@ -145,10 +170,19 @@ def run_bench(data: Path, weights: str, layer: str, limit: int, batch_size: int,
     info = backbone.resolve_weights(weights)
     device = torch.device("cpu")
     prec = backbone.resolve_precision(precision, device)
-    fig = {"train_images": len(train.items), "test_images": len(test.items), "threads": torch.get_num_threads(),
-           "precision": prec, "layer": layer, "batch_size": batch_size, "workers": workers}
-    log(f"{len(train.items)} train + {len(test.items)} test images; layer {layer}; precision {prec}; "
-        f"{torch.get_num_threads()} threads")
+    fig = {
+        "train_images": len(train.items),
+        "test_images": len(test.items),
+        "threads": torch.get_num_threads(),
+        "precision": prec,
+        "layer": layer,
+        "batch_size": batch_size,
+        "workers": workers,
+    }
+    log(
+        f"{len(train.items)} train + {len(test.items)} test images; layer {layer}; precision {prec}; "
+        f"{torch.get_num_threads()} threads"
+    )
     fig["fp32_peak"] = matmul_peak(torch.float32, device)
     fig["bf16_peak"] = matmul_peak(torch.bfloat16, device, n=1024 if not backbone.cpu_has_bf16() else 2048)
     log(f"matmul peak: fp32 {fig['fp32_peak']:.0f} GFLOP/s, bf16 {fig['bf16_peak']:.1f} GFLOP/s")
@@ -157,14 +191,31 @@ def run_bench(data: Path, weights: str, layer: str, limit: int, batch_size: int,
     trunk = backbone.build_trunk(info, layer, weights)
     fig["gflop_per_image"] = gflop_per_image(trunk)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = ExtractConfig(data=Path(data), out=Path(tmp), layer=layer, weights=weights, batch_size=batch_size,
-                            workers=workers, precision=prec)
+        cfg = ExtractConfig(
+            data=Path(data),
+            out=Path(tmp),
+            layer=layer,
+            weights=weights,
+            batch_size=batch_size,
+            workers=workers,
+            precision=prec,
+        )
         ct = trunk.to(memory_format=torch.channels_last)
         t0 = time.perf_counter()
         extract_s = 0.0
         for split in (train, test):
-            r = extract_split(cfg, split, info, prec, backbone.FEATURE_DIMS[layer], device, lambda: ct,
-                              backbone.build_transform(), backbone.Augment(), dist=Dist())
+            r = extract_split(
+                cfg,
+                split,
+                info,
+                prec,
+                backbone.FEATURE_DIMS[layer],
+                device,
+                lambda: ct,
+                backbone.build_transform(),
+                backbone.Augment(),
+                dist=Dist(),
+            )
             extract_s += r.seconds
         t1 = time.perf_counter()
         result, _ = fit(FitConfig(features=Path(tmp) / "train.h5", epochs=2))
@@ -181,9 +232,11 @@ def run_bench(data: Path, weights: str, layer: str, limit: int, batch_size: int,
     fig["flowerfeat_ips"] = n_images / fig["flowerfeat_s"]
     achieved = fig["extract_ips"] * fig["gflop_per_image"]
     peak = fig["bf16_peak"] if prec == "bf16" else fig["fp32_peak"]
-    log(f"(c) flowerfeat: {fig['flowerfeat_s']:.1f} s end to end ({fig['flowerfeat_ips']:.2f} images/s); extraction "
+    log(
+        f"(c) flowerfeat: {fig['flowerfeat_s']:.1f} s end to end ({fig['flowerfeat_ips']:.2f} images/s); extraction "
         f"{fig['extract_ips']:.2f} images/s = {achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the {prec} matmul peak; "
-        f"fit-head {fig['fit_s']:.2f} s; {lines[-1].strip()}")
+        f"fit-head {fig['fit_s']:.2f} s; {lines[-1].strip()}"
+    )
 
     # (b) naive extraction loop on the same images.
     naive = backbone.build_trunk(info, layer, weights)
@@ -192,7 +245,9 @@ def run_bench(data: Path, weights: str, layer: str, limit: int, batch_size: int,
     log(f"(b) naive loop: {fig['naive_s']:.1f} s ({fig['naive_ips']:.2f} images/s)")
 
     # (a) the textbook's 2-epoch loop through the whole network.
-    vgg = backbone.load_vgg16(info, "pool5", weights) if info.kind != "torchvision" else backbone.load_vgg16(info, "fc7")
+    vgg = (
+        backbone.load_vgg16(info, "pool5", weights) if info.kind != "torchvision" else backbone.load_vgg16(info, "fc7")
+    )
     fig["textbook_s"] = textbook_loop(train, test, vgg)
     fig["textbook_ips"] = n_images / fig["textbook_s"]
     log(f"(a) textbook loop: {fig['textbook_s']:.1f} s ({fig['textbook_ips']:.2f} images/s over the image set)")
@@ -202,7 +257,9 @@ def run_bench(data: Path, weights: str, layer: str, limit: int, batch_size: int,
 
     if agreement_images:
         fig["bf16_cosine"] = cosine_agreement(trunk, test, agreement_images)
-        log(f"bf16 vs fp32 features: mean cosine {fig['bf16_cosine']:.5f} over {min(agreement_images, len(test.items))} images")
+        log(
+            f"bf16 vs fp32 features: mean cosine {fig['bf16_cosine']:.5f} over {min(agreement_images, len(test.items))} images"
+        )
     fig["naive_over_flowerfeat_extract"] = fig["naive_s"] / fig["extract_s"]
     fig["textbook_over_flowerfeat"] = fig["textbook_s"] / fig["flowerfeat_s"]
     summary = [

@@ -1,11 +1,10 @@
 """The typer CLI: parses and validates options, shows progress, and turns library errors into one-line messages."""
+
 from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -71,27 +70,40 @@ def download(
 
     from flowerfeat.download import FLOWERS_BYTES, FLOWERS_URL, download_flowers
 
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  transient=True) as bar:
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True
+    ) as bar:
         task = bar.add_task("flower_photos.tgz", total=None)
-        counts = download_flowers(out, url or FLOWERS_URL, FLOWERS_BYTES if url is None else None,
-                                  on_bytes=lambda d, t: bar.update(task, completed=d, total=t or None))
+        counts = download_flowers(
+            out,
+            url or FLOWERS_URL,
+            FLOWERS_BYTES if url is None else None,
+            on_bytes=lambda d, t: bar.update(task, completed=d, total=t or None),
+        )
     typer.echo(f"{out}: {counts['train']} train and {counts['test']} test images")
 
 
 @command()
 def features(
-    data: Path = typer.Option(Path("data/flower_photos"), help="ImageFolder root with train/<class>/ and test/<class>/."),
+    data: Path = typer.Option(
+        Path("data/flower_photos"), help="ImageFolder root with train/<class>/ and test/<class>/."
+    ),
     out: Path = typer.Option(Path("data/features"), help="Folder for <split>.h5 feature files."),
     layer: str = typer.Option("fc7", help=LAYER_HELP),
-    weights: str = typer.Option("imagenet", help="imagenet (torchvision IMAGENET1K_V1), a local VGG16 state-dict PATH, or none (random init)."),
+    weights: str = typer.Option(
+        "imagenet", help="imagenet (torchvision IMAGENET1K_V1), a local VGG16 state-dict PATH, or none (random init)."
+    ),
     split: Optional[List[str]] = typer.Option(None, help="Split(s) to extract (repeatable); default train and test."),
     batch_size: int = typer.Option(0, help="Images per trunk batch; 0 = auto (16 on CPU, 256 on CUDA)."),
     workers: int = typer.Option(1, help="DataLoader processes decoding images beside the trunk."),
-    decode: str = typer.Option("auto", help="auto, cpu (PIL) or gpu (batched torchvision.io JPEG decode on the device)."),
+    decode: str = typer.Option(
+        "auto", help="auto, cpu (PIL) or gpu (batched torchvision.io JPEG decode on the device)."
+    ),
     precision: str = typer.Option("auto", help="auto, fp32 or bf16 (auto: bf16 on CUDA or CPUs with native bf16)."),
     dtype: str = typer.Option("float32", help="Storage dtype of the features: float32 or float16."),
-    compression: str = typer.Option("none", help="HDF5 filter for the features: none, lzf or gzip (pays for sparse pool5)."),
+    compression: str = typer.Option(
+        "none", help="HDF5 filter for the features: none, lzf or gzip (pays for sparse pool5)."
+    ),
     views: int = typer.Option(0, help="Extra augmented views per training image (RandomResizedCrop + flip, seeded)."),
     view_seed: int = typer.Option(0, help="Seed of the augmented views."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -107,15 +119,36 @@ def features(
     from flowerfeat.config import ExtractConfig
     from flowerfeat.extract import dist_from_env, run_extraction
 
-    cfg = ExtractConfig(data=data, out=out, layer=layer, weights=weights, splits=tuple(split or ("train", "test")),
-                        batch_size=batch_size, workers=workers, precision=precision, dtype=dtype, compression=compression, views=views,
-                        view_seed=view_seed, device=device, decode=decode, strict=strict)
+    cfg = ExtractConfig(
+        data=data,
+        out=out,
+        layer=layer,
+        weights=weights,
+        splits=tuple(split or ("train", "test")),
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision,
+        dtype=dtype,
+        compression=compression,
+        views=views,
+        view_seed=view_seed,
+        device=device,
+        decode=decode,
+        strict=strict,
+    )
     _sigterm_to_interrupt()
     dist, shutdown = dist_from_env()
     show = dist.rank == 0
     last = {}
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), disable=not show, transient=True)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        disable=not show,
+        transient=True,
+    )
     tasks = {}
 
     def on_progress(p):
@@ -145,11 +178,15 @@ def features(
             continue
         busy = r.read_s + r.compute_s
         rate = f", {r.computed / busy:.2f} images/s" if busy else ""
-        typer.echo(f"{r.split}: {r.status} {r.computed} images -> {r.path} ({r.rows} rows) in {r.seconds:.1f} s{rate}; "
-                   f"waiting on reads {r.read_s:.1f} s, compute {r.compute_s:.1f} s, writes {r.write_s:.1f} s [{r.reason}]")
+        typer.echo(
+            f"{r.split}: {r.status} {r.computed} images -> {r.path} ({r.rows} rows) in {r.seconds:.1f} s{rate}; "
+            f"waiting on reads {r.read_s:.1f} s, compute {r.compute_s:.1f} s, writes {r.write_s:.1f} s [{r.reason}]"
+        )
         skipped += [(r.split, p, why) for p, why in r.skipped]
     if skipped:
-        typer.echo(f"warning: {len(skipped)} unreadable image(s) skipped (listed in each file's 'skipped' dataset):", err=True)
+        typer.echo(
+            f"warning: {len(skipped)} unreadable image(s) skipped (listed in each file's 'skipped' dataset):", err=True
+        )
         for s, p, why in skipped:
             typer.echo(f"  {s}: {p}: {why}", err=True)
         if strict:
@@ -169,9 +206,13 @@ def fit_head(
     init: str = typer.Option("class-means", help="class-means (start at each class's mean feature) or random."),
     weight_decay: float = typer.Option(0.0, help="L2 weight decay."),
     dropout: float = typer.Option(0.5, help="Dropout before the linear layer, as VGG16's classifier[5]."),
-    solver: str = typer.Option("sgd", help="sgd (mini-batch, uses --optimizer) or lbfgs (full-batch logistic regression)."),
+    solver: str = typer.Option(
+        "sgd", help="sgd (mini-batch, uses --optimizer) or lbfgs (full-batch logistic regression)."
+    ),
     c: float = typer.Option(0.1, "--C", help="Inverse L2 strength for --solver lbfgs."),
-    val_fraction: float = typer.Option(0.0, help="Hold out this fraction of training images (stratified); keep the best epoch."),
+    val_fraction: float = typer.Option(
+        0.0, help="Hold out this fraction of training images (stratified); keep the best epoch."
+    ),
     seed: int = typer.Option(0, help="Seed for init, shuffling and dropout: same seed, bit-identical head."),
     max_memory: float = typer.Option(4.0, help="GiB; larger feature files are streamed from disk."),
 ):
@@ -182,15 +223,31 @@ def fit_head(
     from flowerfeat.config import FitConfig
     from flowerfeat.train import fit, save_checkpoint
 
-    cfg = FitConfig(features=features, out=out, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-                    momentum=momentum, schedule=schedule, init=init, weight_decay=weight_decay, dropout=dropout,
-                    solver=solver, C=c,
-                    val_fraction=val_fraction, seed=seed, max_memory=max_memory)
+    cfg = FitConfig(
+        features=features,
+        out=out,
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=momentum,
+        schedule=schedule,
+        init=init,
+        weight_decay=weight_decay,
+        dropout=dropout,
+        solver=solver,
+        C=c,
+        val_fraction=val_fraction,
+        seed=seed,
+        max_memory=max_memory,
+    )
     result, meta = fit(cfg, log=typer.echo)
     save_checkpoint(out, result, meta, cfg)
     seconds = sum(h["seconds"] for h in result.history)
-    typer.echo(f"Saved head to {out} ({meta['layer']}, {meta['feature_dim']}-d, {len(meta['classes'])} classes; "
-               f"trained in {seconds:.2f} s)")
+    typer.echo(
+        f"Saved head to {out} ({meta['layer']}, {meta['feature_dim']}-d, {len(meta['classes'])} classes; "
+        f"trained in {seconds:.2f} s)"
+    )
 
 
 @command()

@@ -1,4 +1,5 @@
 """Frozen configuration dataclasses; CLI options map one-to-one onto their fields."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """Scan and validate an ImageFolder split, decode images robustly, and serve (tensor, unit) pairs."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """Fetch TensorFlow's flower_photos archive, unpack it safely, and lay it out as a deterministic train/test ImageFolder."""
+
 from __future__ import annotations
 
 import contextlib
@@ -44,7 +45,9 @@ def fetch(url: str, dest: Path, expected_bytes: int | None, on_bytes: Callable[[
         ) from None
     if expected_bytes is not None and done != expected_bytes:
         tmp.unlink()
-        raise FlowerfeatError(f"{url}: got {done:,} bytes, expected {expected_bytes:,}; the download was cut short, retry")
+        raise FlowerfeatError(
+            f"{url}: got {done:,} bytes, expected {expected_bytes:,}; the download was cut short, retry"
+        )
     os.replace(tmp, dest)
 
 
@@ -57,10 +60,14 @@ def safe_extract(archive: Path, target: Path) -> None:
             for m in members:
                 dest = (target / m.name).resolve()
                 if not dest.is_relative_to(target) or m.issym() or m.islnk() or not (m.isfile() or m.isdir()):
-                    raise FlowerfeatError(f"{archive}: unsafe archive member {m.name!r} refused; the archive is not the flowers set")
+                    raise FlowerfeatError(
+                        f"{archive}: unsafe archive member {m.name!r} refused; the archive is not the flowers set"
+                    )
             tar.extractall(target, members=members, filter="data")
     except tarfile.TarError as e:
-        raise FlowerfeatError(f"{archive}: not a readable .tgz ({e}); delete it and rerun `flowerfeat download`") from None
+        raise FlowerfeatError(
+            f"{archive}: not a readable .tgz ({e}); delete it and rerun `flowerfeat download`"
+        ) from None
 
 
 def layout(extracted: Path, out: Path, fraction: float = TEST_FRACTION) -> dict[str, int]:
@@ -80,8 +87,12 @@ def layout(extracted: Path, out: Path, fraction: float = TEST_FRACTION) -> dict[
     return counts
 
 
-def download_flowers(out: Path, url: str = FLOWERS_URL, expected_bytes: int | None = FLOWERS_BYTES,
-                     on_bytes: Callable[[int, int], None] = lambda d, t: None) -> dict[str, int]:
+def download_flowers(
+    out: Path,
+    url: str = FLOWERS_URL,
+    expected_bytes: int | None = FLOWERS_BYTES,
+    on_bytes: Callable[[int, int], None] = lambda d, t: None,
+) -> dict[str, int]:
     """Fetch, check, unpack and split the flowers set into ``out`` (atomically: ``out`` appears complete or not at all)."""
     out = Path(out)
     if out.exists():

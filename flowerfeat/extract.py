@@ -1,4 +1,5 @@
 """The extraction loop: read -> trunk -> write, per split, resumable, each stage timed."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -76,12 +77,18 @@ def library_versions() -> dict:
     import h5py
     import torchvision
 
-    return {"flowerfeat": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "h5py": h5py.__version__, "numpy": np.__version__}
+    return {
+        "flowerfeat": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "h5py": h5py.__version__,
+        "numpy": np.__version__,
+    }
 
 
-def split_meta(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precision: str, feature_dim: int,
-               decoder: str = "pil") -> dict:
+def split_meta(
+    cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precision: str, feature_dim: int, decoder: str = "pil"
+) -> dict:
     """The self-description of one split's feature file, fingerprint included."""
     n_views = cfg.views if split.name == "train" else 0
     meta = {
@@ -174,8 +181,15 @@ class _Writer:
             raise self.error
 
 
-def run_batches(trunk, loader, writer: _Writer, device: torch.device, precision: str, channels_last: bool,
-                on_batch: Callable[[int, float, float], None]) -> tuple[float, float]:
+def run_batches(
+    trunk,
+    loader,
+    writer: _Writer,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    on_batch: Callable[[int, float, float], None],
+) -> tuple[float, float]:
     """The loop itself: (read wait, compute) seconds. ``loader`` yields (x or None, unit ids, skipped)."""
     read_s = compute_s = 0.0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -204,9 +218,19 @@ def run_batches(trunk, loader, writer: _Writer, device: torch.device, precision:
     return read_s, compute_s
 
 
-def extract_split(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precision: str, feature_dim: int,
-                  device: torch.device, get_trunk: Callable[[], torch.nn.Module], transform, augment,
-                  on_progress: Callable[[Progress], None] = lambda p: None, dist: Dist = Dist()) -> SplitResult:
+def extract_split(
+    cfg: ExtractConfig,
+    split: Split,
+    winfo: WeightsInfo,
+    precision: str,
+    feature_dim: int,
+    device: torch.device,
+    get_trunk: Callable[[], torch.nn.Module],
+    transform,
+    augment,
+    on_progress: Callable[[Progress], None] = lambda p: None,
+    dist: Dist = Dist(),
+) -> SplitResult:
     """Bring ``<out>/<split>.h5`` up to date: nothing if its fingerprint matches, else extract what is missing."""
     t_start = time.perf_counter()
     out = Path(cfg.out)
@@ -223,8 +247,9 @@ def extract_split(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precisio
     except FlowerfeatError:
         old = None
     if old is not None and old.get("fingerprint") == meta["fingerprint"]:
-        return SplitResult(split.name, final, "up to date", "fingerprint matches", int(old["num_rows"]), 0,
-                           store.read_skipped(final))
+        return SplitResult(
+            split.name, final, "up to date", "fingerprint matches", int(old["num_rows"]), 0, store.read_skipped(final)
+        )
     reuse, reason = _reusable_rows(final, meta, split)
     trunk = get_trunk()  # built (and its weights checked) before anything is written
     todo = [u for u in range(n_units) if u not in reuse]
@@ -232,8 +257,15 @@ def extract_split(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precisio
     mine = [b for i, b in enumerate(batches) if i % dist.world == dist.rank]  # interleaved: same batches as 1 rank
 
     partial_root = out / f"{split.name}.h5.partial"
-    header = {"fingerprint": meta["fingerprint"], "feature_dim": meta["feature_dim"], "dtype": meta["dtype"],
-              "batch_size": batch_size, "todo": len(todo), "world": dist.world, "rank": dist.rank}
+    header = {
+        "fingerprint": meta["fingerprint"],
+        "feature_dim": meta["feature_dim"],
+        "dtype": meta["dtype"],
+        "batch_size": batch_size,
+        "todo": len(todo),
+        "world": dist.world,
+        "rank": dist.rank,
+    }
     log = store.ShardLog(partial_root / f"rank{dist.rank}of{dist.world}", header)
     status = "resumed" if log.batches else ("updated" if reuse else "extracted")
     if log.discarded:
@@ -257,9 +289,12 @@ def extract_split(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precisio
             else:
                 dataset = UnitDataset(split, list(range(n_units)), n_views, transform, augment, cfg.view_seed)
             loader = DataLoader(
-                dataset, batch_sampler=remaining, num_workers=cfg.workers,
+                dataset,
+                batch_sampler=remaining,
+                num_workers=cfg.workers,
                 collate_fn=collate_raw if decoder == "torchvision.io" else collate_units,
-                pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
+                pin_memory=device.type == "cuda",
+                prefetch_factor=4 if cfg.workers else None,
             )
             if decoder == "torchvision.io":
                 loader = gpu_batches(loader, GpuPreprocess(device, transform))
@@ -284,8 +319,19 @@ def extract_split(cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precisio
     else:
         n_rows = 0
     dist.barrier()
-    return SplitResult(split.name, final, status, reason, n_rows, computed, skipped_named,
-                       time.perf_counter() - t_start, read_s, compute_s, writer.write_s)
+    return SplitResult(
+        split.name,
+        final,
+        status,
+        reason,
+        n_rows,
+        computed,
+        skipped_named,
+        time.perf_counter() - t_start,
+        read_s,
+        compute_s,
+        writer.write_s,
+    )
 
 
 def _finish(final: Path, meta: dict, split: Split, reuse: dict, partial_root: Path, world: int, header: dict):
@@ -313,8 +359,10 @@ def _finish(final: Path, meta: dict, split: Split, reuse: dict, partial_root: Pa
         "file_sizes": [items[u // nv].size for u in order],
         "file_mtimes_ns": [items[u // nv].mtime_ns for u in order],
     }
-    skipped = [(items[i].relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), why)
-               for i, why in sorted(skipped_units.items())]
+    skipped = [
+        (items[i].relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), why)
+        for i, why in sorted(skipped_units.items())
+    ]
     old = h5py.File(final, "r") if reuse else None
     dtype = np.dtype(meta["dtype"])
 
@@ -335,8 +383,12 @@ def _finish(final: Path, meta: dict, split: Split, reuse: dict, partial_root: Pa
     return skipped, len(order)
 
 
-def run_extraction(cfg: ExtractConfig, on_progress: Callable[[Progress], None] = lambda p: None,
-                   dist: Dist = Dist(), trunk: torch.nn.Module | None = None) -> list[SplitResult]:
+def run_extraction(
+    cfg: ExtractConfig,
+    on_progress: Callable[[Progress], None] = lambda p: None,
+    dist: Dist = Dist(),
+    trunk: torch.nn.Module | None = None,
+) -> list[SplitResult]:
     """Extract every split of ``cfg``.
 
     ``trunk`` replaces the VGG16 trunk (tests hand in a small network); it must carry ``feature_dim`` and an
@@ -372,6 +424,9 @@ def run_extraction(cfg: ExtractConfig, on_progress: Callable[[Progress], None] =
     results = []
     with store.exclusive_lock(out, f"features-rank{dist.rank}of{dist.world}"):
         for split in splits.values():
-            results.append(extract_split(cfg, split, winfo, precision, feature_dim, device, get_trunk, transform,
-                                         augment, on_progress, dist))
+            results.append(
+                extract_split(
+                    cfg, split, winfo, precision, feature_dim, device, get_trunk, transform, augment, on_progress, dist
+                )
+            )
     return results

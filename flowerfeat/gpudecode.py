@@ -5,6 +5,7 @@ GPU only when it is a plain baseline RGB/grayscale JPEG, complete (ends with the
 CMYK, truncated, non-JPEG files and augmented views take the CPU path, which records unreadable ones as skipped.
 On a machine without CUDA the same code decodes with torchvision's CPU decoder, so it is testable anywhere.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -86,8 +87,9 @@ class GpuPreprocess:
         gpu: dict[int, torch.Tensor] = {}
         if raws:
             try:
-                decoded = decode_jpeg([r for r, _, _ in raws], mode=ImageReadMode.RGB, device=self.device,
-                                      apply_exif_orientation=True)
+                decoded = decode_jpeg(
+                    [r for r, _, _ in raws], mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True
+                )
             except RuntimeError:  # one odd file fails the whole batch: decode one by one
                 decoded = [self._one(r) for r, _, _ in raws]
             for img, (_raw, unit, path) in zip(decoded, raws):

@@ -1,4 +1,5 @@
 """Use a trained head: classify new images (trunk + head), or export the textbook's full VGG16 state dict."""
+
 from __future__ import annotations
 
 import csv
@@ -41,8 +42,11 @@ def list_images(paths: list[Path]) -> list[Path]:
     out = []
     for p in paths:
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                          and not f.name.startswith("."))
+            out += sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
+            )
         elif p.is_file():
             out.append(p)
         else:
@@ -59,8 +63,14 @@ class Prediction:
     error: str = ""
 
 
-def predict(ck: Checkpoint, images: list[Path], trunk: torch.nn.Module, top_k: int = 1, batch_size: int = 16,
-            device: torch.device = torch.device("cpu")) -> list[Prediction]:
+def predict(
+    ck: Checkpoint,
+    images: list[Path],
+    trunk: torch.nn.Module,
+    top_k: int = 1,
+    batch_size: int = 16,
+    device: torch.device = torch.device("cpu"),
+) -> list[Prediction]:
     """Run trunk + head over image files; unreadable ones come back with ``error`` set."""
     precision = ck.meta["features"]["precision"]
     transform = backbone.build_transform()
@@ -94,8 +104,10 @@ def write_predictions(preds: list[Prediction], path: Path) -> None:
     """CSV (path, rank, class, probability, error) or JSON, by the file's suffix."""
     path = Path(path)
     if path.suffix.lower() == ".json":
-        rows = [{"path": p.path, "top": [{"class": c, "probability": q} for c, q in p.top], "error": p.error or None}
-                for p in preds]
+        rows = [
+            {"path": p.path, "top": [{"class": c, "probability": q} for c, q in p.top], "error": p.error or None}
+            for p in preds
+        ]
         path.write_text(json.dumps(rows, indent=2) + "\n")
         return
     with open(path, "w", newline="") as f:
@@ -129,12 +141,18 @@ def export(ck: Checkpoint, out: Path, info: backbone.WeightsInfo, weights_arg: s
     torch.save(state, tmp)
     os.replace(tmp, out)
     side = out.with_suffix(".json")
-    side.write_text(json.dumps({
-        "classes": ck.classes,
-        "num_classes": len(ck.classes),
-        "preprocessing": ck.meta["features"]["preprocessing"],
-        "weights": ck.meta["features"]["weights"],
-        "load": f"torchvision.models.vgg16(num_classes={len(ck.classes)}).load_state_dict(torch.load('{out.name}'))",
-        "metrics": ck.meta["metrics"],
-    }, indent=2) + "\n")
+    side.write_text(
+        json.dumps(
+            {
+                "classes": ck.classes,
+                "num_classes": len(ck.classes),
+                "preprocessing": ck.meta["features"]["preprocessing"],
+                "weights": ck.meta["features"]["weights"],
+                "load": f"torchvision.models.vgg16(num_classes={len(ck.classes)}).load_state_dict(torch.load('{out.name}'))",
+                "metrics": ck.meta["metrics"],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return side

@@ -1,4 +1,5 @@
 """Metrics, tables and figures for a head on a feature file: the textbook's lines, a confusion matrix, JSON, PNGs."""
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,15 @@ def metrics(ev: Evaluation) -> dict:
     for i, name in enumerate(ev.classes):
         total = int((ev.y_true == i).sum())
         correct = int(((ev.y_true == i) & (ev.y_pred == i)).sum())
-        per_class[name] = {"accuracy": correct / total if total else None, "correct": correct, "total": total,
-                           "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        per_class[name] = {
+            "accuracy": correct / total if total else None,
+            "correct": correct,
+            "total": total,
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(s[i]),
+        }
     correct = int((ev.y_true == ev.y_pred).sum())
     return {
         "loss": ev.loss,
@@ -108,7 +116,9 @@ def write_figures(ev: Evaluation, out_dir: Path, n_samples: int = 20, seed: int 
     ax.set_ylabel("true")
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(
+                j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black"
+            )
     acc = (ev.y_true == ev.y_pred).mean() if len(ev.y_true) else 0.0
     ax.set_title(f"Test accuracy {acc:.1%} ({len(ev.y_true)} images)")
     fig.tight_layout()

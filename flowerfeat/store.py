@@ -5,6 +5,7 @@ atomically after the rows it counts are fsynced), and only when every row is the
 under a temporary name and renamed into place. So a ``<split>.h5`` always is a finished file, and a killed run
 resumes from its last committed batch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +25,14 @@ from flowerfeat.errors import FlowerfeatError
 
 # Attributes that decide the feature values; a change in any of them invalidates every cached row.
 MODEL_KEY_FIELDS = (
-    "format_version", "layer", "feature_dim", "weights", "preprocessing", "decoder", "precision", "dtype",
+    "format_version",
+    "layer",
+    "feature_dim",
+    "weights",
+    "preprocessing",
+    "decoder",
+    "precision",
+    "dtype",
 )
 # Datasets of a finished file (all length N = rows, except `skipped`, which is (S, 2): path, reason).
 DATASETS = ("features", "labels", "paths", "views", "file_sizes", "file_mtimes_ns", "skipped")
@@ -84,7 +92,9 @@ def check_writable(out_dir: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise FlowerfeatError(f"{out_dir}: output folder is not writable ({e.strerror}); pass --out DIR you can write") from None
+        raise FlowerfeatError(
+            f"{out_dir}: output folder is not writable ({e.strerror}); pass --out DIR you can write"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,7 +229,9 @@ def write_feature_file(path: Path, meta: dict, n_rows: int, blocks, columns: dic
         with h5py.File(tmp, "w") as f:
             compression = meta.get("compression", "none")
             feats = f.create_dataset(
-                "features", shape=(n_rows, dim), dtype=dtype,
+                "features",
+                shape=(n_rows, dim),
+                dtype=dtype,
                 chunks=(min(max(n_rows, 1), chunk_rows(dim, dtype.itemsize)), dim) if n_rows else None,
                 compression=None if compression == "none" or not n_rows else compression,
             )
@@ -234,7 +246,9 @@ def write_feature_file(path: Path, meta: dict, n_rows: int, blocks, columns: dic
             f.create_dataset("file_sizes", data=np.asarray(columns["file_sizes"], dtype=np.int64))
             f.create_dataset("file_mtimes_ns", data=np.asarray(columns["file_mtimes_ns"], dtype=np.int64))
             f.create_dataset(
-                "skipped", shape=(len(skipped), 2), dtype=h5py.string_dtype("utf-8"),
+                "skipped",
+                shape=(len(skipped), 2),
+                dtype=h5py.string_dtype("utf-8"),
                 data=np.array(skipped, dtype=object).reshape(len(skipped), 2) if skipped else None,
             )
             for k, v in meta.items():

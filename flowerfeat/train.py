@@ -1,4 +1,5 @@
 """Fit the replacement layer (Dropout + Linear, VGG16's classifier[5:]) on cached features; save/load checkpoints."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,20 @@ from flowerfeat.errors import FlowerfeatError
 WINDOW_BYTES = 256 << 20
 CHECKPOINT_VERSION = 1
 # Feature-file attributes a head depends on; predict/report check them against the trunk or test file.
-FEATURE_KEYS = ("layer", "feature_dim", "weights", "weights_sha256", "preprocessing", "decoder", "precision", "dtype",
-                "model_key", "fingerprint", "classes", "views")
+FEATURE_KEYS = (
+    "layer",
+    "feature_dim",
+    "weights",
+    "weights_sha256",
+    "preprocessing",
+    "decoder",
+    "precision",
+    "dtype",
+    "model_key",
+    "fingerprint",
+    "classes",
+    "views",
+)
 
 
 def make_head(dim: int, n_classes: int, dropout: float = 0.5) -> nn.Sequential:
@@ -124,11 +137,17 @@ def split_validation(labels: np.ndarray, paths: np.ndarray, fraction: float, see
     return mask
 
 
-def evaluate(weight: torch.Tensor, bias: torch.Tensor, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+def evaluate(
+    weight: torch.Tensor, bias: torch.Tensor, x: np.ndarray, y: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray]:
     """(mean cross-entropy, predictions, probabilities) of the linear layer on features ``x``."""
     with torch.no_grad():
         logits = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) @ weight.T + bias  # (N, C)
-        loss = nn.functional.cross_entropy(logits, torch.from_numpy(y).long(), reduction="mean").item() if len(y) else float("nan")
+        loss = (
+            nn.functional.cross_entropy(logits, torch.from_numpy(y).long(), reduction="mean").item()
+            if len(y)
+            else float("nan")
+        )
         probs = logits.softmax(1)
     return loss, probs.argmax(1).numpy(), probs.numpy()
 
@@ -148,8 +167,9 @@ def fit(cfg: FitConfig, log: Callable[[str], None] = lambda s: None) -> tuple[Fi
             result = _fit_lbfgs(cfg, rows, val, log)
         else:
             result = _fit_sgd(cfg, rows, val, log)
-        result.metrics.update(rows=int(rows.n), train_rows=int((~val).sum()), val_rows=int(val.sum()),
-                              streamed=bool(rows.streamed))
+        result.metrics.update(
+            rows=int(rows.n), train_rows=int((~val).sum()), val_rows=int(val.sum()), streamed=bool(rows.streamed)
+        )
         return result, meta
     finally:
         rows.close()
@@ -172,10 +192,14 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
             opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         criterion = nn.CrossEntropyLoss()
         labels = torch.from_numpy(rows.labels)
-        steps = cfg.epochs * sum(math.ceil(len(w[~val[w]]) / cfg.batch_size)
-                                 for w in epoch_windows(rows.n, rows.block, window_rows(rows.dim), cfg.seed, 1))
+        steps = cfg.epochs * sum(
+            math.ceil(len(w[~val[w]]) / cfg.batch_size)
+            for w in epoch_windows(rows.n, rows.block, window_rows(rows.dim), cfg.seed, 1)
+        )
         if cfg.schedule == "cosine":  # short runs converge much closer when the step size decays to zero
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps))
+            )
         else:
             sched = None
         for epoch in range(1, cfg.epochs + 1):
@@ -203,8 +227,12 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
                     if batch_i % cfg.log_every == 0:
                         log(f"Epoch {epoch}, Batch {batch_i} loss: {running / cfg.log_every:.16f}")
                         running = 0.0
-            entry = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
-                     "seconds": time.perf_counter() - t0}
+            entry = {
+                "epoch": epoch,
+                "train_loss": total_loss / max(seen, 1),
+                "train_acc": correct / max(seen, 1),
+                "seconds": time.perf_counter() - t0,
+            }
             weight, bias = head[1].weight.detach().clone(), head[1].bias.detach().clone()
             if val_x is not None:
                 vloss, vpred, _ = evaluate(weight, bias, val_x, rows.labels[val_rows])
@@ -261,7 +289,12 @@ def _fit_lbfgs(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
     weight[clf.classes_] = torch.from_numpy(coef).float()
     bias[clf.classes_] = torch.from_numpy(intercept).float()
     loss, pred, _ = evaluate(weight, bias, x, y)
-    entry = {"epoch": 1, "train_loss": loss, "train_acc": float((pred == y).mean()), "seconds": time.perf_counter() - t0}
+    entry = {
+        "epoch": 1,
+        "train_loss": loss,
+        "train_acc": float((pred == y).mean()),
+        "seconds": time.perf_counter() - t0,
+    }
     if val.any():
         vloss, vpred, _ = evaluate(weight, bias, rows.data[val], rows.labels[val])
         entry.update(val_loss=vloss, val_acc=float((vpred == rows.labels[val]).mean()))
@@ -286,7 +319,9 @@ def save_checkpoint(path: Path, result: FitResult, feature_meta: dict, cfg: FitC
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save({"weight": result.weight.contiguous(), "bias": result.bias.contiguous(), "meta": json.dumps(meta)}, tmp)
+        torch.save(
+            {"weight": result.weight.contiguous(), "bias": result.bias.contiguous(), "meta": json.dumps(meta)}, tmp
+        )
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -326,8 +361,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
 def check_compatible(ck: Checkpoint, feature_meta: dict, features_path: Path, head_path: Path) -> None:
     """Refuse a head and a feature file that were not made by the same trunk, layer, preprocessing and classes."""
     own = ck.meta["features"]
-    diffs = [k for k in ("layer", "feature_dim", "weights", "preprocessing", "decoder", "precision", "model_key", "classes")
-             if own[k] != feature_meta[k]]
+    diffs = [
+        k
+        for k in ("layer", "feature_dim", "weights", "preprocessing", "decoder", "precision", "model_key", "classes")
+        if own[k] != feature_meta[k]
+    ]
     if diffs:
         what = ", ".join(f"{k} {str(own[k])[:50]!s} vs {str(feature_meta[k])[:50]!s}" for k in diffs[:3])
         raise FlowerfeatError(

@@ -4,6 +4,7 @@ Synthesises realistic JPEGs, then prints: the bf16 matmul peak, model-only image
 end-to-end images/s of `flowerfeat features` (JPEG files -> finished HDF5), and the agreement of GPU-path
 features (bf16, GPU decode) with the CPU-path fp32 features on the same images.
 """
+
 from __future__ import annotations
 
 import sys
@@ -74,24 +75,31 @@ def main(n: int, batch: int) -> None:
 
         for workers in (8, 12):
             out = Path(tmp) / f"features{workers}"
-            cfg = ExtractConfig(data=root, out=out, layer="fc7", weights="none", batch_size=batch, workers=workers,
-                                splits=("train",))
+            cfg = ExtractConfig(
+                data=root, out=out, layer="fc7", weights="none", batch_size=batch, workers=workers, splits=("train",)
+            )
             t = time.perf_counter()
             res = run_extraction(cfg)[0]
             dt = time.perf_counter() - t
-            print(f"end to end (JPEG files -> finished train.h5, {workers} workers): {res.rows} images in {dt:.1f} s = "
-                  f"{res.rows / dt:.0f} images/s (reads waited {res.read_s:.1f} s, compute {res.compute_s:.1f} s, "
-                  f"writes {res.write_s:.1f} s)")
+            print(
+                f"end to end (JPEG files -> finished train.h5, {workers} workers): {res.rows} images in {dt:.1f} s = "
+                f"{res.rows / dt:.0f} images/s (reads waited {res.read_s:.1f} s, compute {res.compute_s:.1f} s, "
+                f"writes {res.write_s:.1f} s)"
+            )
 
         # agreement: GPU path (bf16, GPU decode) vs CPU path (fp32, PIL) on the test split
-        gpu_cfg = ExtractConfig(data=root, out=Path(tmp) / "g", layer="fc7", weights="none", splits=("test",), workers=4)
+        gpu_cfg = ExtractConfig(
+            data=root, out=Path(tmp) / "g", layer="fc7", weights="none", splits=("test",), workers=4
+        )
         cpu_cfg = gpu_cfg.replace(out=Path(tmp) / "c", precision="fp32", decode="cpu", device="cpu", batch_size=32)
         run_extraction(gpu_cfg)
         run_extraction(cpu_cfg)
         a = store.load_features(Path(tmp) / "g" / "test.h5").features
         b = store.load_features(Path(tmp) / "c" / "test.h5").features
         cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-        print(f"GPU path vs CPU fp32 path features ({len(a)} images): mean cosine {cos.mean():.5f}, min {cos.min():.5f}")
+        print(
+            f"GPU path vs CPU fp32 path features ({len(a)} images): mean cosine {cos.mean():.5f}, min {cos.min():.5f}"
+        )
 
 
 if __name__ == "__main__":

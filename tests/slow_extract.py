@@ -1,4 +1,5 @@
 """Extraction with a deliberately slow tiny trunk, run in subprocesses by the kill, lock and torchrun tests."""
+
 import os
 import sys
 import time

@@ -1,4 +1,5 @@
 """VGG16 (weights=None) cut at each layer, weights-file validation, precision choice."""
+
 from __future__ import annotations
 
 import pytest
@@ -58,8 +59,12 @@ def test_features_only_state_dict_serves_pool5_but_not_fc7(vgg, tmp_path):
     [
         (lambda p: p.write_text("not torch"), "not a loadable state dict"),
         (lambda p: torch.save([1, 2, 3], p), "not a state dict of tensors"),
-        (lambda p: torch.save({f"features.{i}.{w}": torch.zeros(2) for i in backbone._CONV_IDX for w in ("weight", "bias")}, p),
-         r"features\.0\.weight has shape \(2,\), VGG16 needs \(64, 3, 3, 3\)"),
+        (
+            lambda p: torch.save(
+                {f"features.{i}.{w}": torch.zeros(2) for i in backbone._CONV_IDX for w in ("weight", "bias")}, p
+            ),
+            r"features\.0\.weight has shape \(2,\), VGG16 needs \(64, 3, 3, 3\)",
+        ),
     ],
 )
 def test_bad_weights_files_are_refused(tmp_path, content, message):
@@ -81,7 +86,9 @@ def test_offline_download_names_both_ways_out(monkeypatch, tmp_path):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(FlowerfeatError, match=r"could not download VGG16 weights from https://download\.pytorch\.org/.*--weights PATH"):
+    with pytest.raises(
+        FlowerfeatError, match=r"could not download VGG16 weights from https://download\.pytorch\.org/.*--weights PATH"
+    ):
         backbone.load_vgg16(backbone.resolve_weights("imagenet"), "fc7")
 
 

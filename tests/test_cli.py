@@ -1,4 +1,5 @@
 """The CLI through typer's CliRunner: the whole product path, exit codes and one-line errors."""
+
 from __future__ import annotations
 
 import re
@@ -54,28 +55,59 @@ def _data(tmp_path):
 
 # (name, setup(tmp_path) -> argv, message fragment); every case must exit 2 with one line and write nothing.
 STRUCTURAL = [
-    ("data folder missing", lambda t: ["features", "--data", t / "nope"], "data folder not found; run `flowerfeat download`"),
+    (
+        "data folder missing",
+        lambda t: ["features", "--data", t / "nope"],
+        "data folder not found; run `flowerfeat download`",
+    ),
     ("no test split", lambda t: ["features", "--data", _rm(_data(t) / "test")], "no 'test' folder"),
     ("split without images", lambda t: ["features", "--data", _empty_split(_data(t))], "no class folders"),
     ("empty class folder", lambda t: ["features", "--data", _empty_class(_data(t))], "class folder has no images"),
-    ("classes differ", lambda t: ["features", "--data", _rename_class(_data(t))], "classes differ from the other split"),
-    ("output not writable", lambda t: ["features", "--data", _data(t), "--out", _file(t) / "sub"], "output folder is not writable"),
+    (
+        "classes differ",
+        lambda t: ["features", "--data", _rename_class(_data(t))],
+        "classes differ from the other split",
+    ),
+    (
+        "output not writable",
+        lambda t: ["features", "--data", _data(t), "--out", _file(t) / "sub"],
+        "output folder is not writable",
+    ),
     ("unknown layer", lambda t: ["features", "--data", _data(t), "--layer", "fc8"], "unknown layer 'fc8'"),
-    ("weights not a state dict", lambda t: ["features", "--data", _data(t), "--layer", "pool5", "--weights", _file(t)],
-     "not a loadable state dict"),
-    ("weights with wrong shapes", lambda t: ["features", "--data", _data(t), "--layer", "pool5", "--weights", _bad_shapes(t)],
-     "has shape (2,), VGG16 needs (64, 3, 3, 3)"),
+    (
+        "weights not a state dict",
+        lambda t: ["features", "--data", _data(t), "--layer", "pool5", "--weights", _file(t)],
+        "not a loadable state dict",
+    ),
+    (
+        "weights with wrong shapes",
+        lambda t: ["features", "--data", _data(t), "--layer", "pool5", "--weights", _bad_shapes(t)],
+        "has shape (2,), VGG16 needs (64, 3, 3, 3)",
+    ),
     ("epochs 0", lambda t: ["fit-head", "--epochs", "0"], "--epochs must be > 0"),
     ("epochs negative", lambda t: ["fit-head", "--epochs", "-3"], "--epochs must be > 0"),
     ("feature file not HDF5", lambda t: ["fit-head", "--features", _file(t)], "not a readable HDF5 feature file"),
     ("feature file truncated", lambda t: ["fit-head", "--features", _truncated(t)], "truncated or corrupt"),
-    ("report: features from another layer", lambda t: ["report", "--head", _trained_head(t), "--features", _other(t, layer="fc6")],
-     "layer fc7 vs fc6"),
-    ("report: features from other weights", lambda t: ["report", "--head", _trained_head(t), "--features", _other(t, weights="file:x.pth")],
-     "weights none:random-init-seed-0 vs file:x.pth"),
-    ("report: checkpoint classes differ", lambda t: ["report", "--head", _trained_head(t), "--features", _other(t, classes=("p", "q", "r"))],
-     "classes ['a', 'b', 'c'] vs ['p', 'q', 'r']"),
-    ("report: head missing", lambda t: ["report", "--head", t / "none.pt", "--features", _other(t)], "head checkpoint not found"),
+    (
+        "report: features from another layer",
+        lambda t: ["report", "--head", _trained_head(t), "--features", _other(t, layer="fc6")],
+        "layer fc7 vs fc6",
+    ),
+    (
+        "report: features from other weights",
+        lambda t: ["report", "--head", _trained_head(t), "--features", _other(t, weights="file:x.pth")],
+        "weights none:random-init-seed-0 vs file:x.pth",
+    ),
+    (
+        "report: checkpoint classes differ",
+        lambda t: ["report", "--head", _trained_head(t), "--features", _other(t, classes=("p", "q", "r"))],
+        "classes ['a', 'b', 'c'] vs ['p', 'q', 'r']",
+    ),
+    (
+        "report: head missing",
+        lambda t: ["report", "--head", t / "none.pt", "--features", _other(t)],
+        "head checkpoint not found",
+    ),
 ]
 
 
@@ -152,8 +184,22 @@ def test_non_numeric_epochs_is_a_usage_error():
 def test_strict_exits_1_when_an_image_was_skipped(tmp_path):
     data = make_folder(tmp_path / "flowers", {"train": 1, "test": 1})
     (data / "train" / "daisy" / "broken.jpg").write_bytes(b"")
-    r = run("features", "--data", data, "--out", tmp_path / "f", "--weights", "none", "--layer", "pool5-gap",
-            "--split", "train", "--workers", "0", "--strict")
+    r = run(
+        "features",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "f",
+        "--weights",
+        "none",
+        "--layer",
+        "pool5-gap",
+        "--split",
+        "train",
+        "--workers",
+        "0",
+        "--strict",
+    )
     assert r.exit_code == 1 and "1 unreadable image(s) skipped" in r.output and "broken.jpg: empty file" in r.output
     assert (tmp_path / "f" / "train.h5").exists()  # the finished work is kept
 

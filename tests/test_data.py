@@ -1,4 +1,5 @@
 """Scanning ImageFolders, structural errors, and the bad-image corpus."""
+
 from __future__ import annotations
 
 import io
@@ -31,7 +32,9 @@ def test_hidden_and_non_image_files_are_ignored(folder):
         (d / name).write_bytes(b"junk")
     split = scan_data(folder)["train"]
     assert len(split.items) == 18
-    assert sorted(Path(p).name for p in split.ignored) == sorted([".DS_Store", "Thumbs.db", "notes.txt", "._train_daisy_0.jpg"])
+    assert sorted(Path(p).name for p in split.ignored) == sorted(
+        [".DS_Store", "Thumbs.db", "notes.txt", "._train_daisy_0.jpg"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -66,8 +69,10 @@ def _save(img: Image.Image, fmt: str, **kw) -> bytes:
 
 def _bomb_png() -> bytes:
     """A valid PNG header claiming 30000 x 30000 pixels (900 MP, over Pillow's limit); no need for real pixels."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", 30000, 30000, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -101,7 +106,11 @@ CORPUS = [
     ("palette_transparent.png", _palette_with_transparency, "ok"),
     ("gray.jpg", lambda: _save(BASE.convert("L"), "JPEG"), "ok"),
     ("cmyk.jpg", lambda: _save(BASE.convert("CMYK"), "JPEG"), "ok"),
-    ("gray16.png", lambda: _png_bytes(Image.fromarray((np.arange(48 * 36).reshape(36, 48) * 37).astype(np.uint16))), "ok"),
+    (
+        "gray16.png",
+        lambda: _png_bytes(Image.fromarray((np.arange(48 * 36).reshape(36, 48) * 37).astype(np.uint16))),
+        "ok",
+    ),
     ("animated.gif", _animated_gif, "ok"),
     ("image.webp", lambda: _save(BASE, "WEBP"), "ok"),
     ("image.bmp", lambda: _save(BASE, "BMP"), "ok"),

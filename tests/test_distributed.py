@@ -1,4 +1,5 @@
 """torchrun with 2 gloo processes on CPU: sharded extraction equals a single-process run, bit for bit."""
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,17 @@ SCRIPT = str(Path(__file__).parent / "slow_extract.py")
 
 
 def torchrun(data, out, slow="0", **popen):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", SCRIPT, str(data), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        SCRIPT,
+        str(data),
+        str(out),
+    ]
     env = {**os.environ, "SLOW_TRUNK_S": slow, "OMP_NUM_THREADS": "1"}
     if popen:
         return subprocess.Popen(cmd, env=env, start_new_session=True, **popen)
@@ -53,7 +64,9 @@ def test_two_rank_extraction_equals_one_process(tmp_path):
     assert "rank 1:" in r.stdout and "rank 0:" in r.stdout
     for split in ("train", "test"):
         assert_same(tmp_path / "one" / f"{split}.h5", tmp_path / "two" / f"{split}.h5")
-    assert store.read_skipped(tmp_path / "two" / "train.h5") == [("train/roses/broken.jpg", "not an image Pillow can read")]
+    assert store.read_skipped(tmp_path / "two" / "train.h5") == [
+        ("train/roses/broken.jpg", "not an image Pillow can read")
+    ]
     assert not list((tmp_path / "two").glob("*.partial"))
 
 

@@ -1,4 +1,5 @@
 """The flowers download: deterministic split, safe unpacking, clear offline failure."""
+
 from __future__ import annotations
 
 import io
@@ -35,7 +36,9 @@ def test_download_lays_out_train_and_test(tmp_path):
     for split in ("train", "test"):
         assert sorted(p.name for p in (tmp_path / "out" / split).iterdir()) == ["daisy", "roses"]
     test_names = {p.name for p in (tmp_path / "out" / "test").rglob("*.jpg")}
-    assert test_names == {n.split("/")[-1] for n in members if n.endswith(".jpg") and download.is_test(n.split("/")[-1])}
+    assert test_names == {
+        n.split("/")[-1] for n in members if n.endswith(".jpg") and download.is_test(n.split("/")[-1])
+    }
     assert not list(tmp_path.glob(".download-*"))  # the work folder is gone
 
 
@@ -65,7 +68,9 @@ def test_symlink_member_is_refused(tmp_path):
 
 def test_offline_names_the_url_and_the_way_out(tmp_path):
     url = "http://127.0.0.1:9/flower_photos.tgz"  # nothing listens on the discard port: refused at once
-    with pytest.raises(FlowerfeatError, match=r"could not download http://127\.0\.0\.1:9/flower_photos\.tgz.*--data DIR"):
+    with pytest.raises(
+        FlowerfeatError, match=r"could not download http://127\.0\.0\.1:9/flower_photos\.tgz.*--data DIR"
+    ):
         download.download_flowers(tmp_path / "out", url=url)
 
 

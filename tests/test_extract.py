@@ -1,4 +1,5 @@
 """The extraction loop: schema, no-op reruns, incremental updates, bad images, locking, views, float16."""
+
 from __future__ import annotations
 
 import shutil
@@ -34,7 +35,16 @@ def test_schema_shapes_dtypes_and_attributes(folder, tmp_path, tiny_trunk):
         assert f["skipped"].shape == (0, 2)
         assert list(f.attrs["classes"]) == ["daisy", "roses", "tulips"]
         assert f.attrs["format_version"] == FORMAT_VERSION and f.attrs["complete"]
-        for key in ("layer", "weights", "preprocessing", "precision", "dtype", "fingerprint", "library_versions", "created"):
+        for key in (
+            "layer",
+            "weights",
+            "preprocessing",
+            "precision",
+            "dtype",
+            "fingerprint",
+            "library_versions",
+            "created",
+        ):
             assert key in f.attrs, key
         assert '"crop_size": [224]' in f.attrs["preprocessing"]
         assert np.isfinite(f["features"][...]).all() and f["features"][...].std() > 0
@@ -84,7 +94,9 @@ def test_bad_images_are_skipped_recorded_and_the_run_goes_on(folder, tmp_path, t
     res = extract(folder, tmp_path / "f", tiny_trunk)
     bad = {name for name, outcome in expected.items() if outcome != "ok"}
     skipped = store.read_skipped(tmp_path / "f" / "train.h5")
-    assert {p.split("/")[-1] for p, _ in skipped} == {n.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for n in bad}
+    assert {p.split("/")[-1] for p, _ in skipped} == {
+        n.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for n in bad
+    }
     assert res["train"].rows == 18 + len(expected) - len(bad)
     reasons = dict(skipped)
     assert "empty file" in reasons["train/daisy/zero.jpg"]
@@ -144,8 +156,9 @@ def test_a_crash_mid_run_keeps_finished_batches_and_resumes(folder, tmp_path, ti
     res = extract(folder, tmp_path / "f", tiny_trunk)
     assert res["train"].status == "resumed" and res["train"].computed == 18 - 8
     extract(folder, tmp_path / "fresh", tiny_trunk)
-    np.testing.assert_array_equal(datasets(tmp_path / "f" / "train.h5")["features"],
-                                  datasets(tmp_path / "fresh" / "train.h5")["features"])
+    np.testing.assert_array_equal(
+        datasets(tmp_path / "f" / "train.h5")["features"], datasets(tmp_path / "fresh" / "train.h5")["features"]
+    )
 
 
 def test_disk_full_is_one_line_and_resumable(folder, tmp_path, tiny_trunk, monkeypatch):
@@ -159,8 +172,10 @@ def test_disk_full_is_one_line_and_resumable(folder, tmp_path, tiny_trunk, monke
     monkeypatch.setattr(store.ShardLog, "append", full)
     monkeypatch.setattr("flowerfeat.backbone.build_trunk", lambda *a, **k: tiny_trunk)
     monkeypatch.setattr("flowerfeat.extract.FEATURE_DIMS", {"fc7": 24})
-    r = CliRunner().invoke(cli.app, ["features", "--data", str(folder), "--out", str(tmp_path / "f"), "--weights", "none",
-                                     "--workers", "0"])
+    r = CliRunner().invoke(
+        cli.app,
+        ["features", "--data", str(folder), "--out", str(tmp_path / "f"), "--weights", "none", "--workers", "0"],
+    )
     assert r.exit_code == 1 and "No space left on device; finished batches are saved" in r.output
     assert "Traceback" not in r.output
 

@@ -1,10 +1,10 @@
 """The GPU decode path, exercised on the CPU: same images kept and skipped, features that agree with PIL's."""
+
 from __future__ import annotations
 
 import io
 
 import numpy as np
-from PIL import Image
 
 from flowerfeat import store
 from flowerfeat.gpudecode import gpu_eligible

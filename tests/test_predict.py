@@ -1,4 +1,5 @@
 """predict and export: the trained head used on new images, and the textbook's full VGG16 written out."""
+
 from __future__ import annotations
 
 import csv
@@ -22,8 +23,9 @@ def head_fc7(tmp_path_factory):
     """A head for random-init VGG16 fc7 features (classes daisy/roses/tulips), trained on hand-made rows."""
     tmp = tmp_path_factory.mktemp("head")
     x, y = blobs(10, dim=4096)
-    path = write_features(tmp / "train.h5", x, y, classes=("daisy", "roses", "tulips"),
-                          preprocessing=backbone.preprocessing())
+    path = write_features(
+        tmp / "train.h5", x, y, classes=("daisy", "roses", "tulips"), preprocessing=backbone.preprocessing()
+    )
     cfg = FitConfig(features=path, out=tmp / "head.pt")
     res, meta = train.fit(cfg)
     train.save_checkpoint(cfg.out, res, meta, cfg)
@@ -60,8 +62,9 @@ def test_export_refuses_non_fc7_heads(tmp_path):
 def test_predict_lines_and_files(head_fc7, tmp_path):
     root = make_folder(tmp_path / "imgs", {"new": 1})
     (root / "new" / "daisy" / "broken.jpg").write_bytes(b"nope")
-    r = runner.invoke(app, ["predict", str(root), "--head", str(head_fc7), "--top-k", "2",
-                            "--output", str(tmp_path / "p.csv")])
+    r = runner.invoke(
+        app, ["predict", str(root), "--head", str(head_fc7), "--top-k", "2", "--output", str(tmp_path / "p.csv")]
+    )
     assert r.exit_code == 0, r.output
     lines = [s for s in r.output.splitlines() if s.endswith(tuple("0123456789"))]
     assert len(lines) == 3 and all(s.count(", ") == 1 for s in lines)
@@ -70,7 +73,9 @@ def test_predict_lines_and_files(head_fc7, tmp_path):
     assert len(rows) == 3 * 2 + 1
     first = [row for row in rows if row["rank"] == "1"]
     assert all(row["class"] in ("daisy", "roses", "tulips") and 0 < float(row["probability"]) <= 1 for row in first)
-    r = runner.invoke(app, ["predict", str(root / "new" / "roses"), "--head", str(head_fc7), "--output", str(tmp_path / "p.json")])
+    r = runner.invoke(
+        app, ["predict", str(root / "new" / "roses"), "--head", str(head_fc7), "--output", str(tmp_path / "p.json")]
+    )
     data = json.loads((tmp_path / "p.json").read_text())
     assert r.exit_code == 0 and len(data) == 1 and data[0]["top"][0]["class"] in ("daisy", "roses", "tulips")
 

@@ -1,4 +1,5 @@
 """Report lines, metrics JSON and figures against a hand-built case whose answers are known."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,9 +12,20 @@ from flowerfeat.errors import FlowerfeatError
 from conftest import write_features
 
 # 9 test rows, 3 classes; the head is the identity, so the prediction is the argmax of each row.
-X = np.array([[5, 0, 0], [5, 0, 0], [5, 0, 0], [0, 5, 0],   # a: 3 of 4 right
-              [0, 5, 0], [0, 5, 0], [0, 5, 0],              # b: 3 of 3 right
-              [0, 0, 5], [5, 0, 0]], np.float32)            # c: 1 of 2 right
+X = np.array(
+    [
+        [5, 0, 0],
+        [5, 0, 0],
+        [5, 0, 0],
+        [0, 5, 0],  # a: 3 of 4 right
+        [0, 5, 0],
+        [0, 5, 0],
+        [0, 5, 0],  # b: 3 of 3 right
+        [0, 0, 5],
+        [5, 0, 0],
+    ],
+    np.float32,
+)  # c: 1 of 2 right
 Y = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2])
 
 

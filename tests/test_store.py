@@ -1,4 +1,5 @@
 """The append log, atomic finished files, readers' errors, and extraction that survives kill -9."""
+
 from __future__ import annotations
 
 import os
@@ -65,8 +66,13 @@ def test_truncated_feature_file_is_refused(folder, tmp_path, tiny_trunk):
 
 
 def _run(data, out):
-    return subprocess.run([sys.executable, str(Path(__file__).parent / "slow_extract.py"), str(data), str(out)],
-                          capture_output=True, text=True, timeout=120, check=True)
+    return subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "slow_extract.py"), str(data), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
 
 
 def test_sigkill_at_several_points_then_resume_is_bit_identical(tmp_path):
@@ -99,8 +105,13 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(tmp_path):
 def test_two_concurrent_extractions_one_refuses_neither_corrupts(tmp_path):
     data = make_folder(tmp_path / "flowers", {"train": 8, "test": 2})
     script = str(Path(__file__).parent / "slow_extract.py")
-    first = subprocess.Popen([sys.executable, script, str(data), str(tmp_path / "f")], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, "SLOW_TRUNK_S": "0.6"})
+    first = subprocess.Popen(
+        [sys.executable, script, str(data), str(tmp_path / "f")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "SLOW_TRUNK_S": "0.6"},
+    )
     deadline = time.monotonic() + 60
     while not (tmp_path / "f" / "train.h5.partial").exists() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -1,4 +1,5 @@
 """Fitting the head: it learns, it is seeded, it streams, and its checkpoint is self-sufficient and safe."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -121,13 +122,20 @@ def test_features_from_another_layer_are_refused(train_file, tmp_path):
     from flowerfeat import store
 
     with pytest.raises(FlowerfeatError, match="features do not match head.*layer fc7 vs fc6"):
-        train.check_compatible(train.load_checkpoint(tmp_path / "head.pt"), store.read_meta(other), other, tmp_path / "head.pt")
+        train.check_compatible(
+            train.load_checkpoint(tmp_path / "head.pt"), store.read_meta(other), other, tmp_path / "head.pt"
+        )
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(epochs=0), "--epochs must be > 0"), (dict(lr=-1.0), "--lr must be > 0"),
-    (dict(optimizer="rmsprop"), "unknown optimizer"), (dict(val_fraction=1.5), "--val-fraction"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(epochs=0), "--epochs must be > 0"),
+        (dict(lr=-1.0), "--lr must be > 0"),
+        (dict(optimizer="rmsprop"), "unknown optimizer"),
+        (dict(val_fraction=1.5), "--val-fraction"),
+    ],
+)
 def test_bad_fit_settings_are_refused(change, message):
     with pytest.raises(FlowerfeatError, match=message):
         FitConfig(**change)
