@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from flowerfeat import backbone
+from flowerfeat import backbone, store
 from flowerfeat.data import IMAGE_EXTENSIONS, BadImage, load_image
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.train import Checkpoint
@@ -137,9 +136,8 @@ def export(ck: Checkpoint, out: Path, info: backbone.WeightsInfo, weights_arg: s
     state["classifier.6.bias"] = ck.bias.detach().clone()  # (C,)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, out)
+    with store.atomic_path(out) as tmp:
+        torch.save(state, tmp)
     side = out.with_suffix(".json")
     side.write_text(
         json.dumps(

@@ -211,6 +211,21 @@ class ShardLog:
 # Finished files
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """A temporary name beside ``path``; once written, it is fsynced and renamed over ``path`` in one step,
+    so readers see the old file or the finished new one, never a half-written one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 def chunk_rows(dim: int, itemsize: int) -> int:
     """Rows per HDF5 chunk: about 1 MiB, so a mini-batch read touches one or two chunks."""
     return max(1, min(4096, (1 << 20) // (dim * itemsize)))
@@ -223,44 +238,36 @@ def write_feature_file(path: Path, meta: dict, n_rows: int, blocks, columns: dic
     """
     import h5py
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     dim, dtype = int(meta["feature_dim"]), np.dtype(meta["dtype"])
-    try:
-        with h5py.File(tmp, "w") as f:
-            compression = meta.get("compression", "none")
-            feats = f.create_dataset(
-                "features",
-                shape=(n_rows, dim),
-                dtype=dtype,
-                chunks=(min(max(n_rows, 1), chunk_rows(dim, dtype.itemsize)), dim) if n_rows else None,
-                compression=None if compression == "none" or not n_rows else compression,
-            )
-            written = 0
-            for start, rows in blocks:
-                feats[start : start + len(rows)] = rows
-                written += len(rows)
-            assert written == n_rows, (written, n_rows)
-            f.create_dataset("labels", data=np.asarray(columns["labels"], dtype=np.int64))
-            f.create_dataset("paths", data=list(columns["paths"]), dtype=h5py.string_dtype("utf-8"))
-            f.create_dataset("views", data=np.asarray(columns["views"], dtype=np.int8))
-            f.create_dataset("file_sizes", data=np.asarray(columns["file_sizes"], dtype=np.int64))
-            f.create_dataset("file_mtimes_ns", data=np.asarray(columns["file_mtimes_ns"], dtype=np.int64))
-            f.create_dataset(
-                "skipped",
-                shape=(len(skipped), 2),
-                dtype=h5py.string_dtype("utf-8"),
-                data=np.array(skipped, dtype=object).reshape(len(skipped), 2) if skipped else None,
-            )
-            for k, v in meta.items():
-                f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) and k != "classes" else v
-            f.attrs["skipped_count"] = len(skipped)
-            f.attrs["complete"] = True  # set last: a file without it was never finished
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        compression = meta.get("compression", "none")
+        feats = f.create_dataset(
+            "features",
+            shape=(n_rows, dim),
+            dtype=dtype,
+            chunks=(min(max(n_rows, 1), chunk_rows(dim, dtype.itemsize)), dim) if n_rows else None,
+            compression=None if compression == "none" or not n_rows else compression,
+        )
+        written = 0
+        for start, rows in blocks:
+            feats[start : start + len(rows)] = rows
+            written += len(rows)
+        assert written == n_rows, (written, n_rows)
+        f.create_dataset("labels", data=np.asarray(columns["labels"], dtype=np.int64))
+        f.create_dataset("paths", data=list(columns["paths"]), dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset("views", data=np.asarray(columns["views"], dtype=np.int8))
+        f.create_dataset("file_sizes", data=np.asarray(columns["file_sizes"], dtype=np.int64))
+        f.create_dataset("file_mtimes_ns", data=np.asarray(columns["file_mtimes_ns"], dtype=np.int64))
+        f.create_dataset(
+            "skipped",
+            shape=(len(skipped), 2),
+            dtype=h5py.string_dtype("utf-8"),
+            data=np.array(skipped, dtype=object).reshape(len(skipped), 2) if skipped else None,
+        )
+        for k, v in meta.items():
+            f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) and k != "classes" else v
+        f.attrs["skipped_count"] = len(skipped)
+        f.attrs["complete"] = True  # set last: a file without it was never finished
 
 
 def _decode_attr(key: str, value):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,18 +315,8 @@ def save_checkpoint(path: Path, result: FitResult, feature_meta: dict, cfg: FitC
         "metrics": result.metrics,
         "history": result.history,
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(
-            {"weight": result.weight.contiguous(), "bias": result.bias.contiguous(), "meta": json.dumps(meta)}, tmp
-        )
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
+    with store.atomic_path(path) as tmp:
+        torch.save({"weight": result.weight.contiguous(), "bias": result.bias.contiguous(), "meta": json.dumps(meta)}, tmp)
 
 @dataclass
 class Checkpoint:
