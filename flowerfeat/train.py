@@ -349,11 +349,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
 def check_compatible(ck: Checkpoint, feature_meta: dict, features_path: Path, head_path: Path) -> None:
     """Refuse a head and a feature file that were not made by the same trunk, layer, preprocessing and classes."""
     own = ck.meta["features"]
-    diffs = [
-        k
-        for k in ("layer", "feature_dim", "weights", "preprocessing", "decoder", "precision", "model_key", "classes")
-        if own[k] != feature_meta[k]
-    ]
+    named = ("layer", "feature_dim", "weights", "preprocessing", "decoder", "precision", "dtype", "classes")
+    diffs = [k for k in named if own.get(k) != feature_meta.get(k)]
+    if not diffs and own["model_key"] != feature_meta["model_key"]:
+        diffs = ["model_key"]
     if diffs:
         what = ", ".join(f"{k} {str(own[k])[:50]!s} vs {str(feature_meta[k])[:50]!s}" for k in diffs[:3])
         raise FlowerfeatError(
