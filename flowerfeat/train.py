@@ -178,7 +178,7 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
     history, best = [], None
     val_rows = np.flatnonzero(val)
     val_x = rows.take(val_rows) if len(val_rows) else None
-    with torch.random.fork_rng(devices=[]):  # seeds dropout and init without touching the caller's RNG
+    with torch.random.fork_rng(devices=[]):  # seeds the random init without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         head = make_head(rows.dim, n_classes, cfg.dropout)
         if cfg.init == "class-means":
@@ -189,6 +189,7 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
         else:
             opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         criterion = nn.CrossEntropyLoss()
+        mask_rng = np.random.default_rng([cfg.seed, 1])
         labels = torch.from_numpy(rows.labels)
         steps = cfg.epochs * sum(
             math.ceil(len(w[~val[w]]) / cfg.batch_size)
@@ -202,7 +203,6 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
             sched = None
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
-            head.train()
             running, total_loss, seen, correct, batch_i = 0.0, 0.0, 0, 0, 0
             for window in epoch_windows(rows.n, rows.block, window_rows(rows.dim), cfg.seed, epoch):
                 window = window[~val[window]]
@@ -211,7 +211,7 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
                 for s in range(0, len(window), cfg.batch_size):
                     x, y = x_win[s : s + cfg.batch_size], y_win[s : s + cfg.batch_size]
                     opt.zero_grad(set_to_none=True)
-                    out = head(x)  # (B, C)
+                    out = head[1](_dropout(x, cfg.dropout, mask_rng))  # (B, C)
                     loss = criterion(out, y)
                     loss.backward()
                     opt.step()
@@ -246,6 +246,15 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
     if val_x is not None:
         log(f"Kept epoch {entry['epoch']} (best validation accuracy {entry['val_acc']:.1%})")
     return FitResult(weight, bias, metrics, history)
+
+
+def _dropout(x: torch.Tensor, p: float, rng: np.random.Generator) -> torch.Tensor:
+    """Inverted dropout, as nn.Dropout in training, with masks from numpy's PCG64: about 10x faster than torch's
+    CPU Bernoulli sampler, which dominated a step on 25,088-d pool5 rows."""
+    if p == 0:
+        return x
+    keep = torch.from_numpy(rng.random(tuple(x.shape), dtype=np.float32) >= p)
+    return x * keep * (1.0 / (1.0 - p))
 
 
 def _init_from_class_means(linear: nn.Linear, means: np.ndarray, margin: float = 4.0) -> None:
