@@ -367,11 +367,18 @@ def _finish(final: Path, meta: dict, split: Split, reuse: dict, partial_root: Pa
     dtype = np.dtype(meta["dtype"])
 
     def blocks(step: int = 1024):
+        """Blocks of finished rows in unit order, each gathered with one fancy read per source."""
         for start in range(0, len(order), step):
-            block = np.empty((min(step, len(order) - start), meta["feature_dim"]), dtype)
-            for j, u in enumerate(order[start : start + step]):
-                shard, row = sources[u]
-                block[j] = old["features"][row] if shard < 0 else shards[shard][row]
+            src = np.array([sources[u] for u in order[start : start + step]], dtype=np.int64)  # (k, 2): shard, row
+            block = np.empty((len(src), meta["feature_dim"]), dtype)
+            for shard in np.unique(src[:, 0]):
+                at = np.flatnonzero(src[:, 0] == shard)
+                rows = src[at, 1]
+                if shard < 0:  # rows reused from the previous file; h5py wants increasing indices
+                    o = np.argsort(rows)
+                    block[at[o]] = old["features"][rows[o]]
+                else:
+                    block[at] = shards[shard][rows]
             yield start, block
 
     try:
