@@ -200,7 +200,9 @@ def fit_head(
     epochs: int = typer.Option(2, help="Passes over the training features."),
     batch_size: int = typer.Option(20, help="Mini-batch size (the textbook's 20)."),
     optimizer: str = typer.Option("adam", help="adam (default) or sgd (the textbook's, with --lr 0.001)."),
-    lr: float = typer.Option(7e-5, help="Learning rate (peak, with --schedule cosine)."),
+    lr: float = typer.Option(
+        0.0, help="Learning rate (peak with --schedule cosine); 0 = auto from the features' scale."
+    ),
     momentum: float = typer.Option(0.0, help="SGD momentum (the textbook: 0)."),
     schedule: str = typer.Option("cosine", help="cosine (decays to 0 over the run) or constant (the textbook's)."),
     init: str = typer.Option("class-means", help="class-means (start at each class's mean feature) or random."),

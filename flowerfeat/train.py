@@ -20,6 +20,8 @@ from flowerfeat.errors import FlowerfeatError
 # Rows shuffled together when streaming (and, so both give the same head, in memory too): 256 MiB of features.
 WINDOW_BYTES = 256 << 20
 CHECKPOINT_VERSION = 1
+# --lr 0 (auto) sets Adam's lr to this over the mean L1 norm of a training row: 7e-5 on flat pool5 rows.
+AUTO_LOGIT_STEP = 2.7
 # Feature-file attributes a head depends on; predict/report check them against the trunk or test file.
 FEATURE_KEYS = (
     "layer",
@@ -91,18 +93,20 @@ class Rows:
             out[order[sel]] = chunk[sorted_rows[sel] - b * self.block]
         return out
 
-    def class_means(self, mask: np.ndarray, n_classes: int) -> np.ndarray:
-        """(C, D) mean feature per class over the rows in ``mask``, read in file order, one block at a time."""
-        sums, counts = np.zeros((n_classes, self.dim)), np.zeros(n_classes)
+    def stats(self, mask: np.ndarray, n_classes: int) -> tuple[np.ndarray, float]:
+        """(C, D) mean feature per class and the mean L1 norm of a row, over the rows in ``mask``; read in file
+        order, one window at a time."""
+        sums, counts, l1 = np.zeros((n_classes, self.dim)), np.zeros(n_classes), 0.0
         step = max(self.block, window_rows(self.dim) // self.block * self.block)
         for start in range(0, self.n, step):
             rows = np.arange(start, min(start + step, self.n))
             rows = rows[mask[rows]]
             x, y = self.take(rows), self.labels[rows]
+            l1 += float(np.abs(x).sum(dtype=np.float64))
             for c in np.unique(y):
                 sums[c] += x[y == c].sum(0, dtype=np.float64)
                 counts[c] += (y == c).sum()
-        return sums / np.maximum(counts, 1)[:, None]
+        return sums / np.maximum(counts, 1)[:, None], l1 / max(counts.sum(), 1)
 
     def close(self):
         self.file.close()
@@ -181,13 +185,21 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
     with torch.random.fork_rng(devices=[]):  # seeds the random init without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         head = make_head(rows.dim, n_classes, cfg.dropout)
+        means, mean_l1 = rows.stats(~val, n_classes)
         if cfg.init == "class-means":
-            _init_from_class_means(head[1], rows.class_means(~val, n_classes))
+            _init_from_class_means(head[1], means)
+        # Auto: an Adam step moves each weight by about lr, so a logit by about lr * |x|_1; fix that product
+        # (measured best for flat pool5, README) instead of lr itself, so 512-d and 25,088-d features both train.
+        lr = cfg.lr if cfg.lr else AUTO_LOGIT_STEP / max(mean_l1, 1e-12)
+        log(
+            f"Learning rate {lr:.3g}"
+            + (" (auto: %g / mean L1 norm %.4g)" % (AUTO_LOGIT_STEP, mean_l1) if not cfg.lr else "")
+        )
         params = head[1].parameters()
         if cfg.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
         else:
-            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         criterion = nn.CrossEntropyLoss()
         mask_rng = np.random.default_rng([cfg.seed, 1])
         labels = torch.from_numpy(rows.labels)
@@ -242,7 +254,7 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
     if best is None:
         best = (history[-1], weight, bias)
     entry, weight, bias = best
-    metrics = {"best_epoch": entry["epoch"], **{k: v for k, v in entry.items() if k != "epoch"}}
+    metrics = {"best_epoch": entry["epoch"], "lr": lr, **{k: v for k, v in entry.items() if k != "epoch"}}
     if val_x is not None:
         log(f"Kept epoch {entry['epoch']} (best validation accuracy {entry['val_acc']:.1%})")
     return FitResult(weight, bias, metrics, history)
@@ -325,7 +337,10 @@ def save_checkpoint(path: Path, result: FitResult, feature_meta: dict, cfg: FitC
         "history": result.history,
     }
     with store.atomic_path(path) as tmp:
-        torch.save({"weight": result.weight.contiguous(), "bias": result.bias.contiguous(), "meta": json.dumps(meta)}, tmp)
+        torch.save(
+            {"weight": result.weight.contiguous(), "bias": result.bias.contiguous(), "meta": json.dumps(meta)}, tmp
+        )
+
 
 @dataclass
 class Checkpoint:

@@ -28,7 +28,8 @@ def test_head_learns_well_above_chance(tmp_path):
     _, pred, _ = train.evaluate(result.weight, result.bias, x2, y2)
     assert (pred == y2).mean() > 0.8  # chance is 1/3
     # 900 rows / 20 = 45 batches per epoch: running-loss lines at batches 20 and 40, then the summary
-    assert [s[:20] for s in lines[:3]] == ["Epoch 1, Batch 20 lo", "Epoch 1, Batch 40 lo", "Epoch 1 done: train "]
+    assert lines[0].startswith("Learning rate ") and "auto" in lines[0]
+    assert [s[:20] for s in lines[1:4]] == ["Epoch 1, Batch 20 lo", "Epoch 1, Batch 40 lo", "Epoch 1 done: train "]
 
 
 def test_running_loss_lines_use_the_textbook_format(train_file):
@@ -69,6 +70,16 @@ def test_epoch_windows_cover_every_row_once():
     rows = np.concatenate(list(train.epoch_windows(1000, 64, 300, seed=1, epoch=1)))
     assert sorted(rows.tolist()) == list(range(1000))
     assert rows.tolist() != list(range(1000))
+
+
+def test_auto_learning_rate_follows_the_feature_scale(tmp_path):
+    x, y = blobs(40, dim=32)
+    x = np.abs(x)
+    small = train.fit(FitConfig(features=write_features(tmp_path / "a.h5", x, y)))[0].metrics["lr"]
+    big = train.fit(FitConfig(features=write_features(tmp_path / "b.h5", 10 * x, y)))[0].metrics["lr"]
+    assert small == pytest.approx(train.AUTO_LOGIT_STEP / np.abs(x).sum(1).mean(), rel=1e-4)
+    assert big == pytest.approx(small / 10, rel=1e-4)
+    assert train.fit(FitConfig(features=tmp_path / "a.h5", lr=0.01))[0].metrics["lr"] == 0.01
 
 
 def test_lbfgs_solver_and_validation_split(train_file):
@@ -131,7 +142,7 @@ def test_features_from_another_layer_are_refused(train_file, tmp_path):
     "change, message",
     [
         (dict(epochs=0), "--epochs must be > 0"),
-        (dict(lr=-1.0), "--lr must be > 0"),
+        (dict(lr=-1.0), "--lr must be >= 0"),
         (dict(optimizer="rmsprop"), "unknown optimizer"),
         (dict(val_fraction=1.5), "--val-fraction"),
     ],
