@@ -26,7 +26,7 @@ features: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
-BENCH_ARGS ?= --data ../shared/data/flower_photos --weights ../shared/weights/vgg16_imagenet_features.pth --limit 64
+BENCH_ARGS ?= --data $(DATA) --weights $(WEIGHTS) --layer $(LAYER) --limit 64
 bench: $(BIN)/.installed
 	$(BIN)/flowerfeat bench $(BENCH_ARGS)
 
