@@ -146,6 +146,8 @@ def _reusable_rows(final: Path, meta: dict, split: Split) -> tuple[dict, str]:
         return reuse, "views changed"
     if old.get("compression", "none") != meta["compression"]:
         return reuse, "compression changed: rewriting from cached rows"
+    if len(reuse) == len(old_rows) == len(split.items) * nv:
+        return reuse, "same images and settings, older fingerprint: rewriting from cached rows"
     return reuse, "image list changed"
 
 

@@ -188,3 +188,13 @@ def test_compression_rewrites_from_cached_rows(folder, tmp_path, tiny_trunk):
     with h5py.File(tmp_path / "f" / "train.h5", "r") as f:
         assert f["features"].compression == "lzf"
         np.testing.assert_array_equal(f["features"][...], plain)
+
+
+def test_a_file_with_an_older_fingerprint_is_rewritten_from_its_rows(folder, tmp_path, tiny_trunk):
+    extract(folder, tmp_path / "f", tiny_trunk)
+    before = datasets(tmp_path / "f" / "train.h5")["features"]
+    with h5py.File(tmp_path / "f" / "train.h5", "r+") as f:
+        f.attrs["fingerprint"] = "written-by-an-older-flowerfeat"
+    res = extract(folder, tmp_path / "f", tiny_trunk)
+    assert res["train"].computed == 0 and "older fingerprint" in res["train"].reason
+    np.testing.assert_array_equal(datasets(tmp_path / "f" / "train.h5")["features"], before)
