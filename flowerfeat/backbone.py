@@ -90,18 +90,22 @@ def build_transform():
 class Augment:
     """Seeded RandomResizedCrop + horizontal flip on a PIL image (picklable for DataLoader workers)."""
 
+    def __init__(self):
+        t = build_transform()
+        self.crop_size, self.resize_size = list(t.crop_size), list(t.resize_size)
+
     def __call__(self, img, seed: int):
         from torchvision.transforms import RandomResizedCrop
         from torchvision.transforms import functional as F
 
-        size = build_transform().crop_size
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             i, j, h, w = RandomResizedCrop.get_params(img, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
             flip = bool(torch.rand(1) < 0.5)
-        img = F.resized_crop(img, i, j, h, w, size)
-        # Keeps the eval transform's resize(256)+crop(224) a no-op crop of the whole augmented view.
-        img = F.resize(img, build_transform().resize_size)
+        img = F.resized_crop(img, i, j, h, w, self.crop_size)
+        # Brought to the eval transform's resize size, so its resize is a no-op and its centre crop keeps the
+        # middle of the augmented view.
+        img = F.resize(img, self.resize_size)
         return F.hflip(img) if flip else img
 
 

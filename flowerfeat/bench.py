@@ -96,7 +96,9 @@ def naive_loop(split: Split, trunk: nn.Module, batch_size: int = 20) -> float:
 
 def cosine_agreement(trunk: nn.Module, split: Split, n: int) -> float:
     """Mean cosine similarity of bf16-autocast vs fp32 features over ``n`` images."""
-    x, _ids, _ = collate_units([_loader(subset(split, n), n, 0).dataset[i] for i in range(min(n, len(split.items)))])
+    sub = subset(split, n)
+    ds = UnitDataset(sub, list(range(len(sub.items))), 0, backbone.build_transform(), None, 0)
+    x, _ids, _ = collate_units([ds[i] for i in range(len(ds))])
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         a = trunk(x).float()
@@ -107,37 +109,14 @@ def cosine_agreement(trunk: nn.Module, split: Split, n: int) -> float:
 
 def fit_timing(n: int, dim: int, n_classes: int) -> float:
     """Seconds for fit-head's default 2 epochs on an n x dim feature file (training only, file in memory)."""
+    from flowerfeat import store
     from flowerfeat.train import fit
-
-    from flowerfeat import FORMAT_VERSION, store
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, n_classes, n)
     x = np.maximum(rng.normal(0, 1, (n, dim)) + y[:, None] * 0.1, 0).astype(np.float32)  # ReLU-like features
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "classes": [str(c) for c in range(n_classes)],
-        "layer": "fc7",
-        "feature_dim": dim,
-        "weights": "synthetic",
-        "preprocessing": {},
-        "decoder": "pil",
-        "precision": "fp32",
-        "dtype": "float32",
-        "views": 0,
-        "view_seed": 0,
-    }
-    meta.update(model_key=store.model_key(meta), fingerprint="synthetic", weights_sha256="", num_rows=n)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "train.h5"
-        columns = {
-            "labels": y,
-            "paths": [str(i) for i in range(n)],
-            "views": np.zeros(n),
-            "file_sizes": np.zeros(n),
-            "file_mtimes_ns": np.zeros(n),
-        }
-        store.write_feature_file(path, meta, n, [(0, x)], columns, [])
+        path = store.write_arrays(Path(tmp) / "train.h5", x, y, [str(c) for c in range(n_classes)])
         result, _ = fit(FitConfig(features=path, epochs=2))
     return sum(h["seconds"] for h in result.history)
 

@@ -116,16 +116,13 @@ def split_meta(
     return meta
 
 
-def _reusable_rows(final: Path, meta: dict, split: Split) -> tuple[dict, str]:
-    """Rows of an existing finished file that stay valid: unit -> row, and why the rest are (re)extracted."""
+def _reusable_rows(final: Path, old: dict | None, meta: dict, split: Split) -> tuple[dict, str]:
+    """Rows of the existing finished file (metadata ``old``) that stay valid: unit -> row, and why the rest are
+    (re)extracted."""
     import h5py
 
-    if not final.exists():
-        return {}, "no feature file yet"
-    try:
-        old = store.read_meta(final)
-    except FlowerfeatError:  # a corrupt or unfinished file is simply rebuilt
-        return {}, "existing file unusable: rebuilding it"
+    if old is None:  # a corrupt or unfinished file is simply rebuilt
+        return {}, "existing file unusable: rebuilding it" if final.exists() else "no feature file yet"
     # Rows are keyed by (path, view, size, mtime): a different --views count still reuses the views both have.
     if old["model_key"] != meta["model_key"] or old["classes"] != meta["classes"]:
         return {}, "re-extracting: " + store.describe_difference(old, meta)
@@ -252,7 +249,7 @@ def extract_split(
         return SplitResult(
             split.name, final, "up to date", "fingerprint matches", int(old["num_rows"]), 0, store.read_skipped(final)
         )
-    reuse, reason = _reusable_rows(final, meta, split)
+    reuse, reason = _reusable_rows(final, old, meta, split)
     trunk = get_trunk()  # built (and its weights checked) before anything is written
     todo = [u for u in range(n_units) if u not in reuse]
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -284,22 +281,22 @@ def extract_split(
         if remaining:
             from torch.utils.data import DataLoader
 
-            if decoder == "torchvision.io":
-                from flowerfeat.gpudecode import GpuPreprocess, RawUnitDataset, collate_raw, gpu_batches
-
-                dataset = RawUnitDataset(split, list(range(n_units)), n_views, transform, augment, cfg.view_seed)
-            else:
-                dataset = UnitDataset(split, list(range(n_units)), n_views, transform, augment, cfg.view_seed)
+            gpu = decoder == "torchvision.io"
+            if gpu:
+                from flowerfeat.gpudecode import GpuPreprocess, RawUnitDataset, collate_raw
+            dataset = (RawUnitDataset if gpu else UnitDataset)(
+                split, list(range(n_units)), n_views, transform, augment, cfg.view_seed
+            )
             loader = DataLoader(
                 dataset,
                 batch_sampler=remaining,
                 num_workers=cfg.workers,
-                collate_fn=collate_raw if decoder == "torchvision.io" else collate_units,
+                collate_fn=collate_raw if gpu else collate_units,
                 pin_memory=device.type == "cuda",
                 prefetch_factor=4 if cfg.workers else None,
             )
-            if decoder == "torchvision.io":
-                loader = gpu_batches(loader, GpuPreprocess(device, transform))
+            if gpu:  # (x on device, unit ids, skipped) per batch, decoded on the device
+                loader = map(GpuPreprocess(device, transform), loader)
 
             def on_batch(n, r, c):
                 prog.done += n

@@ -8,32 +8,40 @@ On a machine without CUDA the same code decodes with torchvision's CPU decoder, 
 
 from __future__ import annotations
 
+import io
+import os
 import warnings
 
 import torch
 from PIL import Image
 
-from flowerfeat.data import BadImage, UnitDataset, load_image, view_seed
+from flowerfeat.data import BadImage, UnitDataset, load_image
 
 
 def gpu_eligible(path) -> bytes | None:
-    """The file's bytes if the GPU decoder can take it as is, else None."""
+    """The file's bytes if the GPU decoder can take it as is, else None (then the CPU path decides)."""
     try:
+        os.fsdecode(path).encode("utf-8")  # non-UTF-8 names go to the CPU path, which skips them with the reason
         with open(path, "rb") as f:
             data = f.read()
         if data[:3] != b"\xff\xd8\xff" or not data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
             return None
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            import io
-
             with Image.open(io.BytesIO(data)) as im:  # header only: no pixels decoded
                 if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.width * im.height > Image.MAX_IMAGE_PIXELS:
                     return None
                 if im.info.get("progression") or im.info.get("progressive"):
                     return None  # nvjpeg's batched path is for baseline JPEGs
         return data
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError):
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        UnicodeError,
+        Image.DecompressionBombWarning,
+        Image.DecompressionBombError,
+    ):
         return None
 
 
@@ -42,23 +50,12 @@ class RawUnitDataset(UnitDataset):
 
     def __getitem__(self, i: int):
         unit = self.units[i]
-        item = self.split.items[unit // (1 + self.n_views)]
-        view = unit % (1 + self.n_views)
-        path = self.split.root / item.relpath
-        try:
-            path.as_posix().encode("utf-8")
-        except UnicodeEncodeError:
-            return None, None, unit, "file name is not valid UTF-8; rename the file", path
-        raw = gpu_eligible(path) if view == 0 else None
+        path = self.split.root / self.split.items[unit // (1 + self.n_views)].relpath
+        raw = gpu_eligible(path) if unit % (1 + self.n_views) == 0 else None  # augmented views: CPU path
         if raw is not None:
             return torch.frombuffer(bytearray(raw), dtype=torch.uint8), None, unit, "", path
-        try:
-            img = load_image(path)
-        except BadImage as e:
-            return None, None, unit, str(e), path
-        if view:
-            img = self.augment(img, view_seed(self.seed, item.relpath, view))
-        return None, self.transform(img), unit, "", path
+        tensor, _, reason = super().__getitem__(i)
+        return None, tensor, unit, reason, path
 
 
 def collate_raw(batch):
@@ -75,7 +72,6 @@ class GpuPreprocess:
         self.crop = list(transform.crop_size) * (2 if len(transform.crop_size) == 1 else 1)  # [h, w]
         self.mean = torch.tensor(transform.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(transform.std, device=device).view(1, 3, 1, 1)
-        self.decode_s = 0.0
 
     def __call__(self, batch):
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -104,11 +100,13 @@ class GpuPreprocess:
         if not ids:
             return None, [], skipped
         out = torch.empty((len(ids), 3, *self.crop), device=self.device)
-        for k, u in enumerate(ids):
-            if u in cpu:
-                out[k] = cpu[u].to(self.device, non_blocking=True)
-            else:
-                out[k] = (gpu[u].float() / 255 - self.mean[0]) / self.std[0]
+        row = {u: k for k, u in enumerate(ids)}
+        if gpu:  # one normalisation for the whole batch, not one per image
+            at = torch.tensor([row[u] for u in gpu], device=self.device)
+            out[at] = (torch.stack(list(gpu.values())).float() / 255 - self.mean) / self.std
+        if cpu:
+            at = torch.tensor([row[u] for u in cpu], device=self.device)
+            out[at] = torch.stack(list(cpu.values())).to(self.device, non_blocking=True)
         return out, ids, skipped
 
     def _one(self, raw):
@@ -118,9 +116,3 @@ class GpuPreprocess:
             return decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
         except RuntimeError:
             return None
-
-
-def gpu_batches(loader, pre: GpuPreprocess):
-    """Wrap a DataLoader of raw batches into (x on device, unit ids, skipped) batches."""
-    for batch in loader:
-        yield pre(batch)

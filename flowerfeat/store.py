@@ -270,6 +270,44 @@ def write_feature_file(path: Path, meta: dict, n_rows: int, blocks, columns: dic
         f.attrs["complete"] = True  # set last: a file without it was never finished
 
 
+def write_arrays(path: Path, x: np.ndarray, y: np.ndarray, classes, views=None, **meta_changes) -> Path:
+    """A finished feature file from in-memory rows, no trunk involved (benchmarks and tests). Defaults describe
+    random-init fc7 features; ``meta_changes`` overrides any attribute."""
+    n = len(y)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "split": path.stem,
+        "classes": list(classes),
+        "layer": "fc7",
+        "feature_dim": int(x.shape[1]),
+        "weights": "none:random-init-seed-0",
+        "weights_sha256": "",
+        "preprocessing": {"crop_size": [224]},
+        "decoder": "pil",
+        "precision": "fp32",
+        "dtype": "float32",
+        "views": 0,
+        "view_seed": 0,
+        "num_images": n,
+        "data_root": str(path.parent),
+        "library_versions": {},
+        "extract_config": {},
+        **meta_changes,
+    }
+    meta["model_key"] = model_key(meta)
+    meta["fingerprint"] = fingerprint(meta, [(f"img{i}", int(t)) for i, t in enumerate(y)])
+    meta["num_rows"] = n
+    columns = {
+        "labels": y,
+        "paths": [f"{path.stem}/{classes[t]}/img{i // (1 + meta['views'])}.jpg" for i, t in enumerate(y)],
+        "views": np.zeros(n, np.int8) if views is None else views,
+        "file_sizes": np.ones(n),
+        "file_mtimes_ns": np.ones(n),
+    }
+    write_feature_file(path, meta, n, [(0, x.astype(meta["dtype"]))], columns, [])
+    return path
+
+
 def _decode_attr(key: str, value):
     if isinstance(value, bytes):
         value = value.decode()

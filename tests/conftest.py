@@ -70,42 +70,9 @@ def write_features(
     path: Path, x: np.ndarray, y: np.ndarray, classes=("a", "b", "c"), views=None, **meta_changes
 ) -> Path:
     """A hand-built finished feature file (no trunk involved), for the trainer and the report."""
-    from flowerfeat import FORMAT_VERSION, store
+    from flowerfeat import store
 
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "split": path.stem,
-        "classes": list(classes),
-        "layer": "fc7",
-        "feature_dim": int(x.shape[1]),
-        "weights": "none:random-init-seed-0",
-        "weights_sha256": "",
-        "preprocessing": {"crop_size": [224]},
-        "decoder": "pil",
-        "precision": "fp32",
-        "dtype": "float32",
-        "views": 0,
-        "view_seed": 0,
-        "num_images": len(y),
-        "data_root": str(path.parent),
-        "library_versions": {},
-        "extract_config": {},
-        **meta_changes,
-    }
-    meta["model_key"] = store.model_key(meta)
-    meta["fingerprint"] = store.fingerprint(meta, [(f"img{i}", int(t)) for i, t in enumerate(y)])
-    meta["num_rows"] = len(y)
-    n = len(y)
-    views = np.zeros(n, np.int8) if views is None else views
-    columns = {
-        "labels": y,
-        "paths": [f"{path.stem}/{classes[t]}/img{i // (1 + meta['views'])}.jpg" for i, t in enumerate(y)],
-        "views": views,
-        "file_sizes": np.ones(n),
-        "file_mtimes_ns": np.ones(n),
-    }
-    store.write_feature_file(path, meta, n, [(0, x.astype(meta["dtype"]))], columns, [])
-    return path
+    return store.write_arrays(path, x, y, classes, views, **meta_changes)
 
 
 def blobs(n_per_class: int, dim: int = 16, n_classes: int = 3, seed: int = 0, spread: float = 1.0):
