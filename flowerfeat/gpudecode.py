@@ -1,16 +1,22 @@
 """Batched JPEG decoding and the weights' preprocessing on the GPU; every other image takes the CPU (PIL) path.
 
-Workers only read bytes and parse headers (cheap), so the CPU never bottlenecks a fast GPU. A file goes to the
-GPU only when it is a plain baseline RGB/grayscale JPEG, complete (ends with the EOI marker) and of sane size;
-CMYK, truncated, non-JPEG files and augmented views take the CPU path, which records unreadable ones as skipped.
-On a machine without CUDA the same code decodes with torchvision's CPU decoder, so it is testable anywhere.
+Workers only read bytes and parse headers (cheap) and hand over one packed byte tensor per batch, so the CPU never
+bottlenecks a fast GPU. A file goes to the GPU only when it is a plain baseline RGB/grayscale JPEG, complete (ends
+with the EOI marker) and of sane size; CMYK, progressive, truncated, non-JPEG files and augmented views take the CPU
+path, which records unreadable ones as skipped. nvjpeg ignores EXIF orientation, so the workers read it from the
+header and it is applied here, after decoding. On a machine without CUDA the same code decodes with torchvision's
+CPU decoder, so it is testable anywhere.
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import os
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -18,8 +24,9 @@ from PIL import Image
 from flowerfeat.data import BadImage, UnitDataset, load_image
 
 
-def gpu_eligible(path) -> bytes | None:
-    """The file's bytes if the GPU decoder can take it as is, else None (then the CPU path decides)."""
+def gpu_eligible(path) -> tuple[bytes, int, int] | None:
+    """(the file's bytes, its EXIF orientation 1-8, its pixel count) if the GPU decoder can take it, else None (then
+    the CPU path decides)."""
     try:
         os.fsdecode(path).encode("utf-8")  # non-UTF-8 names go to the CPU path, which skips them with the reason
         with open(path, "rb") as f:
@@ -32,8 +39,10 @@ def gpu_eligible(path) -> bytes | None:
                 if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.width * im.height > Image.MAX_IMAGE_PIXELS:
                     return None
                 if im.info.get("progression") or im.info.get("progressive"):
-                    return None  # nvjpeg's batched path is for baseline JPEGs
-        return data
+                    return None  # nvjpeg's batched hardware path is for baseline JPEGs
+                orientation = im.getexif().get(0x0112, 1)
+                pixels = im.width * im.height
+        return data, orientation if orientation in range(1, 9) else 1, pixels
     except (
         OSError,
         ValueError,
@@ -45,74 +54,199 @@ def gpu_eligible(path) -> bytes | None:
         return None
 
 
+def apply_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A (C, H, W) image as PIL's ImageOps.exif_transpose would turn it, for EXIF orientation 1-8."""
+    if orientation == 2:
+        return img.flip(2)
+    if orientation == 3:
+        return img.flip(1, 2)
+    if orientation == 4:
+        return img.flip(1)
+    if orientation == 5:
+        return img.transpose(1, 2)
+    if orientation == 6:
+        return img.rot90(-1, (1, 2))
+    if orientation == 7:
+        return img.transpose(1, 2).flip(1, 2)
+    if orientation == 8:
+        return img.rot90(1, (1, 2))
+    return img
+
+
 class RawUnitDataset(UnitDataset):
-    """Yields (raw JPEG bytes tensor or None, CPU-preprocessed tensor or None, unit, skip reason, path)."""
+    """Yields (raw JPEG bytes and orientation, or None; CPU-preprocessed tensor or None; unit; skip reason; path)."""
 
     def __getitem__(self, i: int):
         unit = self.units[i]
         path = self.split.root / self.split.items[unit // (1 + self.n_views)].relpath
         raw = gpu_eligible(path) if unit % (1 + self.n_views) == 0 else None  # augmented views: CPU path
         if raw is not None:
-            return torch.frombuffer(bytearray(raw), dtype=torch.uint8), None, unit, "", path
+            return raw, None, unit, "", path
         tensor, _, reason = super().__getitem__(i)
         return None, tensor, unit, reason, path
 
 
-def collate_raw(batch):
-    return batch  # a list: decoding happens on the device, in GpuPreprocess
+@dataclass
+class RawBatch:
+    """One batch as the workers hand it over: all JPEG bytes in one tensor (one shared-memory transfer per batch,
+    not one per image), the images the CPU path already prepared, and the skipped units."""
+
+    blob: torch.Tensor | None  # uint8, the JPEGs back to back
+    lengths: list[int]
+    orientations: list[int]
+    pixels: list[int]
+    units: list[int]
+    paths: list
+    cpu: torch.Tensor | None  # (k, 3, 224, 224) normalised on the CPU
+    cpu_units: list[int]
+    skipped: list[tuple[int, str]]
+
+
+def collate_raw(batch) -> RawBatch:
+    raws = [(raw, unit, path) for raw, _t, unit, _r, path in batch if raw is not None]
+    cpu = [(t, unit) for _raw, t, unit, _r, _p in batch if t is not None]
+    joined = b"".join(raw[0] for raw, _u, _p in raws)
+    return RawBatch(
+        torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else None,
+        [len(raw[0]) for raw, _u, _p in raws],
+        [raw[1] for raw, _u, _p in raws],
+        [raw[2] for raw, _u, _p in raws],
+        [u for _raw, u, _p in raws],
+        [p for _raw, _u, p in raws],
+        torch.stack([t for t, _ in cpu]) if cpu else None,
+        [u for _t, u in cpu],
+        [(unit, reason) for raw, t, unit, reason, _p in batch if raw is None and t is None],
+    )
 
 
 class GpuPreprocess:
-    """Turn a raw batch into the normalised (B, 3, 224, 224) tensor on ``device``, exactly as transforms() would
-    up to resampling differences (checked by scripts/gpu_check.sh: cosine >= 0.999)."""
+    """Turn a RawBatch into (normalised (B, 3, 224, 224) tensor on ``device``, unit ids, skipped), as transforms()
+    would up to resampling and rounding (scripts/gpu_check.sh measures the agreement with the PIL path).
 
-    def __init__(self, device: torch.device, transform):
+    Images of one size are resized together (one kernel per size, not per image), and nothing here waits for the
+    trunk, so the next batch is prepared while it still runs on the previous one. Rows come out grouped by size;
+    the unit ids say which row is which. A batch is decoded in chunks of at most ``max_pixels`` pixels (64 Mpx:
+    about 0.8 GB as floats), so a batch of 12-megapixel photos does not need tens of GB of GPU memory.
+    """
+
+    def __init__(self, device: torch.device, transform, max_pixels: int = 64 * 2**20):
         self.device, self.transform = device, transform
         self.resize = list(transform.resize_size)
         self.crop = list(transform.crop_size) * (2 if len(transform.crop_size) == 1 else 1)  # [h, w]
-        self.mean = torch.tensor(transform.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(transform.std, device=device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(transform.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(transform.std, device=device).view(1, 3, 1, 1) * 255
+        assert len(self.resize) == 1, "transforms() resizes the shorter side"
+        self.max_pixels = max_pixels
+        self._local = threading.local()  # each preparing thread's CUDA stream
 
-    def __call__(self, batch):
-        from torchvision.io import ImageReadMode, decode_jpeg
-        from torchvision.transforms.v2 import functional as F
+    def __call__(self, batch: RawBatch):
+        return self.handover(self.prepare(batch))
 
-        raws = [(raw, unit, path) for raw, _t, unit, _r, path in batch if raw is not None]
-        cpu = {unit: t for raw, t, unit, _r, _p in batch if t is not None}
-        skipped = [(unit, reason) for raw, t, unit, reason, _p in batch if raw is None and t is None]
-        gpu: dict[int, torch.Tensor] = {}
-        if raws:
-            try:
-                decoded = decode_jpeg(
-                    [r for r, _, _ in raws], mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True
-                )
-            except RuntimeError:  # one odd file fails the whole batch: decode one by one
-                decoded = [self._one(r) for r, _, _ in raws]
-            for img, (_raw, unit, path) in zip(decoded, raws):
-                if img is not None:
-                    gpu[unit] = F.center_crop(F.resize(img, self.resize, antialias=True), self.crop)  # (3,224,224) u8
+    def batches(self, loader, threads: int = 2):
+        """Prepare the loader's batches on ``threads`` threads, in order: while one thread waits for the JPEG
+        decoder, another issues the resizes of the next batch, and the caller issues the trunk."""
+        with ThreadPoolExecutor(threads, thread_name_prefix="gpu-preprocess") as pool:
+            pending: collections.deque = collections.deque()
+            for batch in loader:
+                pending.append(pool.submit(self.prepare, batch))
+                if len(pending) > threads:
+                    yield self.handover(pending.popleft().result())
+            while pending:
+                yield self.handover(pending.popleft().result())
+
+    def prepare(self, batch: RawBatch):
+        """Issue the work of one batch (any thread). On CUDA it runs on the thread's own stream, which is synchronised
+        first: nvjpeg writes on torchvision's internal stream into memory handed out by this stream's allocator pool,
+        so nothing queued earlier on this stream may still be using that memory (without this, a batch's decode
+        could overwrite memory the previous batch's resize still reads)."""
+        if self.device.type != "cuda":
+            return (*self._prepare(batch), None)
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        stream.synchronize()
+        with torch.cuda.stream(stream):
+            x, ids, skipped = self._prepare(batch)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return x, ids, skipped, ready
+
+    def handover(self, prepared):
+        """(x, ids, skipped) for the consuming thread: its stream waits for the batch, which it now also uses."""
+        x, ids, skipped, ready = prepared
+        if ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            if x is not None:
+                x.record_stream(current)  # the allocator keeps x's memory until the trunk on `current` is done
+        return x, ids, skipped
+
+    def _prepare(self, batch: RawBatch):
+        skipped = list(batch.skipped)
+        parts, ids, fallback, fallback_units = [], [], [], []
+        datas = list(torch.split(batch.blob, batch.lengths)) if batch.blob is not None else []
+        for chunk in _chunks(batch.pixels, self.max_pixels):
+            by_size: dict[tuple[int, int], list[torch.Tensor]] = {}
+            units_by_size: dict[tuple[int, int], list[int]] = {}
+            for k, img in zip(chunk, self._decode([datas[k] for k in chunk])):
+                if img is None:  # the GPU decoder refused it: the CPU path decides
+                    try:
+                        fallback.append(self.transform(load_image(batch.paths[k])))
+                        fallback_units.append(batch.units[k])
+                    except BadImage as e:
+                        skipped.append((batch.units[k], str(e)))
                     continue
-                try:  # the GPU decoder refused it: the CPU path decides
-                    cpu[unit] = self.transform(load_image(path))
-                except BadImage as e:
-                    skipped.append((unit, str(e)))
-        ids = sorted([*gpu, *cpu])
-        if not ids:
+                img = apply_orientation(img, batch.orientations[k])
+                by_size.setdefault(tuple(img.shape[1:]), []).append(img)
+                units_by_size.setdefault(tuple(img.shape[1:]), []).append(batch.units[k])
+            for size, imgs in by_size.items():
+                parts.append(self._resize(torch.stack(imgs) if len(imgs) > 1 else imgs[0][None]))
+                ids += units_by_size[size]
+        if parts:  # one normalisation for all the GPU-decoded rows
+            parts = [(torch.cat(parts) - self.mean) / self.std]
+        for t in (batch.cpu, torch.stack(fallback) if fallback else None):
+            if t is not None:  # already normalised on the CPU
+                parts.append(t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t)
+        ids += batch.cpu_units + fallback_units
+        if not parts:
             return None, [], skipped
-        out = torch.empty((len(ids), 3, *self.crop), device=self.device)
-        row = {u: k for k, u in enumerate(ids)}
-        if gpu:  # one normalisation for the whole batch, not one per image
-            at = torch.tensor([row[u] for u in gpu], device=self.device)
-            out[at] = (torch.stack(list(gpu.values())).float() / 255 - self.mean) / self.std
-        if cpu:
-            at = torch.tensor([row[u] for u in cpu], device=self.device)
-            out[at] = torch.stack(list(cpu.values())).to(self.device, non_blocking=True)
-        return out, ids, skipped
+        return (torch.cat(parts) if len(parts) > 1 else parts[0]), ids, skipped
 
-    def _one(self, raw):
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        """(g, 3, H, W) uint8 images of one size -> (g, 3, 224, 224) floats in 0..255: transforms()'s resize of the
+        shorter side and centre crop, as two kernels (torchvision's functional resize costs more per call)."""
+        h, w = x.shape[-2:]
+        (short, long), rs = sorted((h, w)), self.resize[0]
+        size = (rs, int(rs * long / short)) if h <= w else (int(rs * long / short), rs)
+        x = torch.nn.functional.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        (ch, cw), (nh, nw) = self.crop, size
+        top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
+        return x[..., top : top + ch, left : left + cw]
+
+    def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        # EXIF orientation is applied by the caller: nvjpeg ignores it, so the CPU decoder must too (same code path).
         try:
-            return decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
-        except RuntimeError:
-            return None
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=False))
+        except RuntimeError:  # one odd file fails the whole batch: decode one by one
+            out: list[torch.Tensor | None] = []
+            for data in datas:
+                try:
+                    out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+
+def _chunks(pixels: list[int], budget: int) -> list[list[int]]:
+    """Consecutive index runs whose pixel counts add up to at most ``budget`` (a bigger image gets a run alone)."""
+    runs: list[list[int]] = []
+    total = budget + 1
+    for k, n in enumerate(pixels):
+        if total + n > budget:
+            runs.append([])
+            total = 0
+        runs[-1].append(k)
+        total += n
+    return runs
