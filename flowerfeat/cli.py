@@ -95,7 +95,9 @@ def features(
     ),
     split: Optional[List[str]] = typer.Option(None, help="Split(s) to extract (repeatable); default train and test."),
     batch_size: int = typer.Option(0, help="Images per trunk batch; 0 = auto (16 on CPU, 256 on CUDA)."),
-    workers: int = typer.Option(1, help="DataLoader processes decoding images beside the trunk."),
+    workers: Optional[int] = typer.Option(
+        None, help="DataLoader processes reading images beside the trunk; default 1 on CPU, 8 on CUDA."
+    ),
     decode: str = typer.Option(
         "auto", help="auto, cpu (PIL) or gpu (batched torchvision.io JPEG decode on the device)."
     ),
@@ -108,6 +110,11 @@ def features(
     view_seed: int = typer.Option(0, help="Seed of the augmented views."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     strict: bool = typer.Option(False, help="Exit 1 when any image was skipped as unreadable."),
+    compile: bool = typer.Option(
+        False,
+        "--compile",
+        help="torch.compile the trunk (1.7x on an H100; compiling costs ~14 s, so for large image sets).",
+    ),
 ):
     """Extract frozen VGG16 features for every split into HDF5 (resumable; a second run with nothing changed does nothing).
 
@@ -135,6 +142,7 @@ def features(
         device=device,
         decode=decode,
         strict=strict,
+        compile=compile,
     )
     _sigterm_to_interrupt()
     dist, shutdown = dist_from_env()
@@ -155,9 +163,8 @@ def features(
         last["p"] = p
         if p.split not in tasks:
             tasks[p.split] = bar.add_task(p.split, total=p.total, completed=p.done, rate="", start0=p.done)
-        busy = p.read_s + p.compute_s
         new = p.done - bar.tasks[tasks[p.split]].fields["start0"]
-        rate = f"{new / busy:.1f} images/s" if busy > 0 and new else ""
+        rate = f"{new / p.loop_s:.1f} images/s" if p.loop_s > 0 and new else ""
         bar.update(tasks[p.split], completed=p.done, rate=rate)
 
     try:
@@ -176,11 +183,11 @@ def features(
         if r.status == "up to date":
             typer.echo(f"{r.split}: up to date ({r.rows} rows in {r.path}), nothing to extract")
             continue
-        busy = r.read_s + r.compute_s
-        rate = f", {r.computed / busy:.2f} images/s" if busy else ""
+        rate = f", {r.computed / r.loop_s:.2f} images/s" if r.loop_s and r.computed else ""
         typer.echo(
             f"{r.split}: {r.status} {r.computed} images -> {r.path} ({r.rows} rows) in {r.seconds:.1f} s{rate}; "
-            f"waiting on reads {r.read_s:.1f} s, compute {r.compute_s:.1f} s, writes {r.write_s:.1f} s [{r.reason}]"
+            f"waiting on reads {r.read_s:.1f} s, compute {r.compute_s:.1f} s, writes {r.write_s:.1f} s, "
+            f"finishing the file {r.finish_s:.1f} s [{r.reason}]"
         )
         skipped += [(r.split, p, why) for p, why in r.skipped]
     if skipped:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import queue
 import shutil
 import threading
@@ -20,6 +21,8 @@ from flowerfeat.config import ExtractConfig
 from flowerfeat.data import Split, UnitDataset, collate_units, scan_data
 from flowerfeat.errors import FlowerfeatError
 
+PREP_THREADS = 2  # threads preparing GPU-decoded batches: 1 is slower, 3-4 no faster on an H100 (docs/benchmarks.md)
+
 
 @dataclass
 class Progress:
@@ -31,6 +34,7 @@ class Progress:
     read_s: float = 0.0
     compute_s: float = 0.0
     write_s: float = 0.0
+    loop_s: float = 0.0  # wall time since this run's first batch was asked for
 
 
 @dataclass
@@ -46,6 +50,8 @@ class SplitResult:
     read_s: float = 0.0
     compute_s: float = 0.0
     write_s: float = 0.0
+    loop_s: float = 0.0  # the extraction loop, workers' start included
+    finish_s: float = 0.0  # merging the shard log into the finished file
 
 
 @dataclass(frozen=True)
@@ -59,8 +65,6 @@ class Dist:
 
 def dist_from_env() -> tuple[Dist, Callable[[], None]]:
     """Join torchrun's process group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPUs); else a single-rank Dist."""
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), lambda: None
@@ -160,17 +164,20 @@ class _Writer:
         while (job := self.q.get()) is not None:
             if self.error is None:
                 try:
+                    rows, ids, skipped, ready = job
+                    if ready is not None:  # the rows' device-to-host copy is still in flight
+                        ready.synchronize()
                     t = time.perf_counter()
-                    rows, ids, skipped = job
                     self.log.append(rows.numpy(), ids, skipped)
                     self.write_s += time.perf_counter() - t
                 except BaseException as e:  # surfaced in the main thread by put()/close()
                     self.error = e
 
-    def put(self, rows: torch.Tensor, ids: list[int], skipped: list[tuple[int, str]]):
+    def put(self, rows: torch.Tensor, ids: list[int], skipped: list[tuple[int, str]], ready=None):
+        """Queue a batch; ``ready`` (a CUDA event) marks when ``rows`` holds its values."""
         if self.error:
             raise self.error
-        self.q.put((rows, ids, skipped))
+        self.q.put((rows, ids, skipped, ready))
 
     def close(self):
         self.q.put(None)
@@ -188,10 +195,18 @@ def run_batches(
     precision: str,
     channels_last: bool,
     on_batch: Callable[[int, float, float], None],
+    pad_to: int = 0,
 ) -> tuple[float, float]:
-    """The loop itself: (read wait, compute) seconds. ``loader`` yields (x or None, unit ids, skipped)."""
+    """The loop itself: (read wait, compute) seconds. ``loader`` yields (x or None, unit ids, skipped).
+
+    On CUDA nothing here waits for the GPU: each batch's features are copied to pinned memory asynchronously and the
+    writer thread waits for them, so the next batch is read and prepared while the trunk runs. A short batch (the
+    last one, or one with skipped images) is padded to ``pad_to`` rows there, so cuDNN's benchmark mode does not
+    re-tune every convolution for a new shape. "compute" is then the time spent issuing work, not GPU time.
+    """
     read_s = compute_s = 0.0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    cuda = device.type == "cuda"
     it = iter(loader)
     while True:
         t0 = time.perf_counter()
@@ -200,17 +215,27 @@ def run_batches(
         except StopIteration:
             break
         t1 = time.perf_counter()
+        ready = None
         if x is not None:
+            n = x.shape[0]
             x = x.to(device, non_blocking=True)
+            if cuda and n < pad_to:
+                x = torch.cat([x, x.new_zeros((pad_to - n, *x.shape[1:]))])
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), autocast:
-                y = trunk(x).float()  # (B, D)
-            y = y.cpu()
+                y = trunk(x)[:n].float()  # (B, D)
+            if cuda:
+                host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+                host.copy_(y, non_blocking=True)
+                y, ready = host, torch.cuda.Event()
+                ready.record()
+            else:
+                y = y.cpu()
         else:
             y = torch.zeros(0, 0)
         t2 = time.perf_counter()
-        writer.put(y.reshape(len(ids), -1), ids, skipped)
+        writer.put(y.reshape(len(ids), -1), ids, skipped, ready)
         read_s += t1 - t0
         compute_s += t2 - t1
         on_batch(len(ids) + len(skipped), t1 - t0, t2 - t1)
@@ -236,6 +261,7 @@ def extract_split(
     final = out / f"{split.name}.h5"
     decoder = "torchvision.io" if cfg.decode == "gpu" or (cfg.decode == "auto" and device.type == "cuda") else "pil"
     batch_size = cfg.batch_size or (256 if device.type == "cuda" else 16)
+    workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
     meta = split_meta(cfg, split, winfo, precision, feature_dim, decoder)
     n_views = meta["views"]
     nv = 1 + n_views
@@ -276,6 +302,7 @@ def extract_split(
     on_progress(prog)
 
     read_s = compute_s = 0.0
+    t_loop = time.perf_counter()
     writer = _Writer(log)
     try:
         if remaining:
@@ -290,25 +317,29 @@ def extract_split(
             loader = DataLoader(
                 dataset,
                 batch_sampler=remaining,
-                num_workers=cfg.workers,
+                num_workers=workers,
                 collate_fn=collate_raw if gpu else collate_units,
-                pin_memory=device.type == "cuda",
-                prefetch_factor=4 if cfg.workers else None,
+                pin_memory=device.type == "cuda" and not gpu,  # raw JPEG bytes need no pinning
+                prefetch_factor=4 if workers else None,
             )
             if gpu:  # (x on device, unit ids, skipped) per batch, decoded on the device
-                loader = map(GpuPreprocess(device, transform), loader)
+                loader = GpuPreprocess(device, transform).batches(loader, PREP_THREADS)
 
             def on_batch(n, r, c):
                 prog.done += n
                 prog.read_s += r
                 prog.compute_s += c
                 prog.write_s = writer.write_s
+                prog.loop_s = time.perf_counter() - t_loop
                 on_progress(prog)
 
-            read_s, compute_s = run_batches(trunk, loader, writer, device, precision, cfg.channels_last, on_batch)
+            read_s, compute_s = run_batches(
+                trunk, loader, writer, device, precision, cfg.channels_last, on_batch, pad_to=batch_size
+            )
     finally:
         writer.close()
     computed = sum(len(b) for b in remaining)
+    loop_s = time.perf_counter() - t_loop
 
     dist.barrier()
     skipped_named: list[tuple[str, str]] = []
@@ -317,6 +348,7 @@ def extract_split(
         shutil.rmtree(partial_root, ignore_errors=True)
     else:
         n_rows = 0
+    finish_s = time.perf_counter() - t_loop - loop_s
     dist.barrier()
     return SplitResult(
         split.name,
@@ -330,6 +362,8 @@ def extract_split(
         read_s,
         compute_s,
         writer.write_s,
+        loop_s,
+        finish_s,
     )
 
 
@@ -423,6 +457,8 @@ def run_extraction(
             t = t.to(device)
             if cfg.channels_last:
                 t = t.to(memory_format=torch.channels_last)
+            if cfg.compile:  # 1.7x on the trunk alone on an H100; compiles on the first batch (docs/benchmarks.md)
+                t = torch.compile(t)
             built.append(t)
         return built[0]
 
