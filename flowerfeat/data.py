@@ -72,13 +72,13 @@ def scan_split(root: Path, split: str, classes: tuple[str, ...] | None = None) -
         n_before = len(items)
         for dirpath, dirnames, filenames in os.walk(cls_dir):
             dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+            rel_dir = Path(dirpath).relative_to(root).as_posix()  # string joins below: pathlib per file is slow
             for name in sorted(filenames):
-                path = Path(dirpath) / name
-                rel = path.relative_to(root).as_posix()
+                rel = f"{rel_dir}/{name}"
                 if _is_hidden(name) or not name.lower().endswith(IMAGE_EXTENSIONS):
                     ignored.append(rel)
                     continue
-                st = path.stat()
+                st = os.stat(os.path.join(dirpath, name))
                 items.append(Item(rel, label, st.st_size, st.st_mtime_ns))
         if len(items) == n_before:
             raise FlowerfeatError(
