@@ -1,15 +1,27 @@
-"""GPU check (run by scripts/gpu_check.sh on a machine with CUDA and no internet).
+"""GPU extractor check (run by scripts/gpu_check.sh on a CUDA machine with no internet; about 3 minutes on an H100).
 
-Synthesises realistic JPEGs, then prints: the bf16 matmul peak, model-only images/s, GPU decode images/s,
-end-to-end images/s of `flowerfeat features` (JPEG files -> finished HDF5), and the agreement of GPU-path
-features (bf16, GPU decode) with the CPU-path fp32 features on the same images.
+Synthesises realistic JPEGs (random sizes from 320x240 to 500x375, photo-like texture, plus grayscale, EXIF-rotated,
+progressive and CMYK files in the test split), then prints:
+  - the GPU's bf16 matmul peak, measured in the same run;
+  - end-to-end images/s of `flowerfeat features` (JPEG files on disk -> finished HDF5), cold as a user runs the CLI
+    and warm (in a process that has already run once), with the loop's read/issue/write breakdown;
+  - model-only images/s, and decode(+resize) images/s of the GPU preprocessing;
+  - agreement of the GPU path (bf16, nvjpeg) with the CPU fp32 path (PIL) on the same images;
+  - with real photos and weights carried along (--photos, --weights), pool5 features of the GPU path written to
+    --out for a comparison with CPU features made elsewhere, and a scikit-learn probe's accuracy on them.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -20,87 +32,395 @@ from flowerfeat.bench import matmul_peak
 from flowerfeat.config import ExtractConfig
 from flowerfeat.extract import run_extraction
 
+GFLOP = {"fc7": 30.9, "pool5": 30.7}  # per 224x224 image (docs/benchmarks.md)
+KINDS = ("plain", "gray", "exif", "progressive", "cmyk")
 
-def synth(root: Path, n: int) -> None:
-    """n JPEGs of 320x240 to 500x375 in train/ (5 classes) and a few in test/, smooth content like photos."""
+
+def _synth_one(args):
+    i, root = args
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    sizes = [(320, 240), (400, 300), (500, 375), (375, 500), (333, 500)]
-    for i in range(n):
-        split = "test" if i % 20 == 0 else "train"
-        d = root / split / f"class{i % 5}"
-        d.mkdir(parents=True, exist_ok=True)
-        w, h = sizes[i % len(sizes)]
-        small = rng.integers(0, 255, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
-        img.save(d / f"{i:06d}.jpg", quality=90)
+    rng = np.random.default_rng(i)
+    w, h = int(rng.integers(320, 501)), int(rng.integers(240, 376))
+    if rng.random() < 0.2:
+        w, h = h, w  # some portrait photos
+    small = rng.integers(0, 255, (h // 12 + 1, w // 12 + 1, 3)).astype(np.float32)
+    big = np.asarray(Image.fromarray(small.astype(np.uint8)).resize((w, h), Image.BICUBIC), dtype=np.float32)
+    img = Image.fromarray(np.clip(big + rng.normal(0, 6, big.shape), 0, 255).astype(np.uint8))  # sensor-like grain
+    split = "test" if i % 20 == 0 else "train"
+    kind = KINDS[(i // 20) % len(KINDS)] if split == "test" else "plain"
+    d = Path(root) / split / f"class{i % 5}"
+    d.mkdir(parents=True, exist_ok=True)
+    path, kw = d / f"{kind}_{i:06d}.jpg", {"quality": 90}
+    if kind == "gray":
+        img = img.convert("L")
+    elif kind == "exif":
+        exif = Image.Exif()
+        exif[0x0112] = 2 + (i // 100) % 7  # orientations 2..8
+        kw["exif"] = exif.tobytes()
+    elif kind == "progressive":
+        kw["progressive"] = True
+    elif kind == "cmyk":
+        img = img.convert("CMYK")
+    img.save(path, **kw)
+    return path.stat().st_size
 
 
-def main(n: int, batch: int) -> None:
-    dev = torch.device("cuda")
-    print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
-    print(f"bf16 matmul peak: {matmul_peak(torch.bfloat16, dev, n=8192) / 1000:.0f} TFLOP/s")
-    trunk = backbone.build_trunk(backbone.resolve_weights("none"), "fc7").to(dev).to(memory_format=torch.channels_last)
+def synth(root: Path, n: int, copies: int) -> tuple[int, float]:
+    """n JPEGs, then ``copies`` hard-linked names for each training file (distinct files to the extractor)."""
+    with Pool(os.cpu_count()) as pool:
+        sizes = pool.map(_synth_one, [(i, str(root)) for i in range(n)], chunksize=64)
+    for p in sorted((root / "train").rglob("*.jpg")):
+        for c in range(1, copies):
+            os.link(p, p.with_name(f"copy{c}_{p.name}"))
+    return sum(1 for _ in (root / "train").rglob("*.jpg")), float(np.mean(sizes))
+
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu only for --smoke
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def model_only(layer: str, batch: int, iters: int = 20, compile: bool = False) -> tuple[float, float]:
+    """(images/s, seconds of the first call, which includes compiling) for the trunk alone on random input."""
+    dev = DEV
+    trunk = backbone.build_trunk(backbone.resolve_weights("none"), layer).to(dev).to(memory_format=torch.channels_last)
+    if compile:
+        trunk = torch.compile(trunk)
     x = torch.randn(batch, 3, 224, 224, device=dev).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-        for _ in range(3):
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
+        t = time.perf_counter()
+        trunk(x)
+        sync()
+        first = time.perf_counter() - t
+        for _ in range(min(2, iters)):
             trunk(x)
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
-        for _ in range(10):
+        for _ in range(iters):
             trunk(x)
-        torch.cuda.synchronize()
-    ips = 10 * batch / (time.perf_counter() - t)
-    print(f"model only (fc7, bf16, batch {batch}): {ips:.0f} images/s = {ips * 30.9 / 1000:.0f} TFLOP/s")
+        sync()
+    return iters * batch / (time.perf_counter() - t), first
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "photos"
+
+def raw_batches(root: Path, batch: int, n: int = 4096):
+    from flowerfeat.data import scan_data
+    from flowerfeat.gpudecode import RawUnitDataset, collate_raw
+
+    split = scan_data(root, ("train",))["train"]
+    ds = RawUnitDataset(split, list(range(min(n, len(split.items)))), 0, backbone.build_transform(), None, 0)
+    return [collate_raw([ds[i] for i in range(s, min(s + batch, len(ds)))]) for s in range(0, len(ds), batch)]
+
+
+def prep_rates(batches) -> dict:
+    """images/s of the GPU preprocessing alone: decode only, then the whole prepare() on 1 and 2 threads."""
+    from flowerfeat.gpudecode import GpuPreprocess
+
+    n = sum(len(b.units) for b in batches)
+    pre = GpuPreprocess(DEV, backbone.build_transform())
+    out = {}
+    for name, run in (
+        ("decode_only", lambda: [pre._decode(list(torch.split(b.blob, b.lengths))) for b in batches]),
+        ("prepare_1_thread", lambda: list(pre.batches(batches, 1))),
+        ("prepare_2_threads", lambda: list(pre.batches(batches, 2))),
+    ):
+        run()
+        sync()
         t = time.perf_counter()
-        synth(root, n)
-        print(f"synthesised {n} JPEGs in {time.perf_counter() - t:.0f} s")
-        from torchvision.io import ImageReadMode, decode_jpeg
-        from torchvision.transforms.v2 import functional as F
+        run()
+        sync()
+        out[name] = round(n / (time.perf_counter() - t))
+    return out
 
-        files = sorted(root.rglob("*.jpg"))[:2048]
-        datas = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in files]
-        decode_jpeg(datas[:batch], mode=ImageReadMode.RGB, device=dev)
-        torch.cuda.synchronize()
+
+def loader_rate(root: Path, batch: int, workers: int) -> float:
+    """images/s of the DataLoader alone (workers read bytes and JPEG headers; nothing decoded)."""
+    from torch.utils.data import DataLoader
+
+    from flowerfeat.data import scan_data
+    from flowerfeat.gpudecode import RawUnitDataset, collate_raw
+
+    split = scan_data(root, ("train",))["train"]
+    units = list(range(len(split.items)))
+    ds = RawUnitDataset(split, units, 0, backbone.build_transform(), None, 0)
+    sampler = [units[i : i + batch] for i in range(0, len(units), batch)]
+    t = time.perf_counter()
+    n = sum(
+        len(b.units)
+        for b in DataLoader(ds, batch_sampler=sampler, num_workers=workers, collate_fn=collate_raw, prefetch_factor=4)
+    )
+    return n / (time.perf_counter() - t)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+def e2e(cfg: ExtractConfig) -> dict:
+    t = time.perf_counter()
+    res = run_extraction(cfg)[0]
+    dt = time.perf_counter() - t
+    return {
+        "rows": res.rows,
+        "seconds": round(dt, 2),
+        "images_per_s": round(res.rows / dt),
+        "loop_s": round(res.loop_s, 2),
+        "loop_images_per_s": round(res.computed / res.loop_s),
+        "finish_s": round(res.finish_s, 2),
+        "read_wait_s": round(res.read_s, 2),
+        "issue_s": round(res.compute_s, 2),
+        "write_s": round(res.write_s, 2),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=4000)
+    ap.add_argument("--copies", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--photos", type=Path)
+    ap.add_argument("--weights", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("gpu_check_out"))
+    ap.add_argument("--budget", type=float, default=300, help="seconds after which optional steps are skipped")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, any device: checks the script itself")
+    ap.add_argument(
+        "--steps",
+        default="cold,warm,parts,agreement,real,compile,threads,profile",
+        help="comma-separated subset of the steps to run",
+    )
+    a = ap.parse_args()
+    steps = set(a.steps.split(","))
+    iters, peak_n = (1, 512) if a.smoke else (20, 8192)
+    t_start = time.perf_counter()
+    a.out.mkdir(parents=True, exist_ok=True)
+    import torchvision
+
+    import flowerfeat.extract as fx
+
+    name = torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu"
+    r: dict = {
+        "device": name,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cpus": os.cpu_count(),
+    }
+    print(r, flush=True)
+
+    def step(title, fn, optional=False):
+        if title not in steps and title != "peak":
+            return
+        if optional and time.perf_counter() - t_start > a.budget:
+            print(f"SKIPPED {title}: over the time budget", flush=True)
+            return
         t = time.perf_counter()
-        for s in range(0, len(datas), batch):
-            imgs = decode_jpeg(datas[s : s + batch], mode=ImageReadMode.RGB, device=dev)
-            [F.center_crop(F.resize(i, [256], antialias=True), [224]) for i in imgs]
-        torch.cuda.synchronize()
-        print(f"GPU decode + resize + crop: {len(datas) / (time.perf_counter() - t):.0f} images/s")
+        try:
+            fn()
+        except Exception as e:  # report and go on: one failing step must not cost the others
+            r.setdefault("errors", {})[title] = repr(e)
+            print(f"FAILED {title}: {e!r}", flush=True)
+        print(f"[{title}: {time.perf_counter() - t:.1f} s]", flush=True)
+        (a.out / "gpu_check.json").write_text(json.dumps(r, indent=1))
 
-        for workers in (8, 12):
-            out = Path(tmp) / f"features{workers}"
-            cfg = ExtractConfig(
-                data=root, out=out, layer="fc7", weights="none", batch_size=batch, workers=workers, splits=("train",)
-            )
+    def peak():
+        r["bf16_matmul_tflops"] = round(matmul_peak(torch.bfloat16, DEV, n=peak_n) / 1000)
+        print(f"bf16 matmul peak: {r['bf16_matmul_tflops']} TFLOP/s", flush=True)
+
+    step("peak", peak)
+    tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    root = tmp / "photos"
+    t = time.perf_counter()
+    n_train, mean_bytes = synth(root, a.n, a.copies)
+    r["synth"] = {"jpegs": a.n, "train_files": n_train, "mean_kb": round(mean_bytes / 1024, 1)}
+    print(
+        f"synthesised {a.n} JPEGs (mean {mean_bytes / 1024:.0f} KB) -> {n_train} train files "
+        f"in {time.perf_counter() - t:.0f} s",
+        flush=True,
+    )
+
+    def cold():  # the CLI in a fresh process, as a user runs it: python start, imports, cuDNN tuning included
+        cmd = [
+            sys.executable,
+            "-m",
+            "flowerfeat",
+            "features",
+            "--data",
+            str(root),
+            "--out",
+            str(tmp / "cli"),
+            "--weights",
+            "none",
+            "--layer",
+            "fc7",
+            "--split",
+            "train",
+            "--batch-size",
+            str(a.batch),
+        ]
+        for label in ("cold_cli", "noop_cli"):  # the second run finds the file up to date
             t = time.perf_counter()
-            res = run_extraction(cfg)[0]
+            p = subprocess.run(cmd, capture_output=True, text=True)
             dt = time.perf_counter() - t
-            print(
-                f"end to end (JPEG files -> finished train.h5, {workers} workers): {res.rows} images in {dt:.1f} s = "
-                f"{res.rows / dt:.0f} images/s (reads waited {res.read_s:.1f} s, compute {res.compute_s:.1f} s, "
-                f"writes {res.write_s:.1f} s)"
-            )
+            print(p.stdout[-800:], p.stderr[-800:], flush=True)
+            r[label] = {"seconds": round(dt, 2), "images_per_s": round(n_train / dt), "rc": p.returncode}
+            print(f"{label}: {n_train} images, {dt:.1f} s", flush=True)
+        t = time.perf_counter()
+        code = "import torch, flowerfeat.cli, flowerfeat.extract; torch.cuda.is_available() and torch.zeros(1).cuda()"
+        subprocess.run([sys.executable, "-c", code])
+        r["import_and_cuda_init_s"] = round(time.perf_counter() - t, 2)
+        shutil.rmtree(tmp / "cli")
 
-        # agreement: GPU path (bf16, GPU decode) vs CPU path (fp32, PIL) on the test split
-        gpu_cfg = ExtractConfig(
-            data=root, out=Path(tmp) / "g", layer="fc7", weights="none", splits=("test",), workers=4
-        )
-        cpu_cfg = gpu_cfg.replace(out=Path(tmp) / "c", precision="fp32", decode="cpu", device="cpu", batch_size=32)
-        run_extraction(gpu_cfg)
-        run_extraction(cpu_cfg)
-        a = store.load_features(Path(tmp) / "g" / "test.h5").features
-        b = store.load_features(Path(tmp) / "c" / "test.h5").features
-        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    step("cold", cold)
+    base = ExtractConfig(data=root, out=tmp / "w", layer="fc7", weights="none", splits=("train",), batch_size=a.batch)
+
+    def warm():  # in this process, after one run has tuned cuDNN and started nvjpeg
+        run_extraction(base.replace(out=tmp / "warmup", splits=("test",)))
+        r["warm"] = {}
+        for label, cfg, threads in (
+            ("w12_t2", base.replace(out=tmp / "a", workers=12), 2),
+            ("w12_t2_again", base.replace(out=tmp / "b", workers=12), 2),
+            ("w16_t2", base.replace(out=tmp / "c", workers=16), 2),
+            ("w8_t2", base.replace(out=tmp / "d", workers=8), 2),
+            ("w12_t1", base.replace(out=tmp / "e", workers=12), 1),
+            ("w12_t2_f16", base.replace(out=tmp / "f", workers=12, dtype="float16"), 2),
+        ):
+            fx.PREP_THREADS = threads
+            r["warm"][label] = e2e(cfg)
+            print(f"WARM end to end {label}: {r['warm'][label]}", flush=True)
+        fx.PREP_THREADS = 2
+        fa, fb = (store.load_features(tmp / d / "train.h5") for d in ("a", "b"))
+        assert fa.paths == fb.paths
+        r["repeat_max_abs_diff"] = float(np.abs(fa.features - fb.features).max())
+        r["repeat_min_cosine"] = float(cosine(fa.features, fb.features).min())
         print(
-            f"GPU path vs CPU fp32 path features ({len(a)} images): mean cosine {cos.mean():.5f}, min {cos.min():.5f}"
+            f"two identical runs: max |diff| {r['repeat_max_abs_diff']:.3g}, min cosine {r['repeat_min_cosine']:.6f}",
+            flush=True,
         )
+        for d in "bcdef":
+            shutil.rmtree(tmp / d)
+
+    step("warm", warm)
+
+    def parts():
+        for layer, batch in (("fc7", a.batch), ("pool5", a.batch)):
+            ips, _ = model_only(layer, batch, iters)
+            r[f"model_{layer}_b{batch}"] = round(ips)
+            print(
+                f"model only {layer} bf16 batch {batch}: {ips:.0f} images/s = {ips * GFLOP[layer] / 1000:.0f} TFLOP/s",
+                flush=True,
+            )
+        for w in (8, 12, 16):
+            r[f"loader_w{w}"] = round(loader_rate(root, a.batch, w))
+            print(f"loader only, {w} workers: {r[f'loader_w{w}']} images/s", flush=True)
+        r["prep"] = prep_rates(raw_batches(root, a.batch))
+        print(f"GPU preprocessing alone (images/s): {r['prep']}", flush=True)
+
+    step("parts", parts)
+
+    def agreement():  # synthetic test split, odd files included, several batches: GPU path vs CPU fp32 PIL path
+        g = base.replace(out=tmp / "ag", splits=("test",), batch_size=64)
+        c = g.replace(out=tmp / "ac", precision="fp32", decode="cpu", device="cpu", batch_size=32, workers=4)
+        run_extraction(g)
+        run_extraction(c)
+        fa, fb = store.load_features(tmp / "ag" / "test.h5"), store.load_features(tmp / "ac" / "test.h5")
+        assert fa.paths == fb.paths, "GPU and CPU paths kept different images"
+        cos = cosine(fa.features, fb.features)
+        r["agreement_synthetic"] = {"images": len(cos), "mean": float(cos.mean()), "min": float(cos.min())}
+        for kind in KINDS:
+            k = np.array([Path(p).name.startswith(kind) for p in fa.paths])
+            r["agreement_synthetic"][f"min_{kind}"] = float(cos[k].min()) if k.any() else None
+        print(f"agreement GPU(bf16, nvjpeg) vs CPU(fp32, PIL), synthetic: {r['agreement_synthetic']}", flush=True)
+
+    step("agreement", agreement)
+
+    def real():  # real photos and weights: features come back in --out for comparison with CPU features
+        w = tmp / "w.pth"
+        torch.save({k: v.float() for k, v in torch.load(a.weights, weights_only=True).items()}, w)
+        cfg = ExtractConfig(
+            data=a.photos,
+            out=a.out / "real",
+            layer="pool5",
+            weights=str(w),
+            dtype="float16",
+            compression="gzip",
+            batch_size=a.batch,
+        )
+        t = time.perf_counter()
+        res = run_extraction(cfg)
+        dt = time.perf_counter() - t
+        rows = sum(x.rows for x in res)
+        r["real_extract"] = {"rows": rows, "seconds": round(dt, 2), "images_per_s": round(rows / dt)}
+        print(f"real photos pool5 GPU path: {r['real_extract']}", flush=True)
+
+    if a.photos and a.weights:
+        step("real", real)
+
+    def compiled():
+        ips, first = model_only("fc7", a.batch, iters, compile=True)
+        r["model_fc7_compiled"] = {"images_per_s": round(ips), "first_call_s": round(first, 1)}
+        print(
+            f"model only fc7 bf16 batch {a.batch}, torch.compile: {ips:.0f} images/s "
+            f"({ips * GFLOP['fc7'] / 1000:.0f} TFLOP/s); first call {first:.0f} s",
+            flush=True,
+        )
+        r["warm"]["w12_t2_compile"] = e2e(base.replace(out=tmp / "g", workers=12, compile=True))
+        print(f"WARM end to end w12_t2_compile: {r['warm']['w12_t2_compile']}", flush=True)
+        fa, fb = (store.load_features(tmp / d / "train.h5") for d in ("a", "g"))
+        r["compile_vs_eager_min_cosine"] = float(cosine(fa.features, fb.features).min())
+        print(f"compiled vs eager features: min cosine {r['compile_vs_eager_min_cosine']:.6f}", flush=True)
+
+    step("compile", compiled, optional=True)
+
+    def threads():  # compiled trunk, warm: how many threads preparing GPU batches pay
+        fx.PREP_THREADS = 2
+        run_extraction(base.replace(out=tmp / "tw", splits=("test",), workers=8, compile=True))
+        r.setdefault("warm", {})
+        for n in (2, 3, 4):
+            fx.PREP_THREADS = n
+            r["warm"][f"w8_t{n}_compile"] = e2e(base.replace(out=tmp / f"t{n}", workers=8, compile=True))
+            print(f"WARM end to end w8_t{n}_compile: {r['warm'][f'w8_t{n}_compile']}", flush=True)
+            shutil.rmtree(tmp / f"t{n}")
+        fx.PREP_THREADS = 2
+
+    step("threads", threads, optional=True)
+
+    def profile():  # where a fresh CLI process spends the time around the loop: cold compiled run, then a no-op
+        out = tmp / "prof"
+        cmd = [
+            "-m",
+            "flowerfeat",
+            "features",
+            "--data",
+            str(root),
+            "--out",
+            str(out),
+            "--weights",
+            "none",
+            "--layer",
+            "fc7",
+            "--split",
+            "train",
+            "--compile",
+        ]
+        for label, pre in (("cold_cli_compile", []), ("noop_cli_profiled", ["-m", "cProfile", "-o", str(tmp / "p")])):
+            t = time.perf_counter()
+            p = subprocess.run([sys.executable, *pre, *cmd], capture_output=True, text=True)
+            r[label] = {"seconds": round(time.perf_counter() - t, 2), "rc": p.returncode}
+            print(label, r[label], p.stdout[-600:], p.stderr[-600:], flush=True)
+        import io
+        import pstats
+
+        buf = io.StringIO()
+        pstats.Stats(str(tmp / "p"), stream=buf).sort_stats("cumulative").print_stats(25)
+        (a.out / "noop_profile.txt").write_text(buf.getvalue())
+        print(buf.getvalue()[-4000:], flush=True)
+
+    step("profile", profile, optional=True)
+    (a.out / "gpu_check.json").write_text(json.dumps(r, indent=1))
+    print("\nSUMMARY", json.dumps(r))
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 4000, int(sys.argv[2]) if len(sys.argv) > 2 else 256)
+    main()
