@@ -155,6 +155,12 @@ def loader_rate(root: Path, batch: int, workers: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+def cli_args(root: Path, out: Path) -> list[str]:
+    """`python -m flowerfeat features` over the synthetic train split, as a user would type it (without python)."""
+    return ["-m", "flowerfeat", "features", "--data", str(root), "--out", str(out), "--weights", "none",
+            "--layer", "fc7", "--split", "train"]  # fmt: skip
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
@@ -241,24 +247,7 @@ def main() -> None:
     )
 
     def cold():  # the CLI in a fresh process, as a user runs it: python start, imports, cuDNN tuning included
-        cmd = [
-            sys.executable,
-            "-m",
-            "flowerfeat",
-            "features",
-            "--data",
-            str(root),
-            "--out",
-            str(tmp / "cli"),
-            "--weights",
-            "none",
-            "--layer",
-            "fc7",
-            "--split",
-            "train",
-            "--batch-size",
-            str(a.batch),
-        ]
+        cmd = [sys.executable, *cli_args(root, tmp / "cli"), "--batch-size", str(a.batch)]
         for label in ("cold_cli", "noop_cli"):  # the second run finds the file up to date
             t = time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True)
@@ -387,23 +376,7 @@ def main() -> None:
     step("threads", threads, optional=True)
 
     def profile():  # where a fresh CLI process spends the time around the loop: cold compiled run, then a no-op
-        out = tmp / "prof"
-        cmd = [
-            "-m",
-            "flowerfeat",
-            "features",
-            "--data",
-            str(root),
-            "--out",
-            str(out),
-            "--weights",
-            "none",
-            "--layer",
-            "fc7",
-            "--split",
-            "train",
-            "--compile",
-        ]
+        cmd = [*cli_args(root, tmp / "prof"), "--compile"]
         for label, pre in (("cold_cli_compile", []), ("noop_cli_profiled", ["-m", "cProfile", "-o", str(tmp / "p")])):
             t = time.perf_counter()
             p = subprocess.run([sys.executable, *pre, *cmd], capture_output=True, text=True)
