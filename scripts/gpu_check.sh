@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU extractor check for a CUDA machine with no internet, in about 3 minutes on an H100:
+# GPU extractor check for a CUDA machine with no internet (263 s on an H100 with the default steps):
 #   bash scripts/gpu_check.sh [gpu_check.py options]   (e.g. --photos DIR --weights PTH --out DIR)
 # Uses the machine's python3 when it already has torch, torchvision, h5py, typer, rich and scikit-learn (GPU images
 # usually do; nothing is installed then); otherwise installs the project into .venv from the package registry.
