@@ -21,7 +21,7 @@ from flowerfeat.config import ExtractConfig
 from flowerfeat.data import Split, UnitDataset, collate_units, scan_data
 from flowerfeat.errors import FlowerfeatError
 
-PREP_THREADS = 2  # threads preparing GPU-decoded batches: 1 is slower, 3-4 no faster on an H100 (docs/benchmarks.md)
+PREP_THREADS = 2  # threads preparing GPU-decoded batches: 12 % faster than 1 alone, 3-4 no faster (docs/benchmarks.md)
 
 
 @dataclass
