@@ -206,6 +206,12 @@ def cpu_has_bf16() -> bool:
     return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
 
 
+def trunk_rows(trunk: nn.Module, x: torch.Tensor, precision: str) -> torch.Tensor:
+    """The trunk's float32 rows for a batch already on its device: inference mode, bf16 autocast when asked."""
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return trunk(x).float()
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """auto -> bf16 on CUDA or a CPU with native bf16 units, else fp32 (emulated bf16 is ~100x slower)."""
     if precision != "auto":

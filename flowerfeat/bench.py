@@ -100,10 +100,7 @@ def cosine_agreement(trunk: nn.Module, split: Split, n: int) -> float:
     ds = UnitDataset(sub, list(range(len(sub.items))), 0, backbone.build_transform(), None, 0)
     x, _ids, _ = collate_units([ds[i] for i in range(len(ds))])
     x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        a = trunk(x).float()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            b = trunk(x).float()
+    a, b = backbone.trunk_rows(trunk, x, "fp32"), backbone.trunk_rows(trunk, x, "bf16")
     return float(nn.functional.cosine_similarity(a, b, dim=1).mean())
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from flowerfeat import FORMAT_VERSION, __version__, store
-from flowerfeat.backbone import FEATURE_DIMS, WeightsInfo, preprocessing
+from flowerfeat.backbone import FEATURE_DIMS, WeightsInfo, preprocessing, trunk_rows
 from flowerfeat.config import ExtractConfig
 from flowerfeat.data import Split, UnitDataset, collate_units, scan_data
 from flowerfeat.errors import FlowerfeatError
@@ -205,7 +205,6 @@ def run_batches(
     re-tune every convolution for a new shape. "compute" is then the time spent issuing work, not GPU time.
     """
     read_s = compute_s = 0.0
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     cuda = device.type == "cuda"
     it = iter(loader)
     while True:
@@ -223,8 +222,7 @@ def run_batches(
                 x = torch.cat([x, x.new_zeros((pad_to - n, *x.shape[1:]))])
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), autocast:
-                y = trunk(x)[:n].float()  # (B, D)
+            y = trunk_rows(trunk, x, precision)[:n]  # (B, D)
             if cuda:
                 host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
                 host.copy_(y, non_blocking=True)
@@ -339,7 +337,8 @@ def extract_split(
     finally:
         writer.close()
     computed = sum(len(b) for b in remaining)
-    loop_s = time.perf_counter() - t_loop
+    t_finish = time.perf_counter()
+    loop_s = t_finish - t_loop
 
     dist.barrier()
     skipped_named: list[tuple[str, str]] = []
@@ -348,7 +347,7 @@ def extract_split(
         shutil.rmtree(partial_root, ignore_errors=True)
     else:
         n_rows = 0
-    finish_s = time.perf_counter() - t_loop - loop_s
+    finish_s = time.perf_counter() - t_finish
     dist.barrier()
     return SplitResult(
         split.name,

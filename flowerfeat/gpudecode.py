@@ -186,8 +186,7 @@ class GpuPreprocess:
         parts, ids, fallback, fallback_units = [], [], [], []
         datas = list(torch.split(batch.blob, batch.lengths)) if batch.blob is not None else []
         for chunk in _chunks(batch.pixels, self.max_pixels):
-            by_size: dict[tuple[int, int], list[torch.Tensor]] = {}
-            units_by_size: dict[tuple[int, int], list[int]] = {}
+            by_size: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}  # (h, w) -> [(unit, image)]
             for k, img in zip(chunk, self._decode([datas[k] for k in chunk])):
                 if img is None:  # the GPU decoder refused it: the CPU path decides
                     try:
@@ -197,11 +196,11 @@ class GpuPreprocess:
                         skipped.append((batch.units[k], str(e)))
                     continue
                 img = apply_orientation(img, batch.orientations[k])
-                by_size.setdefault(tuple(img.shape[1:]), []).append(img)
-                units_by_size.setdefault(tuple(img.shape[1:]), []).append(batch.units[k])
-            for size, imgs in by_size.items():
+                by_size.setdefault(tuple(img.shape[1:]), []).append((batch.units[k], img))
+            for group in by_size.values():
+                imgs = [img for _u, img in group]
                 parts.append(self._resize(torch.stack(imgs) if len(imgs) > 1 else imgs[0][None]))
-                ids += units_by_size[size]
+                ids += [u for u, _img in group]
         if parts:  # one normalisation for all the GPU-decoded rows
             parts = [(torch.cat(parts) - self.mean) / self.std]
         for t in (batch.cpu, torch.stack(fallback) if fallback else None):

@@ -88,8 +88,7 @@ def predict(
         if not tensors:
             continue
         x = torch.stack(tensors).to(device).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            feats = trunk(x).float()  # (B, D)
+        feats = backbone.trunk_rows(trunk, x, precision)  # (B, D)
         probs = (feats @ weight.T + bias).softmax(1).cpu()  # (B, C)
         top_p, top_i = probs.topk(k, dim=1)
         for pred, ps, idx in zip(batch, top_p.tolist(), top_i.tolist()):

@@ -87,32 +87,38 @@ def sync():
 
 def model_only(layer: str, batch: int, iters: int = 20, compile: bool = False) -> tuple[float, float]:
     """(images/s, seconds of the first call, which includes compiling) for the trunk alone on random input."""
-    dev = DEV
-    trunk = backbone.build_trunk(backbone.resolve_weights("none"), layer).to(dev).to(memory_format=torch.channels_last)
+    trunk = backbone.build_trunk(backbone.resolve_weights("none"), layer).to(DEV).to(memory_format=torch.channels_last)
     if compile:
         trunk = torch.compile(trunk)
-    x = torch.randn(batch, 3, 224, 224, device=dev).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
-        t = time.perf_counter()
-        trunk(x)
-        sync()
-        first = time.perf_counter() - t
-        for _ in range(min(2, iters)):
-            trunk(x)
-        sync()
-        t = time.perf_counter()
-        for _ in range(iters):
-            trunk(x)
-        sync()
+    x = torch.randn(batch, 3, 224, 224, device=DEV).contiguous(memory_format=torch.channels_last)
+    t = time.perf_counter()
+    backbone.trunk_rows(trunk, x, "bf16")
+    sync()
+    first = time.perf_counter() - t
+    for _ in range(min(2, iters)):
+        backbone.trunk_rows(trunk, x, "bf16")
+    sync()
+    t = time.perf_counter()
+    for _ in range(iters):
+        backbone.trunk_rows(trunk, x, "bf16")
+    sync()
     return iters * batch / (time.perf_counter() - t), first
 
 
-def raw_batches(root: Path, batch: int, n: int = 4096):
+def raw_dataset(root: Path, n: int | None = None):
+    """The GPU path's dataset over the first ``n`` (default all) synthetic training files."""
     from flowerfeat.data import scan_data
-    from flowerfeat.gpudecode import RawUnitDataset, collate_raw
+    from flowerfeat.gpudecode import RawUnitDataset
 
     split = scan_data(root, ("train",))["train"]
-    ds = RawUnitDataset(split, list(range(min(n, len(split.items)))), 0, backbone.build_transform(), None, 0)
+    units = list(range(len(split.items) if n is None else min(n, len(split.items))))
+    return RawUnitDataset(split, units, 0, backbone.build_transform(), None, 0)
+
+
+def raw_batches(root: Path, batch: int, n: int = 4096):
+    from flowerfeat.gpudecode import collate_raw
+
+    ds = raw_dataset(root, n)
     return [collate_raw([ds[i] for i in range(s, min(s + batch, len(ds)))]) for s in range(0, len(ds), batch)]
 
 
@@ -141,13 +147,10 @@ def loader_rate(root: Path, batch: int, workers: int) -> float:
     """images/s of the DataLoader alone (workers read bytes and JPEG headers; nothing decoded)."""
     from torch.utils.data import DataLoader
 
-    from flowerfeat.data import scan_data
-    from flowerfeat.gpudecode import RawUnitDataset, collate_raw
+    from flowerfeat.gpudecode import collate_raw
 
-    split = scan_data(root, ("train",))["train"]
-    units = list(range(len(split.items)))
-    ds = RawUnitDataset(split, units, 0, backbone.build_transform(), None, 0)
-    sampler = [units[i : i + batch] for i in range(0, len(units), batch)]
+    ds = raw_dataset(root)
+    sampler = [ds.units[i : i + batch] for i in range(0, len(ds), batch)]
     t = time.perf_counter()
     n = sum(
         len(b.units)
