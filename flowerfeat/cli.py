@@ -96,10 +96,14 @@ def features(
     split: Optional[List[str]] = typer.Option(None, help="Split(s) to extract (repeatable); default train and test."),
     batch_size: int = typer.Option(0, help="Images per trunk batch; 0 = auto (16 on CPU, 256 on CUDA)."),
     workers: Optional[int] = typer.Option(
-        None, help="DataLoader processes reading images beside the trunk; default 1 on CPU, 8 on CUDA."
+        None,
+        help="DataLoader processes reading images beside the trunk; default 1 on CPU; on CUDA 8 for --decode gpu, "
+        "else the cores but two (up to 32), shared by torchrun's ranks on a node.",
     ),
     decode: str = typer.Option(
-        "auto", help="auto, cpu (PIL) or gpu (batched torchvision.io JPEG decode on the device)."
+        "auto",
+        help="auto (gpu on CUDA, else cpu), cpu (PIL in the workers), gpu (nvjpeg: batched JPEG decode on the device) "
+        "or hybrid (JPEG decode in the workers, PIL's pixels; resize on the device).",
     ),
     precision: str = typer.Option("auto", help="auto, fp32 or bf16 (auto: bf16 on CUDA or CPUs with native bf16)."),
     dtype: str = typer.Option("float32", help="Storage dtype of the features: float32 or float16."),

@@ -46,8 +46,9 @@ class ExtractConfig:
     views: int = 0  # extra augmented views per training image (test splits always get the centre crop only)
     view_seed: int = 0
     device: str = "auto"
-    # "cpu" = PIL decode + transforms() in workers; "gpu" = batched torchvision.io JPEG decode + resize on the
-    # device (other files fall back to the CPU path); "auto" = gpu on CUDA, else cpu.
+    # "cpu" = PIL decode + transforms() in workers; "gpu" = batched torchvision.io JPEG decode (nvjpeg on CUDA) +
+    # resize on the device; "hybrid" = JPEG decode in the workers (libjpeg-turbo, PIL's pixels) + resize on the
+    # device; other files fall back to the CPU path; "auto" = gpu on CUDA, else cpu.
     decode: str = "auto"
     strict: bool = False  # exit non-zero when any image was skipped
     channels_last: bool = True
@@ -59,7 +60,7 @@ class ExtractConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("compression", self.compression, ("none", "lzf", "gzip"))
         _check_positive("--batch-size", self.batch_size, allow_zero=True)
-        _check_choice("decode", self.decode, ("auto", "cpu", "gpu"))
+        _check_choice("decode", self.decode, ("auto", "cpu", "gpu", "hybrid"))
         if self.workers is not None:
             _check_positive("--workers", self.workers, allow_zero=True)
         _check_positive("--views", self.views, allow_zero=True)

@@ -24,6 +24,24 @@ from flowerfeat.errors import FlowerfeatError
 PREP_THREADS = 2  # threads preparing GPU-decoded batches: 12 % faster than 1 alone, 3-4 no faster (docs/benchmarks.md)
 
 
+def decode_plan(decode: str, device: torch.device) -> tuple[str, str]:
+    """(mode, decoder) for ``--decode`` on ``device``: mode cpu, gpu or hybrid (auto = gpu on CUDA, else cpu), and the
+    decoder that makes the pixels, recorded in the cache key: pil, nvjpeg, or libjpeg (torchvision's CPU decoder:
+    hybrid's workers, or the gpu mode's own code on a machine without CUDA)."""
+    mode = decode if decode != "auto" else ("gpu" if device.type == "cuda" else "cpu")
+    return mode, {"cpu": "pil", "gpu": "nvjpeg" if device.type == "cuda" else "libjpeg", "hybrid": "libjpeg"}[mode]
+
+
+def default_workers(mode: str, device: torch.device) -> int:
+    """DataLoader processes when --workers is not given: 1 beside a CPU trunk (the trunk wants the cores); on CUDA,
+    8 that only read JPEG bytes (gpu) or all the cores this rank can have but two, up to 32, that decode (cpu,
+    hybrid). torchrun's ranks on one node share its cores."""
+    if device.type != "cuda":
+        return 1
+    cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cores) if mode == "gpu" else min(32, cores - 2))
+
+
 @dataclass
 class Progress:
     """What the loop reports after each batch (and at the start of each split)."""
@@ -257,9 +275,9 @@ def extract_split(
     t_start = time.perf_counter()
     out = Path(cfg.out)
     final = out / f"{split.name}.h5"
-    decoder = "torchvision.io" if cfg.decode == "gpu" or (cfg.decode == "auto" and device.type == "cuda") else "pil"
+    mode, decoder = decode_plan(cfg.decode, device)
     batch_size = cfg.batch_size or (256 if device.type == "cuda" else 16)
-    workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
+    workers = cfg.workers if cfg.workers is not None else default_workers(mode, device)
     meta = split_meta(cfg, split, winfo, precision, feature_dim, decoder)
     n_views = meta["views"]
     nv = 1 + n_views
@@ -306,21 +324,22 @@ def extract_split(
         if remaining:
             from torch.utils.data import DataLoader
 
-            gpu = decoder == "torchvision.io"
+            gpu = mode != "cpu"  # JPEGs resized on the device (and, in gpu mode, decoded there)
+            dataset_type = UnitDataset
             if gpu:
-                from flowerfeat.gpudecode import GpuPreprocess, RawUnitDataset, collate_raw
-            dataset = (RawUnitDataset if gpu else UnitDataset)(
-                split, list(range(n_units)), n_views, transform, augment, cfg.view_seed
-            )
+                from flowerfeat.gpudecode import DecodedUnitDataset, GpuPreprocess, RawUnitDataset, collate_raw
+
+                dataset_type = DecodedUnitDataset if mode == "hybrid" else RawUnitDataset
+            dataset = dataset_type(split, list(range(n_units)), n_views, transform, augment, cfg.view_seed)
             loader = DataLoader(
                 dataset,
                 batch_sampler=remaining,
                 num_workers=workers,
                 collate_fn=collate_raw if gpu else collate_units,
-                pin_memory=device.type == "cuda" and not gpu,  # raw JPEG bytes need no pinning
+                pin_memory=device.type == "cuda" and not gpu,  # GpuPreprocess pins what goes to the device
                 prefetch_factor=4 if workers else None,
             )
-            if gpu:  # (x on device, unit ids, skipped) per batch, decoded on the device
+            if gpu:  # (x on device, unit ids, skipped) per batch, prepared on the device
                 loader = GpuPreprocess(device, transform).batches(loader, PREP_THREADS)
 
             def on_batch(n, r, c):

@@ -1,11 +1,13 @@
 """Batched JPEG decoding and the weights' preprocessing on the GPU; every other image takes the CPU (PIL) path.
 
-Workers only read bytes and parse headers (cheap) and hand over one packed byte tensor per batch, so the CPU never
-bottlenecks a fast GPU. A file goes to the GPU only when it is a plain baseline RGB/grayscale JPEG, complete (ends
-with the EOI marker) and of sane size; CMYK, progressive, truncated, non-JPEG files and augmented views take the CPU
-path, which records unreadable ones as skipped. nvjpeg ignores EXIF orientation, so the workers read it from the
-header and it is applied here, after decoding. On a machine without CUDA the same code decodes with torchvision's
-CPU decoder, so it is testable anywhere.
+Two ways to feed the device (``--decode``): ``gpu`` decodes with nvjpeg on the device, the workers only read bytes and
+parse headers; ``hybrid`` decodes in the workers with torchvision's CPU decoder (libjpeg-turbo, the library PIL
+uses, so its pixels match PIL's) and hands over uint8 pixels. Either way each batch crosses from the workers as one
+packed tensor and the resize, crop and normalisation run on the device. A file goes this way only when it is a
+plain RGB/grayscale JPEG, complete (ends with the EOI marker) and of sane size (progressive ones only for
+``hybrid``); CMYK, truncated and non-JPEG files and augmented views take the CPU path, which records unreadable ones
+as skipped. EXIF orientation is read from the header and applied on the device after decoding (nvjpeg ignores it).
+On a machine without CUDA the same code runs on the CPU, so it is testable anywhere.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from PIL import Image
 from flowerfeat.data import BadImage, UnitDataset, load_image
 
 
-def gpu_eligible(path) -> tuple[bytes, int, int] | None:
+def gpu_eligible(path, progressive: bool = False) -> tuple[bytearray, int, int] | None:
     """(the file's bytes, its EXIF orientation 1-8, its pixel count) if the GPU decoder can take it, else None (then
-    the CPU path decides)."""
+    the CPU path decides). Progressive JPEGs only with ``progressive`` (libjpeg decodes them, nvjpeg's batched
+    hardware path does not)."""
     try:
         os.fsdecode(path).encode("utf-8")  # non-UTF-8 names go to the CPU path, which skips them with the reason
         with open(path, "rb") as f:
-            data = f.read()
+            data = bytearray(f.read())  # writable: torch.frombuffer wraps it without a copy or a warning
         if data[:3] != b"\xff\xd8\xff" or not data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
             return None
         with warnings.catch_warnings():
@@ -38,7 +41,7 @@ def gpu_eligible(path) -> tuple[bytes, int, int] | None:
             with Image.open(io.BytesIO(data)) as im:  # header only: no pixels decoded
                 if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.width * im.height > Image.MAX_IMAGE_PIXELS:
                     return None
-                if im.info.get("progression") or im.info.get("progressive"):
+                if not progressive and (im.info.get("progression") or im.info.get("progressive")):
                     return None  # nvjpeg's batched hardware path is for baseline JPEGs
                 orientation = im.getexif().get(0x0112, 1)
                 pixels = im.width * im.height
@@ -74,24 +77,49 @@ def apply_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 class RawUnitDataset(UnitDataset):
-    """Yields (raw JPEG bytes and orientation, or None; CPU-preprocessed tensor or None; unit; skip reason; path)."""
+    """Yields (raw JPEG bytes, orientation and pixel count, or None; CPU-preprocessed tensor or None; unit; skip
+    reason; path)."""
+
+    progressive = False  # whether progressive JPEGs take this path
 
     def __getitem__(self, i: int):
         unit = self.units[i]
         path = self.split.root / self.split.items[unit // (1 + self.n_views)].relpath
-        raw = gpu_eligible(path) if unit % (1 + self.n_views) == 0 else None  # augmented views: CPU path
+        raw = gpu_eligible(path, self.progressive) if unit % (1 + self.n_views) == 0 else None  # views: CPU path
         if raw is not None:
             return raw, None, unit, "", path
         tensor, _, reason = super().__getitem__(i)
         return None, tensor, unit, reason, path
 
 
+class DecodedUnitDataset(RawUnitDataset):
+    """As RawUnitDataset, but the worker decodes the JPEG with torchvision's CPU decoder (libjpeg-turbo) and yields
+    its (H, W, 3) uint8 pixels in place of the bytes; a file that decoder refuses takes the CPU (PIL) path."""
+
+    progressive = True
+
+    def __getitem__(self, i: int):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        raw, tensor, unit, reason, path = super().__getitem__(i)
+        if raw is None:
+            return raw, tensor, unit, reason, path
+        try:
+            img = decode_jpeg(torch.frombuffer(raw[0], dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            tensor, _, reason = UnitDataset.__getitem__(self, i)
+            return None, tensor, unit, reason, path
+        # torchvision's CPU decoder returns a (3, H, W) view of (H, W, 3) memory: hand over that memory as it is
+        return (img.permute(1, 2, 0), raw[1], raw[2]), None, unit, "", path
+
+
 @dataclass
 class RawBatch:
-    """One batch as the workers hand it over: all JPEG bytes in one tensor (one shared-memory transfer per batch,
-    not one per image), the images the CPU path already prepared, and the skipped units."""
+    """One batch as the workers hand it over: all JPEG bytes (or, decoded in the workers, all pixels) in one tensor,
+    so one shared-memory transfer per batch, not one per image; the images the CPU path already prepared, and the
+    skipped units."""
 
-    blob: torch.Tensor | None  # uint8, the JPEGs back to back
+    blob: torch.Tensor | None  # uint8: the JPEGs, or their (H, W, 3) pixels, back to back
     lengths: list[int]
     orientations: list[int]
     pixels: list[int]
@@ -100,15 +128,29 @@ class RawBatch:
     cpu: torch.Tensor | None  # (k, 3, 224, 224) normalised on the CPU
     cpu_units: list[int]
     skipped: list[tuple[int, str]]
+    shapes: list[tuple[int, int]] | None = None  # (H, W) of each decoded image; None when blob holds JPEG bytes
+
+
+def _packed(parts: list[torch.Tensor]) -> torch.Tensor:
+    """1-D uint8 tensors back to back. In a DataLoader worker the result is written straight into shared memory, as
+    torch's default_collate does, so handing it to the main process copies nothing more."""
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        out = parts[0].new(parts[0]._typed_storage()._new_shared(sum(p.numel() for p in parts)))
+    return torch.cat(parts, out=out)
 
 
 def collate_raw(batch) -> RawBatch:
     raws = [(raw, unit, path) for raw, _t, unit, _r, path in batch if raw is not None]
     cpu = [(t, unit) for _raw, t, unit, _r, _p in batch if t is not None]
-    joined = b"".join(raw[0] for raw, _u, _p in raws)
+    decoded = bool(raws) and isinstance(raws[0][0][0], torch.Tensor)
+    if decoded:
+        parts = [raw[0].reshape(-1) for raw, _u, _p in raws]
+    else:
+        parts = [torch.frombuffer(raw[0], dtype=torch.uint8) for raw, _u, _p in raws]
     return RawBatch(
-        torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else None,
-        [len(raw[0]) for raw, _u, _p in raws],
+        _packed(parts) if parts else None,
+        [len(p) for p in parts],
         [raw[1] for raw, _u, _p in raws],
         [raw[2] for raw, _u, _p in raws],
         [u for _raw, u, _p in raws],
@@ -116,6 +158,7 @@ def collate_raw(batch) -> RawBatch:
         torch.stack([t for t, _ in cpu]) if cpu else None,
         [u for _t, u in cpu],
         [(unit, reason) for raw, t, unit, reason, _p in batch if raw is None and t is None],
+        [tuple(raw[0].shape[:2]) for raw, _u, _p in raws] if decoded else None,
     )
 
 
@@ -184,10 +227,17 @@ class GpuPreprocess:
     def _prepare(self, batch: RawBatch):
         skipped = list(batch.skipped)
         parts, ids, fallback, fallback_units = [], [], [], []
-        datas = list(torch.split(batch.blob, batch.lengths)) if batch.blob is not None else []
+        if batch.blob is None:
+            datas = []
+        elif batch.shapes is None:  # JPEG bytes, left in host memory for the decoder
+            datas = list(torch.split(batch.blob, batch.lengths))
+        else:  # pixels decoded in the workers: to the device in one copy, each (H, W, 3) image seen as (3, H, W)
+            pixels = torch.split(self._to_device(batch.blob), batch.lengths)
+            datas = [d.view(h, w, 3).permute(2, 0, 1) for d, (h, w) in zip(pixels, batch.shapes)]
         for chunk in _chunks(batch.pixels, self.max_pixels):
             by_size: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}  # (h, w) -> [(unit, image)]
-            for k, img in zip(chunk, self._decode([datas[k] for k in chunk])):
+            chunk_datas = [datas[k] for k in chunk]
+            for k, img in zip(chunk, self._decode(chunk_datas) if batch.shapes is None else chunk_datas):
                 if img is None:  # the GPU decoder refused it: the CPU path decides
                     try:
                         fallback.append(self.transform(load_image(batch.paths[k])))
@@ -205,11 +255,17 @@ class GpuPreprocess:
             parts = [(torch.cat(parts) - self.mean) / self.std]
         for t in (batch.cpu, torch.stack(fallback) if fallback else None):
             if t is not None:  # already normalised on the CPU
-                parts.append(t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t)
+                parts.append(self._to_device(t))
         ids += batch.cpu_units + fallback_units
         if not parts:
             return None, [], skipped
         return (torch.cat(parts) if len(parts) > 1 else parts[0]), ids, skipped
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the device, copied through pinned memory without making this thread wait."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         """(g, 3, H, W) uint8 images of one size -> (g, 3, 224, 224) floats in 0..255: transforms()'s resize of the

@@ -10,8 +10,18 @@ import torch
 from PIL import Image
 
 from flowerfeat import backbone, store
-from flowerfeat.gpudecode import GpuPreprocess, RawUnitDataset, _chunks, apply_orientation, collate_raw, gpu_eligible
+from flowerfeat.config import ExtractConfig
 from flowerfeat.data import scan_data
+from flowerfeat.extract import decode_plan, default_workers, run_extraction
+from flowerfeat.gpudecode import (
+    DecodedUnitDataset,
+    GpuPreprocess,
+    RawUnitDataset,
+    _chunks,
+    apply_orientation,
+    collate_raw,
+    gpu_eligible,
+)
 from conftest import make_image
 from test_data import write_corpus
 from test_extract import extract
@@ -44,6 +54,8 @@ def test_only_plain_complete_jpegs_go_to_the_gpu(tmp_path):
         (tmp_path / name).write_bytes(data)
         assert (gpu_eligible(tmp_path / name) is not None) == ok, name
     assert gpu_eligible(tmp_path / "rgb.jpg")[1:] == (1, 64 * 48)  # (bytes, orientation, pixels)
+    assert gpu_eligible(tmp_path / "progressive.jpg", progressive=True) is not None  # libjpeg takes those (hybrid)
+    assert gpu_eligible(tmp_path / "cmyk.jpg", progressive=True) is None
 
 
 # PIL's exif_transpose method for each EXIF orientation
@@ -104,7 +116,7 @@ def test_gpu_decode_path_falls_back_cleanly_without_cuda(folder, tmp_path, tiny_
     assert store.read_skipped(tmp_path / "gpu" / "train.h5") == store.read_skipped(tmp_path / "cpu" / "train.h5")
     a = store.load_features(tmp_path / "cpu" / "train.h5")
     b = store.load_features(tmp_path / "gpu" / "train.h5")
-    assert a.paths == b.paths and b.meta["decoder"] == "torchvision.io" and a.meta["decoder"] == "pil"
+    assert a.paths == b.paths and b.meta["decoder"] == "libjpeg" and a.meta["decoder"] == "pil"
     assert a.meta["model_key"] != b.meta["model_key"]  # the decoder is part of the cache key
     cos = (a.features * b.features).sum(1) / (np.linalg.norm(a.features, axis=1) * np.linalg.norm(b.features, axis=1))
     assert cos.mean() > 0.999 and cos.min() > 0.99, (cos.mean(), cos.min())
@@ -135,3 +147,65 @@ def test_threaded_preparation_keeps_the_loader_order(folder):
     for (x, ids, skipped), (x1, ids1, skipped1) in zip(threaded, one_by_one):
         assert ids == ids1 and skipped == skipped1 and torch.equal(x, x1)
     assert sorted(u for _x, ids, _s in threaded for u in ids) == list(range(len(split.items)))
+
+
+def _corrupt_jpeg() -> bytes:
+    data = bytearray(_jpeg(make_image(0, 0, (64, 48))))
+    data[400:408] = b"\0" * 8  # complete (SOI ... EOI), yet neither libjpeg nor PIL decodes it
+    return bytes(data)
+
+
+def test_hybrid_decodes_in_the_workers_with_the_gpu_modes_pixels(folder, tmp_path, tiny_trunk):
+    # hybrid's workers decode with libjpeg, the decoder the gpu mode itself uses on a machine without CUDA, so here
+    # the two must give the same rows, bit for bit; one worker sends the packed pixels through shared memory
+    d = folder / "train" / "daisy"
+    write_corpus(d)
+    (d / "progressive.jpg").write_bytes(_jpeg(make_image(0, 2, (80, 60)), progressive=True))
+    (d / "corrupt.jpg").write_bytes(_corrupt_jpeg())
+    runs = {}
+    for decode, workers in (("cpu", 0), ("gpu", 0), ("hybrid", 1)):
+        cfg = ExtractConfig(
+            data=folder, out=tmp_path / decode, weights="none", batch_size=4, workers=workers, decode=decode
+        )
+        run_extraction(cfg, trunk=tiny_trunk)
+        runs[decode] = store.load_features(tmp_path / decode / "train.h5")
+        runs[decode].skipped = store.read_skipped(tmp_path / decode / "train.h5")
+    cpu, gpu, hyb = runs["cpu"], runs["gpu"], runs["hybrid"]
+    assert hyb.meta["decoder"] == gpu.meta["decoder"] == "libjpeg"
+    assert hyb.paths == gpu.paths == cpu.paths and hyb.skipped == gpu.skipped == cpu.skipped
+    assert any(p.endswith("corrupt.jpg") for p, _why in hyb.skipped)  # refused by libjpeg, then by PIL: skipped
+    baseline = [not p.endswith("progressive.jpg") for p in hyb.paths]  # the gpu mode sends that one to PIL
+    np.testing.assert_array_equal(hyb.features[baseline], gpu.features[baseline])
+    cos = (hyb.features * cpu.features).sum(1) / (
+        np.linalg.norm(hyb.features, axis=1) * np.linalg.norm(cpu.features, axis=1)
+    )
+    assert cos.mean() > 0.999 and cos.min() > 0.99, (cos.mean(), cos.min())
+
+
+def test_decoded_dataset_hands_over_pixels_and_falls_back_to_pil(tmp_path):
+    root = tmp_path / "d"
+    (root / "train" / "a").mkdir(parents=True)
+    make_image(0, 1, (50, 30)).save(root / "train" / "a" / "a.jpg", "JPEG", quality=95)
+    (root / "train" / "a" / "b.jpg").write_bytes(_corrupt_jpeg())
+    make_image(0, 2, (40, 40)).convert("CMYK").save(root / "train" / "a" / "c.jpg", "JPEG")
+    split = scan_data(root, ("train",))["train"]
+    ds = DecodedUnitDataset(split, [0, 1, 2], 0, backbone.build_transform(), None, 0)
+    (pixels, orientation, n), tensor, unit, reason, _path = ds[0]
+    assert pixels.shape == (30, 50, 3) and pixels.is_contiguous() and (orientation, n) == (1, 1500) and tensor is None
+    assert ds[1][0] is None and ds[1][1] is None and "broken" in ds[1][3]  # skipped with PIL's reason
+    assert ds[2][0] is None and ds[2][1].shape == (3, 224, 224)  # CMYK: prepared on the CPU by PIL
+    batch = collate_raw([ds[i] for i in range(3)])
+    assert batch.shapes == [(30, 50)] and batch.lengths == [30 * 50 * 3] and batch.cpu_units == [2]
+    assert torch.equal(batch.blob.view(30, 50, 3), pixels)
+
+
+def test_decode_plan_and_default_workers(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert decode_plan("auto", cuda) == ("gpu", "nvjpeg") and decode_plan("auto", cpu) == ("cpu", "pil")
+    assert decode_plan("gpu", cpu) == ("gpu", "libjpeg") and decode_plan("hybrid", cuda) == ("hybrid", "libjpeg")
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert [default_workers(m, cuda) for m in ("gpu", "hybrid", "cpu")] == [8, 14, 14]
+    assert default_workers("hybrid", cpu) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 ranks share the node's 16 cores
+    assert [default_workers(m, cuda) for m in ("gpu", "hybrid")] == [4, 2]
