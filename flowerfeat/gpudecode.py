@@ -269,12 +269,18 @@ class GpuPreprocess:
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         """(g, 3, H, W) uint8 images of one size -> (g, 3, 224, 224) floats in 0..255: transforms()'s resize of the
-        shorter side and centre crop, as two kernels (torchvision's functional resize costs more per call)."""
+        shorter side and centre crop as PIL does them, the horizontal pass then the vertical, each rounded to 8 bits
+        (rounding the float result once left a quarter of a grey level on every value: cosine 0.995 at pool5 on
+        some real photos, docs/benchmarks.md)."""
         h, w = x.shape[-2:]
         (short, long), rs = sorted((h, w)), self.resize[0]
-        size = (rs, int(rs * long / short)) if h <= w else (int(rs * long / short), rs)
-        x = torch.nn.functional.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-        (ch, cw), (nh, nw) = self.crop, size
+        nh, nw = (rs, int(rs * long / short)) if h <= w else (int(rs * long / short), rs)
+        x = x.float()
+        for size in ((h, nw), (nh, nw)):  # at an unchanged size PIL skips the pass (bilinear would be the identity)
+            if size != tuple(x.shape[-2:]):
+                x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+                x = (x + 0.5).floor_().clamp_(0, 255)  # PIL's rounding: half up, clipped to 8 bits
+        (ch, cw) = self.crop
         top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
         return x[..., top : top + ch, left : left + cw]
 
