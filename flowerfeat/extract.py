@@ -337,7 +337,9 @@ def extract_split(
                 num_workers=workers,
                 collate_fn=collate_raw if gpu else collate_units,
                 pin_memory=device.type == "cuda" and not gpu,  # GpuPreprocess pins what goes to the device
-                prefetch_factor=4 if workers else None,
+                # batches queued per reader: decoded ones are big (a 256-image batch of pixels ~90 MB of shared
+                # memory), and readers that decode are many
+                prefetch_factor=(4 if mode == "gpu" else 2) if workers else None,
             )
             if gpu:  # (x on device, unit ids, skipped) per batch, prepared on the device
                 loader = GpuPreprocess(device, transform).batches(loader, PREP_THREADS)

@@ -1,15 +1,17 @@
-"""GPU extractor check (run by scripts/gpu_check.sh on a CUDA machine with no internet; the default steps took 263 s
-on an H100; `--steps threads,profile` adds the preparing-thread sweep and a profile of a no-op CLI run, 132 s more).
+"""GPU extractor check (run by scripts/gpu_check.sh on a CUDA machine with no internet; the default steps are meant
+to take under 5 minutes on an H100; `--steps sweep,threads,profile` adds the workers/threads sweeps and a profile of
+a no-op CLI run).
 
 Synthesises realistic JPEGs (random sizes from 320x240 to 500x375, photo-like texture, plus grayscale, EXIF-rotated,
-progressive and CMYK files in the test split), then prints:
+progressive and CMYK files in the test split), then prints, for `--decode gpu` (nvjpeg on the device) and
+`--decode hybrid` (libjpeg in the workers, resize on the device):
   - the GPU's bf16 matmul peak, measured in the same run;
   - end-to-end images/s of `flowerfeat features` (JPEG files on disk -> finished HDF5), cold as a user runs the CLI
-    and warm (in a process that has already run once), with the loop's read/issue/write breakdown;
-  - model-only images/s, and decode(+resize) images/s of the GPU preprocessing;
-  - agreement of the GPU path (bf16, nvjpeg) with the CPU fp32 path (PIL) on the same images;
-  - with real photos and weights carried along (--photos, --weights), pool5 features of the GPU path written to
-    --out for a comparison with CPU features made elsewhere, and a scikit-learn probe's accuracy on them.
+    and warm (in a process that has already run once), eager and compiled, with the loop's read/issue/write times;
+  - model-only images/s, the loader alone, and the device-side preparation alone (decode, resize, normalise);
+  - agreement of each path (bf16) with the CPU fp32 path (PIL) on the same images;
+  - with real photos and weights carried along (--photos, --weights), pool5 features of both paths written to
+    --out for a comparison (cosine, probe accuracy) with CPU features made elsewhere.
 """
 
 from __future__ import annotations
@@ -105,35 +107,41 @@ def model_only(layer: str, batch: int, iters: int = 20, compile: bool = False) -
     return iters * batch / (time.perf_counter() - t), first
 
 
-def raw_dataset(root: Path, n: int | None = None):
-    """The GPU path's dataset over the first ``n`` (default all) synthetic training files."""
+def raw_dataset(root: Path, n: int | None = None, mode: str = "gpu"):
+    """The dataset of the gpu (workers read bytes) or hybrid (workers decode) mode over the first ``n`` (default all)
+    synthetic training files."""
     from flowerfeat.data import scan_data
-    from flowerfeat.gpudecode import RawUnitDataset
+    from flowerfeat.gpudecode import DecodedUnitDataset, RawUnitDataset
 
     split = scan_data(root, ("train",))["train"]
     units = list(range(len(split.items) if n is None else min(n, len(split.items))))
-    return RawUnitDataset(split, units, 0, backbone.build_transform(), None, 0)
+    return (DecodedUnitDataset if mode == "hybrid" else RawUnitDataset)(
+        split, units, 0, backbone.build_transform(), None, 0
+    )
 
 
-def raw_batches(root: Path, batch: int, n: int = 4096):
+def raw_batches(root: Path, batch: int, n: int = 4096, mode: str = "gpu"):
     from flowerfeat.gpudecode import collate_raw
 
-    ds = raw_dataset(root, n)
+    ds = raw_dataset(root, n, mode)
     return [collate_raw([ds[i] for i in range(s, min(s + batch, len(ds)))]) for s in range(0, len(ds), batch)]
 
 
 def prep_rates(batches) -> dict:
-    """images/s of the GPU preprocessing alone: decode only, then the whole prepare() on 1 and 2 threads."""
+    """images/s of the device-side preparation alone: nvjpeg decode only (JPEG batches), then the whole prepare() on 1
+    and 2 threads (for decoded batches: pinning, the copy to the device, resize and normalisation)."""
     from flowerfeat.gpudecode import GpuPreprocess
 
     n = sum(len(b.units) for b in batches)
     pre = GpuPreprocess(DEV, backbone.build_transform())
     out = {}
-    for name, run in (
-        ("decode_only", lambda: [pre._decode(list(torch.split(b.blob, b.lengths))) for b in batches]),
+    runs = [
         ("prepare_1_thread", lambda: list(pre.batches(batches, 1))),
         ("prepare_2_threads", lambda: list(pre.batches(batches, 2))),
-    ):
+    ]
+    if batches[0].shapes is None:
+        runs.insert(0, ("decode_only", lambda: [pre._decode(list(torch.split(b.blob, b.lengths))) for b in batches]))
+    for name, run in runs:
         run()
         sync()
         t = time.perf_counter()
@@ -143,13 +151,13 @@ def prep_rates(batches) -> dict:
     return out
 
 
-def loader_rate(root: Path, batch: int, workers: int) -> float:
-    """images/s of the DataLoader alone (workers read bytes and JPEG headers; nothing decoded)."""
+def loader_rate(root: Path, batch: int, workers: int, mode: str = "gpu") -> float:
+    """images/s of the DataLoader alone: workers read bytes and JPEG headers (gpu), or also decode (hybrid)."""
     from torch.utils.data import DataLoader
 
     from flowerfeat.gpudecode import collate_raw
 
-    ds = raw_dataset(root)
+    ds = raw_dataset(root, mode=mode)
     sampler = [ds.units[i : i + batch] for i in range(0, len(ds), batch)]
     t = time.perf_counter()
     n = sum(
@@ -199,7 +207,7 @@ def main() -> None:
     ap.add_argument(
         "--steps",
         default="cold,warm,parts,agreement,real,compile",
-        help="comma-separated steps: cold, warm, parts, agreement, real, compile, threads, profile",
+        help="comma-separated steps: cold, warm, parts, agreement, real, compile, sweep, threads, profile",
     )
     a = ap.parse_args()
     steps = set(a.steps.split(","))
@@ -252,13 +260,12 @@ def main() -> None:
 
     def cold():  # the CLI in a fresh process, as a user runs it: python start, imports, cuDNN tuning included
         cmd = [sys.executable, *cli_args(root, tmp / "cli"), "--batch-size", str(a.batch)]
-        for label in ("cold_cli", "noop_cli"):  # the second run finds the file up to date
-            t = time.perf_counter()
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            dt = time.perf_counter() - t
-            print(p.stdout[-800:], p.stderr[-800:], flush=True)
-            r[label] = {"seconds": round(dt, 2), "images_per_s": round(n_train / dt), "rc": p.returncode}
-            print(f"{label}: {n_train} images, {dt:.1f} s", flush=True)
+        t = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        dt = time.perf_counter() - t
+        print(p.stdout[-800:], p.stderr[-800:], flush=True)
+        r["cold_cli"] = {"seconds": round(dt, 2), "images_per_s": round(n_train / dt), "rc": p.returncode}
+        print(f"cold_cli: {n_train} images, {dt:.1f} s", flush=True)
         t = time.perf_counter()
         code = "import torch, flowerfeat.cli, flowerfeat.extract; torch.cuda.is_available() and torch.zeros(1).cuda()"
         subprocess.run([sys.executable, "-c", code])
@@ -268,30 +275,29 @@ def main() -> None:
     step("cold", cold)
     base = ExtractConfig(data=root, out=tmp / "w", layer="fc7", weights="none", splits=("train",), batch_size=a.batch)
 
-    def warm():  # in this process, after one run has tuned cuDNN and started nvjpeg
+    def warm():  # in this process, after one run has tuned cuDNN and started nvjpeg; default workers
         run_extraction(base.replace(out=tmp / "warmup", splits=("test",)))
         r["warm"] = {}
-        for label, cfg, threads in (
-            ("w12_t2", base.replace(out=tmp / "a", workers=12), 2),
-            ("w12_t2_again", base.replace(out=tmp / "b", workers=12), 2),
-            ("w16_t2", base.replace(out=tmp / "c", workers=16), 2),
-            ("w8_t2", base.replace(out=tmp / "d", workers=8), 2),
-            ("w12_t1", base.replace(out=tmp / "e", workers=12), 1),
-            ("w12_t2_f16", base.replace(out=tmp / "f", workers=12, dtype="float16"), 2),
+        for label, cfg in (
+            ("gpu", base.replace(out=tmp / "a")),
+            ("gpu_again", base.replace(out=tmp / "b")),
+            ("hybrid", base.replace(out=tmp / "h", decode="hybrid")),
+            ("hybrid_again", base.replace(out=tmp / "h2", decode="hybrid")),
         ):
-            fx.PREP_THREADS = threads
             r["warm"][label] = e2e(cfg)
             print(f"WARM end to end {label}: {r['warm'][label]}", flush=True)
-        fx.PREP_THREADS = 2
         fa, fb = (store.load_features(tmp / d / "train.h5") for d in ("a", "b"))
         assert fa.paths == fb.paths
         r["repeat_max_abs_diff"] = float(np.abs(fa.features - fb.features).max())
         r["repeat_min_cosine"] = float(cosine(fa.features, fb.features).min())
+        fh = store.load_features(tmp / "h" / "train.h5")
+        r["hybrid_vs_gpu_min_cosine"] = float(cosine(fa.features, fh.features).min())
         print(
-            f"two identical runs: max |diff| {r['repeat_max_abs_diff']:.3g}, min cosine {r['repeat_min_cosine']:.6f}",
+            f"two identical runs: max |diff| {r['repeat_max_abs_diff']:.3g}, min cosine {r['repeat_min_cosine']:.6f}; "
+            f"hybrid vs gpu: min cosine {r['hybrid_vs_gpu_min_cosine']:.5f}",
             flush=True,
         )
-        for d in "bcdef":
+        for d in ("b", "h2"):
             shutil.rmtree(tmp / d)
 
     step("warm", warm)
@@ -304,48 +310,60 @@ def main() -> None:
                 f"model only {layer} bf16 batch {batch}: {ips:.0f} images/s = {ips * GFLOP[layer] / 1000:.0f} TFLOP/s",
                 flush=True,
             )
-        for w in (8, 12, 16):
-            r[f"loader_w{w}"] = round(loader_rate(root, a.batch, w))
-            print(f"loader only, {w} workers: {r[f'loader_w{w}']} images/s", flush=True)
+        r["loader_w8"] = round(loader_rate(root, a.batch, 8))
+        print(f"loader only, 8 workers reading: {r['loader_w8']} images/s", flush=True)
+        hw = fx.default_workers("hybrid", DEV)
+        r[f"loader_hybrid_w{hw}"] = round(loader_rate(root, a.batch, hw, "hybrid"))
+        print(f"loader only, {hw} workers decoding (hybrid): {r[f'loader_hybrid_w{hw}']} images/s", flush=True)
         r["prep"] = prep_rates(raw_batches(root, a.batch))
-        print(f"GPU preprocessing alone (images/s): {r['prep']}", flush=True)
+        print(f"GPU preparation alone, nvjpeg (images/s): {r['prep']}", flush=True)
+        r["prep_hybrid"] = prep_rates(raw_batches(root, a.batch, mode="hybrid"))
+        print(f"GPU preparation alone, decoded in the workers (images/s): {r['prep_hybrid']}", flush=True)
 
     step("parts", parts)
 
-    def agreement():  # synthetic test split, odd files included, several batches: GPU path vs CPU fp32 PIL path
-        g = base.replace(out=tmp / "ag", splits=("test",), batch_size=64)
-        c = g.replace(out=tmp / "ac", precision="fp32", decode="cpu", device="cpu", batch_size=32, workers=4)
-        run_extraction(g)
+    def agreement():  # synthetic test split, odd files included, several batches: each path vs the CPU fp32 PIL path
+        c = base.replace(out=tmp / "ac", splits=("test",), precision="fp32", decode="cpu", device="cpu")
+        c = c.replace(batch_size=32, workers=4)
         run_extraction(c)
-        fa, fb = store.load_features(tmp / "ag" / "test.h5"), store.load_features(tmp / "ac" / "test.h5")
-        assert fa.paths == fb.paths, "GPU and CPU paths kept different images"
-        cos = cosine(fa.features, fb.features)
-        r["agreement_synthetic"] = {"images": len(cos), "mean": float(cos.mean()), "min": float(cos.min())}
-        for kind in KINDS:
-            k = np.array([Path(p).name.startswith(kind) for p in fa.paths])
-            r["agreement_synthetic"][f"min_{kind}"] = float(cos[k].min()) if k.any() else None
-        print(f"agreement GPU(bf16, nvjpeg) vs CPU(fp32, PIL), synthetic: {r['agreement_synthetic']}", flush=True)
+        fc = store.load_features(tmp / "ac" / "test.h5")
+        for mode in ("gpu", "hybrid"):
+            run_extraction(base.replace(out=tmp / f"ag_{mode}", splits=("test",), batch_size=64, decode=mode))
+            fg = store.load_features(tmp / f"ag_{mode}" / "test.h5")
+            assert fg.paths == fc.paths, f"{mode} and CPU paths kept different images"
+            cos = cosine(fg.features, fc.features)
+            res = r[f"agreement_synthetic_{mode}"] = {
+                "images": len(cos),
+                "mean": float(cos.mean()),
+                "min": float(cos.min()),
+            }
+            for kind in KINDS:
+                k = np.array([Path(p).name.startswith(kind) for p in fg.paths])
+                res[f"min_{kind}"] = float(cos[k].min()) if k.any() else None
+            print(f"agreement {mode} (bf16) vs CPU (fp32, PIL), synthetic: {res}", flush=True)
 
     step("agreement", agreement)
 
     def real():  # real photos and weights: features come back in --out for comparison with CPU features
         w = tmp / "w.pth"
         torch.save({k: v.float() for k, v in torch.load(a.weights, weights_only=True).items()}, w)
-        cfg = ExtractConfig(
-            data=a.photos,
-            out=a.out / "real",
-            layer="pool5",
-            weights=str(w),
-            dtype="float16",
-            compression="gzip",
-            batch_size=a.batch,
-        )
-        t = time.perf_counter()
-        res = run_extraction(cfg)
-        dt = time.perf_counter() - t
-        rows = sum(x.rows for x in res)
-        r["real_extract"] = {"rows": rows, "seconds": round(dt, 2), "images_per_s": round(rows / dt)}
-        print(f"real photos pool5 GPU path: {r['real_extract']}", flush=True)
+        for mode, out in (("gpu", "real"), ("hybrid", "real_hybrid")):
+            cfg = ExtractConfig(
+                data=a.photos,
+                out=a.out / out,
+                layer="pool5",
+                weights=str(w),
+                dtype="float16",
+                compression="gzip",
+                batch_size=a.batch,
+                decode=mode,
+            )
+            t = time.perf_counter()
+            res = run_extraction(cfg)
+            dt = time.perf_counter() - t
+            rows = sum(x.rows for x in res)
+            r[f"{out}_extract"] = {"rows": rows, "seconds": round(dt, 2), "images_per_s": round(rows / dt)}
+            print(f"real photos pool5, {mode}: {r[f'{out}_extract']}", flush=True)
 
     if a.photos and a.weights:
         step("real", real)
@@ -358,23 +376,46 @@ def main() -> None:
             f"({ips * GFLOP['fc7'] / 1000:.0f} TFLOP/s); first call {first:.0f} s",
             flush=True,
         )
-        r["warm"]["w12_t2_compile"] = e2e(base.replace(out=tmp / "g", workers=12, compile=True))
-        print(f"WARM end to end w12_t2_compile: {r['warm']['w12_t2_compile']}", flush=True)
-        fa, fb = (store.load_features(tmp / d / "train.h5") for d in ("a", "g"))
-        r["compile_vs_eager_min_cosine"] = float(cosine(fa.features, fb.features).min())
-        print(f"compiled vs eager features: min cosine {r['compile_vs_eager_min_cosine']:.6f}", flush=True)
+        r.setdefault("warm", {})
+        for mode in ("gpu", "hybrid"):
+            r["warm"][f"{mode}_compile"] = e2e(base.replace(out=tmp / f"g_{mode}", decode=mode, compile=True))
+            print(f"WARM end to end {mode}_compile: {r['warm'][f'{mode}_compile']}", flush=True)
+        if (tmp / "a").exists():
+            fa, fb = (store.load_features(tmp / d / "train.h5") for d in ("a", "g_gpu"))
+            r["compile_vs_eager_min_cosine"] = float(cosine(fa.features, fb.features).min())
+            print(f"compiled vs eager features: min cosine {r['compile_vs_eager_min_cosine']:.6f}", flush=True)
+        for d in ("g_gpu", "g_hybrid"):
+            shutil.rmtree(tmp / d)
 
     step("compile", compiled, optional=True)
 
-    def threads():  # compiled trunk, warm: how many threads preparing GPU batches pay
-        fx.PREP_THREADS = 2
-        run_extraction(base.replace(out=tmp / "tw", splits=("test",), workers=8, compile=True))
+    def sweep():  # warm, eager: readers per mode, float16 storage
         r.setdefault("warm", {})
-        for n in (2, 3, 4):
-            fx.PREP_THREADS = n
-            r["warm"][f"w8_t{n}_compile"] = e2e(base.replace(out=tmp / f"t{n}", workers=8, compile=True))
-            print(f"WARM end to end w8_t{n}_compile: {r['warm'][f'w8_t{n}_compile']}", flush=True)
-            shutil.rmtree(tmp / f"t{n}")
+        hw = fx.default_workers("hybrid", DEV)
+        for label, cfg in (
+            ("gpu_w12", base.replace(workers=12)),
+            ("gpu_w16", base.replace(workers=16)),
+            ("gpu_f16", base.replace(dtype="float16")),
+            (f"hybrid_w{max(1, hw - 4)}", base.replace(decode="hybrid", workers=max(1, hw - 4))),
+            (f"hybrid_w{hw + 2}", base.replace(decode="hybrid", workers=hw + 2)),
+        ):
+            r["warm"][label] = e2e(cfg.replace(out=tmp / "s"))
+            print(f"WARM end to end {label}: {r['warm'][label]}", flush=True)
+            shutil.rmtree(tmp / "s")
+
+    step("sweep", sweep, optional=True)
+
+    def threads():  # compiled trunk, warm: how many threads preparing device batches pay, per mode
+        fx.PREP_THREADS = 2
+        run_extraction(base.replace(out=tmp / "tw", splits=("test",), compile=True))
+        r.setdefault("warm", {})
+        for mode in ("gpu", "hybrid"):
+            for n in (1, 3):
+                fx.PREP_THREADS = n
+                label = f"{mode}_t{n}_compile"
+                r["warm"][label] = e2e(base.replace(out=tmp / "t", decode=mode, compile=True))
+                print(f"WARM end to end {label}: {r['warm'][label]}", flush=True)
+                shutil.rmtree(tmp / "t")
         fx.PREP_THREADS = 2
 
     step("threads", threads, optional=True)
