@@ -105,7 +105,8 @@ class DecodedUnitDataset(RawUnitDataset):
         if raw is None:
             return raw, tensor, unit, reason, path
         try:
-            img = decode_jpeg(torch.frombuffer(raw[0], dtype=torch.uint8), mode=ImageReadMode.RGB)
+            data = torch.frombuffer(raw[0], dtype=torch.uint8)
+            img = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=False)  # rotated on the device
         except RuntimeError:
             tensor, _, reason = UnitDataset.__getitem__(self, i)
             return None, tensor, unit, reason, path
@@ -164,12 +165,13 @@ def collate_raw(batch) -> RawBatch:
 
 class GpuPreprocess:
     """Turn a RawBatch into (normalised (B, 3, 224, 224) tensor on ``device``, unit ids, skipped), as transforms()
-    would up to resampling and rounding (scripts/gpu_check.sh measures the agreement with the PIL path).
+    would: from libjpeg's pixels (hybrid) PIL's images up to PIL's fixed-point resize weights; nvjpeg's pixels
+    differ slightly from libjpeg's (scripts/gpu_check.sh measures the agreement with the PIL path).
 
     Images of one size are resized together (one kernel per size, not per image), and nothing here waits for the
     trunk, so the next batch is prepared while it still runs on the previous one. Rows come out grouped by size;
-    the unit ids say which row is which. A batch is decoded in chunks of at most ``max_pixels`` pixels (64 Mpx:
-    about 0.8 GB as floats), so a batch of 12-megapixel photos does not need tens of GB of GPU memory.
+    the unit ids say which row is which. A batch is decoded and resized in chunks of at most ``max_pixels`` pixels
+    (64 Mpx: about 0.8 GB as floats), so a batch of 12-megapixel photos does not need tens of GB of GPU memory.
     """
 
     def __init__(self, device: torch.device, transform, max_pixels: int = 64 * 2**20):
