@@ -11,7 +11,8 @@ progressive and CMYK files in the test split), then prints, for `--decode gpu` (
   - model-only images/s, the loader alone, and the device-side preparation alone (decode, resize, normalise);
   - agreement of each path (bf16) with the CPU fp32 path (PIL) on the same images;
   - with real photos and weights carried along (--photos, --weights), pool5 features of both paths written to
-    --out for a comparison (cosine, probe accuracy) with CPU features made elsewhere.
+    --out (for a probe, or a comparison with CPU features made elsewhere), and their agreement with the CPU fp32
+    path on the first --real-ref test photos of each class.
 """
 
 from __future__ import annotations
@@ -202,6 +203,7 @@ def main() -> None:
     ap.add_argument("--photos", type=Path)
     ap.add_argument("--weights", type=Path)
     ap.add_argument("--out", type=Path, default=Path("gpu_check_out"))
+    ap.add_argument("--real-ref", type=int, default=20, help="test photos per class for the real photos' CPU reference")
     ap.add_argument("--budget", type=float, default=300, help="seconds after which optional steps are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, any device: checks the script itself")
     ap.add_argument(
@@ -344,26 +346,33 @@ def main() -> None:
 
     step("agreement", agreement)
 
-    def real():  # real photos and weights: features come back in --out for comparison with CPU features
+    def real():  # real photos and weights: both modes' features come back in --out; a CPU fp32 reference on a subset
         w = tmp / "w.pth"
         torch.save({k: v.float() for k, v in torch.load(a.weights, weights_only=True).items()}, w)
+        cfg = ExtractConfig(data=a.photos, out=a.out, layer="pool5", weights=str(w), batch_size=a.batch)
+        cfg = cfg.replace(dtype="float16", compression="gzip")
         for mode, out in (("gpu", "real"), ("hybrid", "real_hybrid")):
-            cfg = ExtractConfig(
-                data=a.photos,
-                out=a.out / out,
-                layer="pool5",
-                weights=str(w),
-                dtype="float16",
-                compression="gzip",
-                batch_size=a.batch,
-                decode=mode,
-            )
             t = time.perf_counter()
-            res = run_extraction(cfg)
+            res = run_extraction(cfg.replace(out=a.out / out, decode=mode))
             dt = time.perf_counter() - t
             rows = sum(x.rows for x in res)
             r[f"{out}_extract"] = {"rows": rows, "seconds": round(dt, 2), "images_per_s": round(rows / dt)}
             print(f"real photos pool5, {mode}: {r[f'{out}_extract']}", flush=True)
+        sub = tmp / "real_subset"  # the first --real-ref test photos of each class, for the CPU fp32 PIL path
+        for cls in sorted(d for d in (a.photos / "test").iterdir() if d.is_dir()):
+            (sub / "test" / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[: a.real_ref]:
+                (sub / "test" / cls.name / f.name).symlink_to(f.resolve())
+        ref = cfg.replace(data=sub, out=tmp / "real_cpu", splits=("test",), precision="fp32", decode="cpu")
+        run_extraction(ref.replace(device="cpu", batch_size=32, workers=4, dtype="float32", compression="none"))
+        fc = store.load_features(tmp / "real_cpu" / "test.h5")
+        for out in ("real", "real_hybrid"):
+            fg = store.load_features(a.out / out / "test.h5")
+            rows = {p: i for i, p in enumerate(fg.paths)}
+            cos = cosine(fg.features[[rows[p] for p in fc.paths]].astype(np.float32), fc.features)
+            r[f"{out}_vs_cpu_fp32"] = {"images": len(cos), "mean": float(cos.mean()), "min": float(cos.min())}
+            how = f"{fg.meta['decoder']}, {fg.meta['precision']}"
+            print(f"real photos pool5, {out} ({how}) vs CPU (pil, fp32): {r[f'{out}_vs_cpu_fp32']}", flush=True)
 
     if a.photos and a.weights:
         step("real", real)
