@@ -204,6 +204,8 @@ def test_decoded_dataset_hands_over_pixels_and_falls_back_to_pil(tmp_path):
     batch = collate_raw([ds[i] for i in range(3)])
     assert batch.shapes == [(30, 50)] and batch.lengths == [30 * 50 * 3] and batch.cpu_units == [2]
     assert torch.equal(batch.blob.view(30, 50, 3), pixels)
+    ds.max_pixels = 1000  # bigger images are prepared by PIL in the worker: bounded shared memory per batch
+    assert ds[0][0] is None and ds[0][1].shape == (3, 224, 224)
 
 
 def test_decode_plan_and_default_workers(monkeypatch):
