@@ -36,7 +36,8 @@ class ExtractConfig:
     weights: str = "imagenet"
     splits: tuple[str, ...] = ("train", "test")
     batch_size: int = 0  # 0 = auto: 16 on CPU (measured best on 2 cores), 256 on CUDA (docs/benchmarks.md)
-    # DataLoader processes beside the trunk; None = auto: 1 on CPU (plenty for 4 images/s), 8 on CUDA.
+    # DataLoader processes beside the trunk; None = auto (extract.default_workers): 1 on CPU (plenty for 4 images/s),
+    # on CUDA 8 that only read (--decode gpu) or the cores but two that decode.
     workers: int | None = None
     precision: str = "auto"
     dtype: str = "float32"  # storage dtype of the features dataset

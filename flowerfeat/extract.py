@@ -109,7 +109,7 @@ def library_versions() -> dict:
 
 
 def split_meta(
-    cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precision: str, feature_dim: int, decoder: str = "pil"
+    cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precision: str, feature_dim: int, decoder: str
 ) -> dict:
     """The self-description of one split's feature file, fingerprint included."""
     n_views = cfg.views if split.name == "train" else 0

@@ -26,10 +26,10 @@ from PIL import Image
 from flowerfeat.data import BadImage, UnitDataset, load_image
 
 
-def gpu_eligible(path, progressive: bool = False) -> tuple[bytearray, int, int] | None:
+def gpu_eligible(path, progressive: bool = False, max_pixels: int | None = None) -> tuple[bytearray, int, int] | None:
     """(the file's bytes, its EXIF orientation 1-8, its pixel count) if the GPU decoder can take it, else None (then
     the CPU path decides). Progressive JPEGs only with ``progressive`` (libjpeg decodes them, nvjpeg's batched
-    hardware path does not)."""
+    hardware path does not); images over ``max_pixels`` (default: Pillow's decompression-bomb limit) never."""
     try:
         os.fsdecode(path).encode("utf-8")  # non-UTF-8 names go to the CPU path, which skips them with the reason
         with open(path, "rb") as f:
@@ -39,12 +39,16 @@ def gpu_eligible(path, progressive: bool = False) -> tuple[bytearray, int, int] 
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:  # header only: no pixels decoded
-                if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                pixels = im.width * im.height
+                if (
+                    im.format != "JPEG"
+                    or im.mode not in ("RGB", "L")
+                    or pixels > (max_pixels or Image.MAX_IMAGE_PIXELS)
+                ):
                     return None
                 if not progressive and (im.info.get("progression") or im.info.get("progressive")):
                     return None  # nvjpeg's batched hardware path is for baseline JPEGs
                 orientation = im.getexif().get(0x0112, 1)
-                pixels = im.width * im.height
         return data, orientation if orientation in range(1, 9) else 1, pixels
     except (
         OSError,
@@ -81,11 +85,13 @@ class RawUnitDataset(UnitDataset):
     reason; path)."""
 
     progressive = False  # whether progressive JPEGs take this path
+    max_pixels: int | None = None  # bigger images take the CPU path
 
     def __getitem__(self, i: int):
         unit = self.units[i]
         path = self.split.root / self.split.items[unit // (1 + self.n_views)].relpath
-        raw = gpu_eligible(path, self.progressive) if unit % (1 + self.n_views) == 0 else None  # views: CPU path
+        eligible = unit % (1 + self.n_views) == 0  # augmented views take the CPU path
+        raw = gpu_eligible(path, self.progressive, self.max_pixels) if eligible else None
         if raw is not None:
             return raw, None, unit, "", path
         tensor, _, reason = super().__getitem__(i)
@@ -105,10 +111,8 @@ class DecodedUnitDataset(RawUnitDataset):
         from torchvision.io import ImageReadMode, decode_jpeg
 
         raw, tensor, unit, reason, path = super().__getitem__(i)
-        if raw is None or raw[2] > self.max_pixels:
-            if raw is not None:
-                tensor, _, reason = UnitDataset.__getitem__(self, i)
-            return None, tensor, unit, reason, path
+        if raw is None:
+            return raw, tensor, unit, reason, path
         try:
             data = torch.frombuffer(raw[0], dtype=torch.uint8)
             img = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=False)  # rotated on the device
