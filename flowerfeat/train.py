@@ -378,7 +378,7 @@ def check_compatible(ck: Checkpoint, feature_meta: dict, features_path: Path, he
     if not diffs and own["model_key"] != feature_meta["model_key"]:
         diffs = ["model_key"]
     if diffs:
-        what = ", ".join(f"{k} {str(own[k])[:50]!s} vs {str(feature_meta[k])[:50]!s}" for k in diffs[:3])
+        what = ", ".join(f"{k} {str(own.get(k))[:50]} vs {str(feature_meta.get(k))[:50]}" for k in diffs[:3])
         raise FlowerfeatError(
             f"{features_path}: features do not match head {head_path} ({what}); extract them with the head's "
             "settings or refit the head on features from the same run"

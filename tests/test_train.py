@@ -138,6 +138,19 @@ def test_features_from_another_layer_are_refused(train_file, tmp_path):
         )
 
 
+def test_head_from_before_the_decoder_field_gets_a_clear_refusal(train_file, tmp_path):
+    # a checkpoint saved before feature files named their decoder lacks the key: a one-line refusal, not a KeyError
+    cfg = FitConfig(features=train_file)
+    res, meta = train.fit(cfg)
+    train.save_checkpoint(tmp_path / "head.pt", res, meta, cfg)
+    ck = train.load_checkpoint(tmp_path / "head.pt")
+    del ck.meta["features"]["decoder"]
+    from flowerfeat import store
+
+    with pytest.raises(FlowerfeatError, match="features do not match head.*decoder None vs pil"):
+        train.check_compatible(ck, store.read_meta(train_file), train_file, tmp_path / "head.pt")
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
