@@ -325,6 +325,8 @@ def read_meta(path: Path) -> dict:
     import h5py
 
     path = Path(path)
+    if path.is_dir():
+        raise FlowerfeatError(f"{path}: is a directory; pass one feature file, e.g. --features {path / 'train.h5'}")
     if not path.is_file():
         raise FlowerfeatError(f"{path}: feature file not found; run `flowerfeat features` first (or pass --features)")
     try:

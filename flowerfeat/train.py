@@ -355,6 +355,8 @@ class Checkpoint:
 
 def load_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
+    if path.is_dir():
+        raise FlowerfeatError(f"{path}: is a directory; pass the checkpoint file, e.g. --head {path / 'head.pt'}")
     if not path.is_file():
         raise FlowerfeatError(f"{path}: head checkpoint not found; run `flowerfeat fit-head` first (or pass --head)")
     try:

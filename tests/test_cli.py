@@ -108,6 +108,11 @@ STRUCTURAL = [
         lambda t: ["report", "--head", t / "none.pt", "--features", _other(t)],
         "head checkpoint not found",
     ),
+    (
+        "report: a directory given as the head",
+        lambda t: ["report", "--head", t, "--features", _other(t)],
+        "is a directory; pass the checkpoint file, e.g. --head",
+    ),
 ]
 
 

@@ -45,6 +45,10 @@ def test_shard_log_from_another_configuration_is_discarded(tmp_path):
 def test_read_meta_refuses_missing_corrupt_truncated_and_unfinished(tmp_path):
     with pytest.raises(FlowerfeatError, match="feature file not found; run `flowerfeat features`"):
         store.read_meta(tmp_path / "nope.h5")
+    with pytest.raises(
+        FlowerfeatError, match=f"is a directory; pass one feature file, e.g. --features {tmp_path}/train.h5"
+    ):
+        store.read_meta(tmp_path)
     (tmp_path / "text.h5").write_text("hello")
     with pytest.raises(FlowerfeatError, match="not a readable HDF5 feature file"):
         store.read_meta(tmp_path / "text.h5")
