@@ -59,7 +59,7 @@ def resolve_weights(weights: str) -> WeightsInfo:
     path = Path(weights)
     if not path.is_file():
         raise FlowerfeatError(
-            f"{path}: weights file not found; pass --weights PATH to a torchvision VGG16 state dict, "
+            f"{path}: {'is a directory, not a weights file' if path.is_dir() else 'weights file not found'}; pass --weights PATH to a torchvision VGG16 state dict, "
             "--weights imagenet to download torchvision's, or --weights none for random init"
         )
     return WeightsInfo("file", path.name, sha256_file(path))

@@ -77,6 +77,8 @@ def test_bad_weights_files_are_refused(tmp_path, content, message):
 def test_missing_weights_file_names_the_ways_out(tmp_path):
     with pytest.raises(FlowerfeatError, match="weights file not found.*--weights imagenet.*--weights none"):
         backbone.resolve_weights(str(tmp_path / "nope.pth"))
+    with pytest.raises(FlowerfeatError, match="is a directory, not a weights file; pass --weights PATH"):
+        backbone.resolve_weights(str(tmp_path))
 
 
 def test_offline_download_names_both_ways_out(monkeypatch, tmp_path):
