@@ -92,7 +92,7 @@ def scan_data(root: Path, splits: tuple[str, ...] = ("train", "test")) -> dict[s
     root = Path(root)
     if not root.is_dir():
         raise FlowerfeatError(
-            f"{root}: data folder not found; run `flowerfeat download` or pass --data DIR "
+            f"{root}: {'is a file, not a data folder' if root.exists() else 'data folder not found'}; run `flowerfeat download` or pass --data DIR "
             "(an ImageFolder with train/<class>/ and test/<class>/)"
         )
     out: dict[str, Split] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -41,6 +42,7 @@ def test_hidden_and_non_image_files_are_ignored(folder):
     "breakage, message",
     [
         (lambda r: r.rename(r.parent / "elsewhere"), "data folder not found"),
+        (lambda r: shutil.rmtree(r) or r.write_text("x"), "is a file, not a data folder; run"),
         (lambda r: (r / "test").rename(r / "tst"), "no 'test' folder"),
         (lambda r: [p.unlink() for p in (r / "train" / "roses").iterdir()], "class folder has no images"),
         (lambda r: (r / "test" / "roses").rename(r / "test" / "rose"), "classes differ"),
