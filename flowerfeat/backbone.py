@@ -58,8 +58,9 @@ def resolve_weights(weights: str) -> WeightsInfo:
         return WeightsInfo("none", "none", "")
     path = Path(weights)
     if not path.is_file():
+        what = "is a directory, not a weights file" if path.is_dir() else "weights file not found"
         raise FlowerfeatError(
-            f"{path}: {'is a directory, not a weights file' if path.is_dir() else 'weights file not found'}; pass --weights PATH to a torchvision VGG16 state dict, "
+            f"{path}: {what}; pass --weights PATH to a torchvision VGG16 state dict, "
             "--weights imagenet to download torchvision's, or --weights none for random init"
         )
     return WeightsInfo("file", path.name, sha256_file(path))

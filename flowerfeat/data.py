@@ -91,8 +91,9 @@ def scan_data(root: Path, splits: tuple[str, ...] = ("train", "test")) -> dict[s
     """Scan every split and check they share one class list."""
     root = Path(root)
     if not root.is_dir():
+        what = "is a file, not a data folder" if root.exists() else "data folder not found"
         raise FlowerfeatError(
-            f"{root}: {'is a file, not a data folder' if root.exists() else 'data folder not found'}; run `flowerfeat download` or pass --data DIR "
+            f"{root}: {what}; run `flowerfeat download` or pass --data DIR "
             "(an ImageFolder with train/<class>/ and test/<class>/)"
         )
     out: dict[str, Split] = {}
