@@ -25,8 +25,11 @@ def _fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def command(*args, **kwargs):
-    """app.command that turns FlowerfeatError into `error: ...` + exit 2, and Ctrl-C into exit 130."""
+def command(*args, resumable: bool = False, **kwargs):
+    """app.command that turns FlowerfeatError into `error: ...` + exit 2, and Ctrl-C into exit 130.
+
+    Only a resumable command (features) promises that rerunning it picks up where an OSError stopped it.
+    """
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -41,7 +44,8 @@ def command(*args, **kwargs):
                 _fail("interrupted", 130)
             except OSError as e:  # disk full, permissions, a vanished file: finished work is kept
                 where = f"{e.filename}: " if e.filename else ""
-                _fail(f"{where}{e.strerror or e}; finished batches are saved, fix this and rerun to resume", 1)
+                then = "finished batches are saved, fix this and rerun to resume" if resumable else "fix this and rerun"
+                _fail(f"{where}{e.strerror or e}; {then}", 1)
 
         return app.command(*args, **kwargs)(inner)
 
@@ -83,7 +87,7 @@ def download(
     typer.echo(f"{out}: {counts['train']} train and {counts['test']} test images")
 
 
-@command()
+@command(resumable=True)
 def features(
     data: Path = typer.Option(
         Path("data/flower_photos"), help="ImageFolder root with train/<class>/ and test/<class>/."
@@ -307,6 +311,10 @@ def predict(
 
     if top_k < 1:
         _fail(f"--top-k must be >= 1, got {top_k}")
+    if output is not None:  # checked before any image is classified, so a bad path costs nothing
+        if output.suffix.lower() not in (".csv", ".json"):
+            _fail(f"{output}: --output must end in .csv or .json")
+        output.parent.mkdir(parents=True, exist_ok=True)
     ck = load_checkpoint(head)
     info, weights_arg = weights_for(ck, weights)
     images = list_images(list(paths))

@@ -99,7 +99,7 @@ def predict(
 
 
 def write_predictions(preds: list[Prediction], path: Path) -> None:
-    """CSV (path, rank, class, probability, error) or JSON, by the file's suffix."""
+    """CSV (path, rank, class, probability, error) or JSON (a .json suffix)."""
     path = Path(path)
     if path.suffix.lower() == ".json":
         rows = [

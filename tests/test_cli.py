@@ -219,3 +219,14 @@ def test_every_command_is_documented_in_the_readme():
     for cmd in app.registered_commands:
         name = cmd.name or cmd.callback.__name__
         assert f"flowerfeat {name}" in readme, name
+
+
+def test_an_os_error_outside_features_promises_no_resume(tmp_path):
+    """fit-head's --out under a plain file: exit 1, the path named, no 'finished batches are saved' (features only)."""
+    x, y = blobs(5, dim=8)
+    feats = write_features(tmp_path / "train.h5", x, y)
+    blocker = _file(tmp_path)
+    r = run("fit-head", "--features", feats, "--out", blocker / "head.pt", "--epochs", "1")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert f"error: {blocker}" in r.output and r.output.strip().endswith("fix this and rerun")
+    assert "finished batches" not in r.output

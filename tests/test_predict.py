@@ -73,11 +73,20 @@ def test_predict_lines_and_files(head_fc7, tmp_path):
     assert len(rows) == 3 * 2 + 1
     first = [row for row in rows if row["rank"] == "1"]
     assert all(row["class"] in ("daisy", "roses", "tulips") and 0 < float(row["probability"]) <= 1 for row in first)
-    r = runner.invoke(
-        app, ["predict", str(root / "new" / "roses"), "--head", str(head_fc7), "--output", str(tmp_path / "p.json")]
-    )
-    data = json.loads((tmp_path / "p.json").read_text())
+    out = tmp_path / "new_folder" / "p.json"  # its folder is made
+    r = runner.invoke(app, ["predict", str(root / "new" / "roses"), "--head", str(head_fc7), "--output", str(out)])
+    data = json.loads(out.read_text())
     assert r.exit_code == 0 and len(data) == 1 and data[0]["top"][0]["class"] in ("daisy", "roses", "tulips")
+
+
+def test_predict_refuses_an_unknown_output_format_before_classifying(head_fc7, tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "imgs", {"new": 1})
+    monkeypatch.setattr(
+        backbone, "build_trunk", lambda *a: pytest.fail("the trunk was built before --output was checked")
+    )
+    r = runner.invoke(app, ["predict", str(root), "--head", str(head_fc7), "--output", str(tmp_path / "p.txt")])
+    assert r.exit_code == 2 and "p.txt: --output must end in .csv or .json" in r.output
+    assert not (tmp_path / "p.txt").exists()
 
 
 def test_predict_refuses_other_weights(head_fc7, tmp_path):
