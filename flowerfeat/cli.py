@@ -306,15 +306,13 @@ def predict(
     Example: flowerfeat predict my_photos/ --top-k 3 --output predictions.csv
     """
     from flowerfeat import backbone
-    from flowerfeat.predict import list_images, predict as run_predict, weights_for, write_predictions
+    from flowerfeat.predict import list_images, predict as run_predict, prepare_output, weights_for, write_predictions
     from flowerfeat.train import load_checkpoint
 
     if top_k < 1:
         _fail(f"--top-k must be >= 1, got {top_k}")
-    if output is not None:  # checked before any image is classified, so a bad path costs nothing
-        if output.suffix.lower() not in (".csv", ".json"):
-            _fail(f"{output}: --output must end in .csv or .json")
-        output.parent.mkdir(parents=True, exist_ok=True)
+    if output is not None:
+        prepare_output(output)
     ck = load_checkpoint(head)
     info, weights_arg = weights_for(ck, weights)
     images = list_images(list(paths))

@@ -98,8 +98,16 @@ def predict(
     return sorted(results, key=lambda r: order[r.path])
 
 
+def prepare_output(path: Path) -> None:
+    """Check a predictions file's suffix and make its folder, before any image is classified (a bad path then
+    costs nothing)."""
+    if path.suffix.lower() not in (".csv", ".json"):
+        raise FlowerfeatError(f"{path}: --output must end in .csv or .json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def write_predictions(preds: list[Prediction], path: Path) -> None:
-    """CSV (path, rank, class, probability, error) or JSON (a .json suffix)."""
+    """CSV (path, rank, class, probability, error) or JSON, by the suffix prepare_output checked."""
     path = Path(path)
     if path.suffix.lower() == ".json":
         rows = [
