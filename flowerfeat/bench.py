@@ -56,7 +56,7 @@ def subset(split: Split, n: int) -> Split:
 def _loader(split: Split, batch_size: int, workers: int):
     from torch.utils.data import DataLoader
 
-    ds = UnitDataset(split, list(range(len(split.items))), 0, backbone.build_transform(), None, 0)
+    ds = UnitDataset(split, 0, backbone.build_transform(), None, 0)
     return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_units)
 
 
@@ -97,7 +97,7 @@ def naive_loop(split: Split, trunk: nn.Module, batch_size: int = 20) -> float:
 def cosine_agreement(trunk: nn.Module, split: Split, n: int) -> float:
     """Mean cosine similarity of bf16-autocast vs fp32 features over ``n`` images."""
     sub = subset(split, n)
-    ds = UnitDataset(sub, list(range(len(sub.items))), 0, backbone.build_transform(), None, 0)
+    ds = UnitDataset(sub, 0, backbone.build_transform(), None, 0)
     x, _ids, _ = collate_units([ds[i] for i in range(len(ds))])
     x = x.contiguous(memory_format=torch.channels_last)
     a, b = backbone.trunk_rows(trunk, x, "fp32"), backbone.trunk_rows(trunk, x, "bf16")
@@ -124,86 +124,53 @@ class BenchResult:
     figures: dict
 
 
-def run_bench(
-    data: Path,
-    weights: str,
-    layer: str,
-    limit: int,
-    batch_size: int,
-    workers: int,
-    precision: str,
-    agreement_images: int,
-    log: Callable[[str], None] = print,
-) -> BenchResult:
-    from flowerfeat.extract import Dist, extract_split
+def _flowerfeat_run(cfg: ExtractConfig, train: Split, test: Split, fig: dict, log) -> str:
+    """(c) flowerfeat end to end on the two subsets: features, fit-head --epochs 2, report; returns the overall line."""
+    from flowerfeat.extract import extract_split, resolve_setup
     from flowerfeat.report import Evaluation, textbook_lines
+    from flowerfeat.store import load_features
     from flowerfeat.train import evaluate, fit
 
-    splits = scan_data(Path(data))
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = cfg.replace(out=Path(tmp))
+        setup = resolve_setup(cfg)
+        trunk = setup.get_trunk()
+        fig["gflop_per_image"] = gflop_per_image(trunk)
+        t0 = time.perf_counter()
+        fig["extract_s"] = sum(extract_split(cfg, split, setup).seconds for split in (train, test))
+        t1 = time.perf_counter()
+        result, _ = fit(FitConfig(features=Path(tmp) / "train.h5", epochs=2))
+        t2 = time.perf_counter()
+        fs = load_features(Path(tmp) / "test.h5")
+        loss, pred, probs = evaluate(result.weight, result.bias, fs.features, fs.labels)
+        lines = textbook_lines(Evaluation(list(fs.meta["classes"]), fs.labels, pred, probs, loss, fs.paths, ""))
+        fig["flowerfeat_s"] = time.perf_counter() - t0
+        fig["fit_s"] = t2 - t1
+    fig["flowerfeat_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return lines[-1].strip()
+
+
+def run_bench(cfg: ExtractConfig, limit: int, agreement_images: int, log: Callable[[str], None] = print) -> BenchResult:
+    """Time (a) the textbook loop, (b) a naive extraction loop and (c) flowerfeat on the same ``limit`` images of
+    ``cfg.data`` (80 % train, 20 % test), extracting with ``cfg``'s settings, on the CPU."""
+    splits = scan_data(Path(cfg.data))
     n_test = max(len(splits["train"].classes), round(limit * 0.2))
     train, test = subset(splits["train"], limit - n_test), subset(splits["test"], n_test)
     n_images = len(train.items) + len(test.items)
-    info = backbone.resolve_weights(weights)
     device = torch.device("cpu")
-    prec = backbone.resolve_precision(precision, device)
-    fig = {
-        "train_images": len(train.items),
-        "test_images": len(test.items),
-        "threads": torch.get_num_threads(),
-        "precision": prec,
-        "layer": layer,
-        "batch_size": batch_size,
-        "workers": workers,
-    }
+    cfg = cfg.replace(device="cpu", precision=backbone.resolve_precision(cfg.precision, device))
+    prec, info = cfg.precision, backbone.resolve_weights(cfg.weights)
+    fig = {"train_images": len(train.items), "test_images": len(test.items), "threads": torch.get_num_threads()}
+    fig.update(precision=prec, layer=cfg.layer, batch_size=cfg.batch_size, workers=cfg.workers)
     log(
-        f"{len(train.items)} train + {len(test.items)} test images; layer {layer}; precision {prec}; "
+        f"{len(train.items)} train + {len(test.items)} test images; layer {cfg.layer}; precision {prec}; "
         f"{torch.get_num_threads()} threads"
     )
     fig["fp32_peak"] = matmul_peak(torch.float32, device)
     fig["bf16_peak"] = matmul_peak(torch.bfloat16, device, n=1024 if not backbone.cpu_has_bf16() else 2048)
     log(f"matmul peak: fp32 {fig['fp32_peak']:.0f} GFLOP/s, bf16 {fig['bf16_peak']:.1f} GFLOP/s")
 
-    # (c) flowerfeat end to end: features for both splits, fit-head --epochs 2, report.
-    trunk = backbone.build_trunk(info, layer, weights)
-    fig["gflop_per_image"] = gflop_per_image(trunk)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = ExtractConfig(
-            data=Path(data),
-            out=Path(tmp),
-            layer=layer,
-            weights=weights,
-            batch_size=batch_size,
-            workers=workers,
-            precision=prec,
-        )
-        ct = trunk.to(memory_format=torch.channels_last)
-        t0 = time.perf_counter()
-        extract_s = 0.0
-        for split in (train, test):
-            r = extract_split(
-                cfg,
-                split,
-                info,
-                prec,
-                backbone.FEATURE_DIMS[layer],
-                device,
-                lambda: ct,
-                backbone.build_transform(),
-                backbone.Augment(),
-                dist=Dist(),
-            )
-            extract_s += r.seconds
-        t1 = time.perf_counter()
-        result, _ = fit(FitConfig(features=Path(tmp) / "train.h5", epochs=2))
-        t2 = time.perf_counter()
-        from flowerfeat.store import load_features
-
-        fs = load_features(Path(tmp) / "test.h5")
-        loss, pred, probs = evaluate(result.weight, result.bias, fs.features, fs.labels)
-        lines = textbook_lines(Evaluation(list(fs.meta["classes"]), fs.labels, pred, probs, loss, fs.paths, ""))
-        fig["flowerfeat_s"] = time.perf_counter() - t0
-        fig["extract_s"], fig["fit_s"] = extract_s, t2 - t1
-    fig["flowerfeat_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    overall = _flowerfeat_run(cfg, train, test, fig, log)
     fig["extract_ips"] = n_images / fig["extract_s"]
     fig["flowerfeat_ips"] = n_images / fig["flowerfeat_s"]
     achieved = fig["extract_ips"] * fig["gflop_per_image"]
@@ -211,41 +178,41 @@ def run_bench(
     log(
         f"(c) flowerfeat: {fig['flowerfeat_s']:.1f} s end to end ({fig['flowerfeat_ips']:.2f} images/s); extraction "
         f"{fig['extract_ips']:.2f} images/s = {achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the {prec} matmul peak; "
-        f"fit-head {fig['fit_s']:.2f} s; {lines[-1].strip()}"
+        f"fit-head {fig['fit_s']:.2f} s; {overall}"
     )
 
-    # (b) naive extraction loop on the same images.
-    naive = backbone.build_trunk(info, layer, weights)
+    naive = backbone.build_trunk(info, cfg.layer, cfg.weights)
     fig["naive_s"] = naive_loop(train, naive) + naive_loop(test, naive)
     fig["naive_ips"] = n_images / fig["naive_s"]
     log(f"(b) naive loop: {fig['naive_s']:.1f} s ({fig['naive_ips']:.2f} images/s)")
 
-    # (a) the textbook's 2-epoch loop through the whole network.
-    vgg = (
-        backbone.load_vgg16(info, "pool5", weights) if info.kind != "torchvision" else backbone.load_vgg16(info, "fc7")
-    )
+    # the textbook's whole VGG16; offline the conv weights alone (pool5) are what a local file holds
+    vgg = backbone.load_vgg16(info, "pool5" if info.kind != "torchvision" else "fc7", cfg.weights)
     fig["textbook_s"] = textbook_loop(train, test, vgg)
     fig["textbook_ips"] = n_images / fig["textbook_s"]
     log(f"(a) textbook loop: {fig['textbook_s']:.1f} s ({fig['textbook_ips']:.2f} images/s over the image set)")
 
     fig["fit_2600x4096_s"] = fit_timing(2600, 4096, len(train.classes))
     log(f"fit-head --epochs 2 on 2,600 x 4,096 synthetic rows: {fig['fit_2600x4096_s']:.3f} s")
-
     if agreement_images:
-        fig["bf16_cosine"] = cosine_agreement(trunk, test, agreement_images)
+        fig["bf16_cosine"] = cosine_agreement(naive, test, agreement_images)
         log(
             f"bf16 vs fp32 features: mean cosine {fig['bf16_cosine']:.5f} over {min(agreement_images, len(test.items))} images"
         )
+    return BenchResult(_summary(fig, achieved, peak, len(train.items), log), fig)
+
+
+def _summary(fig: dict, achieved: float, peak: float, n_train: int, log) -> list[str]:
     fig["naive_over_flowerfeat_extract"] = fig["naive_s"] / fig["extract_s"]
     fig["textbook_over_flowerfeat"] = fig["textbook_s"] / fig["flowerfeat_s"]
     summary = [
         f"extraction speed-up over the naive loop (b)/(c): {fig['naive_over_flowerfeat_extract']:.2f}x",
         f"end-to-end speed-up over the textbook (a)/(c): {fig['textbook_over_flowerfeat']:.2f}x",
         f"achieved {achieved:.0f} GFLOP/s ({fig['gflop_per_image']:.1f} GFLOP/image) = {achieved / peak:.0%} of the "
-        f"measured {prec} matmul peak ({peak:.0f} GFLOP/s)",
-        f"fit-head --epochs 2 on {len(train.items)} rows: {fig['fit_s']:.3f} s; peak RSS during (c): "
+        f"measured {fig['precision']} matmul peak ({peak:.0f} GFLOP/s)",
+        f"fit-head --epochs 2 on {n_train} rows: {fig['fit_s']:.3f} s; peak RSS during (c): "
         f"{fig['flowerfeat_peak_rss_mib']:.0f} MiB",
     ]
     for s in summary:
         log(s)
-    return BenchResult(summary, fig)
+    return summary

@@ -148,17 +148,17 @@ def view_seed(seed: int, relpath: str, view: int) -> int:
 
 
 class UnitDataset:
-    """Map-style dataset over units = (item, view); yields (tensor or None, unit id, reason)."""
+    """Map-style dataset over a split's units (image x view, see extract.py); item ``u`` is (tensor or None, u,
+    reason)."""
 
-    def __init__(self, split: Split, units: list[int], n_views: int, transform, augment, seed: int):
-        self.split, self.units, self.n_views = split, units, n_views
+    def __init__(self, split: Split, n_views: int, transform, augment, seed: int):
+        self.split, self.n_views = split, n_views
         self.transform, self.augment, self.seed = transform, augment, seed
 
     def __len__(self) -> int:
-        return len(self.units)
+        return len(self.split.items) * (1 + self.n_views)
 
-    def __getitem__(self, i: int):
-        unit = self.units[i]
+    def __getitem__(self, unit: int):
         item = self.split.items[unit // (1 + self.n_views)]
         view = unit % (1 + self.n_views)
         try:

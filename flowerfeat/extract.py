@@ -1,4 +1,12 @@
-"""The extraction loop: read -> trunk -> write, per split, resumable, each stage timed."""
+"""The extraction loop: plan -> read -> trunk -> write -> finish, per split; resumable, sharded, each stage timed.
+
+The model of the work. A split's *units* are its images times their views: unit ``u`` is image ``u // (1 + views)``,
+view ``u % (1 + views)`` (view 0 is the centre crop). Units whose rows the previous finished file already holds are
+reused; the others are cut into batches of ``batch_size`` in unit order, and batch ``i`` belongs to rank
+``i % world``, so torchrun's ranks form the very batches one process would. Each rank appends its finished batches
+to its own shard log, committed about once a second; a rerun resumes every rank after its last committed batch.
+When all ranks are done, rank 0 merges the reused rows and every shard, in unit order, into the finished file.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +18,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
 from flowerfeat import FORMAT_VERSION, __version__, store
-from flowerfeat.backbone import FEATURE_DIMS, WeightsInfo, preprocessing, trunk_rows
-from flowerfeat.config import ExtractConfig
+from flowerfeat.backbone import FEATURE_DIMS, Augment, WeightsInfo, preprocessing, trunk_rows
+from flowerfeat.config import AUTO_BATCH_SIZE, ExtractConfig
 from flowerfeat.data import Split, UnitDataset, collate_units, scan_data
 from flowerfeat.errors import FlowerfeatError
 
@@ -57,6 +65,8 @@ class Progress:
 
 @dataclass
 class SplitResult:
+    """What bringing one split's file up to date did, and where the time went."""
+
     split: str
     path: Path
     status: str  # "up to date", "extracted", "resumed", "updated"
@@ -95,6 +105,67 @@ def dist_from_env() -> tuple[Dist, Callable[[], None]]:
     return Dist(td.get_rank(), td.get_world_size(), td.barrier), td.destroy_process_group
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What an extraction works out once for all its splits: whose features, and how the trunk runs."""
+
+    weights: WeightsInfo
+    feature_dim: int
+    precision: str  # fp32 or bf16
+    device: torch.device
+    mode: str  # decode mode: cpu, gpu or hybrid
+    decoder: str  # what makes the pixels: pil, nvjpeg or libjpeg
+    batch_size: int
+    workers: int
+    transform: Callable  # PIL image -> normalised (3, 224, 224) tensor, the weights' own
+    augment: Augment
+    get_trunk: Callable[[], torch.nn.Module]  # built on first use, so an up-to-date run never loads weights
+
+
+def resolve_setup(cfg: ExtractConfig, dist: Dist = Dist(), trunk: torch.nn.Module | None = None) -> Setup:
+    """Resolve weights, device, precision, decoder, batch size and readers for ``cfg``; nothing is loaded yet.
+
+    ``trunk`` replaces the VGG16 trunk (tests hand in a small network); it must carry ``feature_dim`` and an
+    ``identity`` string, which stands in for the weights' identity in the fingerprint.
+    """
+    from flowerfeat import backbone
+
+    if trunk is None:
+        winfo, feature_dim = backbone.resolve_weights(cfg.weights), FEATURE_DIMS[cfg.layer]
+    else:
+        winfo, feature_dim = WeightsInfo("custom", trunk.identity, ""), int(trunk.feature_dim)
+    device = backbone.resolve_device(cfg.device)
+    if dist.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.rank % torch.cuda.device_count())
+    mode, decoder = decode_plan(cfg.decode, device)
+    built: list[torch.nn.Module] = []
+
+    def get_trunk() -> torch.nn.Module:
+        if not built:
+            t = trunk if trunk is not None else backbone.build_trunk(winfo, cfg.layer, cfg.weights)
+            t = t.to(device)
+            if cfg.channels_last:
+                t = t.to(memory_format=torch.channels_last)
+            if cfg.compile:  # 1.7x on the trunk alone on an H100; compiles on the first batch (docs/benchmarks.md)
+                t = torch.compile(t)
+            built.append(t)
+        return built[0]
+
+    return Setup(
+        weights=winfo,
+        feature_dim=feature_dim,
+        precision=backbone.resolve_precision(cfg.precision, device),
+        device=device,
+        mode=mode,
+        decoder=decoder,
+        batch_size=cfg.batch_size or AUTO_BATCH_SIZE["cuda" if device.type == "cuda" else "cpu"],
+        workers=cfg.workers if cfg.workers is not None else default_workers(mode, device),
+        transform=backbone.build_transform(),
+        augment=backbone.Augment(),
+        get_trunk=get_trunk,
+    )
+
+
 def library_versions() -> dict:
     import h5py
     import torchvision
@@ -108,22 +179,20 @@ def library_versions() -> dict:
     }
 
 
-def split_meta(
-    cfg: ExtractConfig, split: Split, winfo: WeightsInfo, precision: str, feature_dim: int, decoder: str
-) -> dict:
+def split_meta(cfg: ExtractConfig, split: Split, setup: Setup) -> dict:
     """The self-description of one split's feature file, fingerprint included."""
-    n_views = cfg.views if split.name == "train" else 0
+    n_views = split_views(cfg, split)
     meta = {
         "format_version": FORMAT_VERSION,
         "split": split.name,
         "classes": list(split.classes),
         "layer": cfg.layer,
-        "feature_dim": feature_dim,
-        "weights": winfo.identity,
-        "weights_sha256": winfo.sha256,
+        "feature_dim": setup.feature_dim,
+        "weights": setup.weights.identity,
+        "weights_sha256": setup.weights.sha256,
         "preprocessing": preprocessing(),
-        "precision": precision,
-        "decoder": decoder,
+        "precision": setup.precision,
+        "decoder": setup.decoder,
         "dtype": cfg.dtype,
         "compression": cfg.compression,
         "views": n_views,
@@ -138,7 +207,7 @@ def split_meta(
     return meta
 
 
-def _reusable_rows(final: Path, old: dict | None, meta: dict, split: Split) -> tuple[dict, str]:
+def _reusable_rows(final: Path, old: dict | None, meta: dict, split: Split) -> tuple[dict[int, int], str]:
     """Rows of the existing finished file (metadata ``old``) that stay valid: unit -> row, and why the rest are
     (re)extracted."""
     import h5py
@@ -168,6 +237,40 @@ def _reusable_rows(final: Path, old: dict | None, meta: dict, split: Split) -> t
     if len(reuse) == len(old_rows) == len(split.items) * nv:
         return reuse, "same images and settings, older fingerprint: rewriting from cached rows"
     return reuse, "image list changed"
+
+
+@dataclass(frozen=True)
+class WorkPlan:
+    """One rank's share of a split: which units are reused, which batches it computes, where it resumes."""
+
+    reuse: dict[int, int]  # unit -> row of the previous finished file
+    batches: list[list[int]]  # this rank's batches of units, in order
+    resume_at: int  # batches an earlier run of this rank already committed
+
+    @property
+    def remaining(self) -> list[list[int]]:
+        return self.batches[self.resume_at :]
+
+    @property
+    def done_before(self) -> int:
+        """Units already finished when this run starts: reused ones and committed batches."""
+        return len(self.reuse) + sum(len(b) for b in self.batches[: self.resume_at])
+
+    @property
+    def total(self) -> int:
+        return len(self.reuse) + sum(len(b) for b in self.batches)
+
+    @property
+    def computed(self) -> int:
+        """Units this run sends through the trunk."""
+        return sum(len(b) for b in self.remaining)
+
+
+def plan_work(n_units: int, reuse: dict[int, int], batch_size: int, dist: Dist, committed: int = 0) -> WorkPlan:
+    """Batches of the units not reused, interleaved over the ranks: the same batches for any number of ranks."""
+    todo = [u for u in range(n_units) if u not in reuse]
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    return WorkPlan(reuse=reuse, batches=batches[dist.rank :: dist.world], resume_at=committed)
 
 
 class _Writer:
@@ -203,6 +306,33 @@ class _Writer:
         self.log.close()
         if self.error:
             raise self.error
+
+
+def make_loader(split: Split, n_views: int, view_seed: int, setup: Setup, batches: list[list[int]]):
+    """Batches of (x or None, unit ids, skipped) for ``batches``, read by ``setup.workers`` processes; in the gpu and
+    hybrid modes prepared on the device."""
+    from torch.utils.data import DataLoader
+
+    on_device = setup.mode != "cpu"  # JPEGs resized on the device (and, in gpu mode, decoded there)
+    dataset_type = UnitDataset
+    if on_device:
+        from flowerfeat.gpudecode import DecodedUnitDataset, GpuPreprocess, RawUnitDataset, collate_raw
+
+        dataset_type = DecodedUnitDataset if setup.mode == "hybrid" else RawUnitDataset
+    dataset = dataset_type(split, n_views, setup.transform, setup.augment, view_seed)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=setup.workers,
+        collate_fn=collate_raw if on_device else collate_units,
+        pin_memory=setup.device.type == "cuda" and not on_device,  # GpuPreprocess pins what goes to the device
+        # batches queued per reader: decoded ones are big (a 256-image batch of pixels ~90 MB of shared memory),
+        # and readers that decode are many
+        prefetch_factor=(4 if setup.mode == "gpu" else 2) if setup.workers else None,
+    )
+    if on_device:  # (x on device, unit ids, skipped) per batch, prepared on the device
+        return GpuPreprocess(setup.device, setup.transform).batches(loader, PREP_THREADS)
+    return loader
 
 
 def run_batches(
@@ -261,88 +391,72 @@ def run_batches(
 def extract_split(
     cfg: ExtractConfig,
     split: Split,
-    winfo: WeightsInfo,
-    precision: str,
-    feature_dim: int,
-    device: torch.device,
-    get_trunk: Callable[[], torch.nn.Module],
-    transform,
-    augment,
+    setup: Setup,
     on_progress: Callable[[Progress], None] = lambda p: None,
     dist: Dist = Dist(),
 ) -> SplitResult:
     """Bring ``<out>/<split>.h5`` up to date: nothing if its fingerprint matches, else extract what is missing."""
     t_start = time.perf_counter()
-    out = Path(cfg.out)
-    final = out / f"{split.name}.h5"
-    mode, decoder = decode_plan(cfg.decode, device)
-    batch_size = cfg.batch_size or (256 if device.type == "cuda" else 16)
-    workers = cfg.workers if cfg.workers is not None else default_workers(mode, device)
-    meta = split_meta(cfg, split, winfo, precision, feature_dim, decoder)
-    n_views = meta["views"]
-    nv = 1 + n_views
-    n_units = len(split.items) * nv
-
+    final = Path(cfg.out) / f"{split.name}.h5"
+    meta = split_meta(cfg, split, setup)
     try:
         old = store.read_meta(final) if final.exists() else None
     except FlowerfeatError:
         old = None
     if old is not None and old.get("fingerprint") == meta["fingerprint"]:
         return SplitResult(
-            split.name, final, "up to date", "fingerprint matches", int(old["num_rows"]), 0, store.read_skipped(final)
+            split=split.name,
+            path=final,
+            status="up to date",
+            reason="fingerprint matches",
+            rows=int(old["num_rows"]),
+            computed=0,
+            skipped=store.read_skipped(final),
         )
     reuse, reason = _reusable_rows(final, old, meta, split)
-    trunk = get_trunk()  # built (and its weights checked) before anything is written
-    todo = [u for u in range(n_units) if u not in reuse]
-    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    mine = [b for i, b in enumerate(batches) if i % dist.world == dist.rank]  # interleaved: same batches as 1 rank
+    setup.get_trunk()  # built (and its weights checked) before anything is written
+    n_units = len(split.items) * (1 + meta["views"])
+    partial_root = final.with_name(final.name + ".partial")
+    header = _shard_header(meta, setup.batch_size, n_units - len(reuse), dist)
+    log = store.ShardLog(partial_root / f"rank{dist.rank}of{dist.world}", header)
+    plan = plan_work(n_units, reuse, setup.batch_size, dist, committed=log.batches)
+    status = "resumed" if plan.resume_at else ("updated" if reuse else "extracted")
+    if log.discarded:
+        reason += f"; discarded {log.discarded}"
+    result = SplitResult(split=split.name, path=final, status=status, reason=reason, rows=0, computed=plan.computed)
+    _run_plan(cfg, split, setup, plan, log, result, on_progress)
+    t_finish = time.perf_counter()
+    dist.barrier()
+    if dist.rank == 0:
+        result.skipped, result.rows = _finish(final, meta, split, reuse, partial_root, dist.world, header)
+        shutil.rmtree(partial_root, ignore_errors=True)
+    result.finish_s = time.perf_counter() - t_finish
+    dist.barrier()
+    result.seconds = time.perf_counter() - t_start
+    return result
 
-    partial_root = out / f"{split.name}.h5.partial"
-    header = {
+
+def _shard_header(meta: dict, batch_size: int, todo: int, dist: Dist) -> dict:
+    """What a shard log must match to be resumed: the same work, cut the same way, for the same rank."""
+    return {
         "fingerprint": meta["fingerprint"],
         "feature_dim": meta["feature_dim"],
         "dtype": meta["dtype"],
         "batch_size": batch_size,
-        "todo": len(todo),
+        "todo": todo,
         "world": dist.world,
         "rank": dist.rank,
     }
-    log = store.ShardLog(partial_root / f"rank{dist.rank}of{dist.world}", header)
-    status = "resumed" if log.batches else ("updated" if reuse else "extracted")
-    if log.discarded:
-        reason += f"; discarded {log.discarded}"
-    remaining = mine[log.batches :]
-    done_before = len(reuse) + sum(len(b) for b in mine[: log.batches])
-    total = len(reuse) + sum(len(b) for b in mine)
-    prog = Progress(split.name, done_before, total)
-    on_progress(prog)
 
-    read_s = compute_s = 0.0
+
+def _run_plan(cfg, split, setup: Setup, plan: WorkPlan, log, result: SplitResult, on_progress) -> None:
+    """Compute this rank's remaining batches into ``log``, reporting progress; timings go into ``result``."""
+    prog = Progress(split.name, plan.done_before, plan.total)
+    on_progress(prog)
     t_loop = time.perf_counter()
     writer = _Writer(log)
     try:
-        if remaining:
-            from torch.utils.data import DataLoader
-
-            gpu = mode != "cpu"  # JPEGs resized on the device (and, in gpu mode, decoded there)
-            dataset_type = UnitDataset
-            if gpu:
-                from flowerfeat.gpudecode import DecodedUnitDataset, GpuPreprocess, RawUnitDataset, collate_raw
-
-                dataset_type = DecodedUnitDataset if mode == "hybrid" else RawUnitDataset
-            dataset = dataset_type(split, list(range(n_units)), n_views, transform, augment, cfg.view_seed)
-            loader = DataLoader(
-                dataset,
-                batch_sampler=remaining,
-                num_workers=workers,
-                collate_fn=collate_raw if gpu else collate_units,
-                pin_memory=device.type == "cuda" and not gpu,  # GpuPreprocess pins what goes to the device
-                # batches queued per reader: decoded ones are big (a 256-image batch of pixels ~90 MB of shared
-                # memory), and readers that decode are many
-                prefetch_factor=(4 if mode == "gpu" else 2) if workers else None,
-            )
-            if gpu:  # (x on device, unit ids, skipped) per batch, prepared on the device
-                loader = GpuPreprocess(device, transform).batches(loader, PREP_THREADS)
+        if plan.remaining:
 
             def on_batch(n, r, c):
                 prog.done += n
@@ -352,39 +466,33 @@ def extract_split(
                 prog.loop_s = time.perf_counter() - t_loop
                 on_progress(prog)
 
-            read_s, compute_s = run_batches(
-                trunk, loader, writer, device, precision, cfg.channels_last, on_batch, pad_to=batch_size
+            loader = make_loader(split, split_views(cfg, split), cfg.view_seed, setup, plan.remaining)
+            result.read_s, result.compute_s = run_batches(
+                setup.get_trunk(),
+                loader,
+                writer,
+                setup.device,
+                setup.precision,
+                cfg.channels_last,
+                on_batch,
+                pad_to=setup.batch_size,
             )
     finally:
         writer.close()
-    computed = sum(len(b) for b in remaining)
-    t_finish = time.perf_counter()
-    loop_s = t_finish - t_loop
+    result.write_s = writer.write_s
+    result.loop_s = time.perf_counter() - t_loop
 
-    dist.barrier()
-    skipped_named: list[tuple[str, str]] = []
-    if dist.rank == 0:
-        skipped_named, n_rows = _finish(final, meta, split, reuse, partial_root, dist.world, header)
-        shutil.rmtree(partial_root, ignore_errors=True)
-    else:
-        n_rows = 0
-    finish_s = time.perf_counter() - t_finish
-    dist.barrier()
-    return SplitResult(
-        split.name,
-        final,
-        status,
-        reason,
-        n_rows,
-        computed,
-        skipped_named,
-        time.perf_counter() - t_start,
-        read_s,
-        compute_s,
-        writer.write_s,
-        loop_s,
-        finish_s,
-    )
+
+def split_views(cfg: ExtractConfig, split: Split) -> int:
+    """Augmented views per image of ``split``: test splits always hold centre crops only."""
+    return cfg.views if split.name == "train" else 0
+
+
+class _Source(NamedTuple):
+    """Where one finished row comes from: row ``row`` of shard ``shard``, or of the previous file (shard None)."""
+
+    shard: int | None
+    row: int
 
 
 def _finish(final: Path, meta: dict, split: Split, reuse: dict, partial_root: Path, world: int, header: dict):
@@ -392,55 +500,57 @@ def _finish(final: Path, meta: dict, split: Split, reuse: dict, partial_root: Pa
     import h5py
 
     nv = 1 + meta["views"]
-    sources: dict[int, tuple[int, int]] = {u: (-1, r) for u, r in reuse.items()}  # unit -> (shard, row)
+    sources = {u: _Source(None, r) for u, r in reuse.items()}
     shards, skipped_units = [], {}
-    for r in range(world):
-        log = store.ShardLog(partial_root / f"rank{r}of{world}", {**header, "rank": r})
+    for rank in range(world):
+        log = store.ShardLog(partial_root / f"rank{rank}of{world}", {**header, "rank": rank})
         rows, ids, skipped = log.read()
         log.close()
         shards.append(rows)
-        for i, u in enumerate(ids.tolist()):
-            sources[u] = (r, i)
+        sources.update((u, _Source(rank, i)) for i, u in enumerate(ids.tolist()))
         for u, why in skipped:
             skipped_units.setdefault(u // nv, why)
     order = sorted(sources)
-    items = split.items
+    items = [split.items[u // nv] for u in order]
     columns = {
-        "labels": [items[u // nv].label for u in order],
-        "paths": [items[u // nv].relpath for u in order],
+        "labels": [it.label for it in items],
+        "paths": [it.relpath for it in items],
         "views": [u % nv for u in order],
-        "file_sizes": [items[u // nv].size for u in order],
-        "file_mtimes_ns": [items[u // nv].mtime_ns for u in order],
+        "file_sizes": [it.size for it in items],
+        "file_mtimes_ns": [it.mtime_ns for it in items],
     }
     skipped = [
-        (items[i].relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), why)
+        (split.items[i].relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), why)
         for i, why in sorted(skipped_units.items())
     ]
     old = h5py.File(final, "r") if reuse else None
-    dtype = np.dtype(meta["dtype"])
-
-    def blocks(step: int = 1024):
-        """Blocks of finished rows in unit order, each gathered with one fancy read per source."""
-        for start in range(0, len(order), step):
-            src = np.array([sources[u] for u in order[start : start + step]], dtype=np.int64)  # (k, 2): shard, row
-            block = np.empty((len(src), meta["feature_dim"]), dtype)
-            for shard in np.unique(src[:, 0]):
-                at = np.flatnonzero(src[:, 0] == shard)
-                rows = src[at, 1]
-                if shard < 0:  # rows reused from the previous file; h5py wants increasing indices
-                    o = np.argsort(rows)
-                    block[at[o]] = old["features"][rows[o]]
-                else:
-                    block[at] = shards[shard][rows]
-            yield start, block
-
     try:
         meta = {**meta, "num_rows": len(order), "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}
-        store.write_feature_file(final, meta, len(order), blocks(), columns, skipped)
+        blocks = _row_blocks([sources[u] for u in order], shards, old, meta)
+        store.write_feature_file(final, meta, len(order), blocks, columns, skipped)
     finally:
         if old is not None:
             old.close()
     return skipped, len(order)
+
+
+def _row_blocks(sources: list[_Source], shards: list[np.ndarray], old, meta: dict, step: int = 1024):
+    """Blocks of finished rows in order, (start, rows), each gathered with one fancy read per source."""
+    dtype = np.dtype(meta["dtype"])
+    for start in range(0, len(sources), step):
+        part = sources[start : start + step]
+        block = np.empty((len(part), meta["feature_dim"]), dtype)
+        by_shard: dict[int | None, list[tuple[int, int]]] = {}  # shard -> [(position in block, row)]
+        for k, s in enumerate(part):
+            by_shard.setdefault(s.shard, []).append((k, s.row))
+        for shard, pairs in by_shard.items():
+            at, rows = (np.array(v, dtype=np.int64) for v in zip(*pairs))
+            if shard is None:  # rows reused from the previous file; h5py wants increasing indices
+                o = np.argsort(rows)
+                block[at[o]] = old["features"][rows[o]]
+            else:
+                block[at] = shards[shard][rows]
+        yield start, block
 
 
 def run_extraction(
@@ -449,46 +559,12 @@ def run_extraction(
     dist: Dist = Dist(),
     trunk: torch.nn.Module | None = None,
 ) -> list[SplitResult]:
-    """Extract every split of ``cfg``.
-
-    ``trunk`` replaces the VGG16 trunk (tests hand in a small network); it must carry ``feature_dim`` and an
-    ``identity`` string, which stands in for the weights' identity in the fingerprint.
-    """
-    from flowerfeat import backbone
-
+    """Extract every split of ``cfg``; ``trunk`` replaces the VGG16 trunk (see ``resolve_setup``)."""
     splits = scan_data(Path(cfg.data), cfg.splits)  # structural errors stop here, before anything is written
-    if trunk is None:
-        winfo, feature_dim = backbone.resolve_weights(cfg.weights), FEATURE_DIMS[cfg.layer]
-    else:
-        winfo, feature_dim = WeightsInfo("custom", trunk.identity, ""), int(trunk.feature_dim)
-    device = backbone.resolve_device(cfg.device)
-    if dist.world > 1 and device.type == "cuda":
-        device = torch.device("cuda", dist.rank % torch.cuda.device_count())
-    precision = backbone.resolve_precision(cfg.precision, device)
-    if device.type == "cuda":
+    setup = resolve_setup(cfg, dist, trunk)
+    if setup.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest convolutions
     out = Path(cfg.out)
     store.check_writable(out)
-    built: list[torch.nn.Module] = []
-
-    def get_trunk() -> torch.nn.Module:
-        if not built:
-            t = trunk if trunk is not None else backbone.build_trunk(winfo, cfg.layer, cfg.weights)
-            t = t.to(device)
-            if cfg.channels_last:
-                t = t.to(memory_format=torch.channels_last)
-            if cfg.compile:  # 1.7x on the trunk alone on an H100; compiles on the first batch (docs/benchmarks.md)
-                t = torch.compile(t)
-            built.append(t)
-        return built[0]
-
-    transform, augment = backbone.build_transform(), backbone.Augment()
-    results = []
     with store.exclusive_lock(out, f"features-rank{dist.rank}of{dist.world}"):
-        for split in splits.values():
-            results.append(
-                extract_split(
-                    cfg, split, winfo, precision, feature_dim, device, get_trunk, transform, augment, on_progress, dist
-                )
-            )
-    return results
+        return [extract_split(cfg, split, setup, on_progress, dist) for split in splits.values()]

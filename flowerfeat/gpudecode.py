@@ -19,6 +19,8 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -26,10 +28,36 @@ from PIL import Image
 from flowerfeat.data import BadImage, UnitDataset, load_image
 
 
-def gpu_eligible(path, progressive: bool = False, max_pixels: int | None = None) -> tuple[bytearray, int, int] | None:
-    """(the file's bytes, its EXIF orientation 1-8, its pixel count) if the GPU decoder can take it, else None (then
-    the CPU path decides). Progressive JPEGs only with ``progressive`` (libjpeg decodes them, nvjpeg's batched
-    hardware path does not); images over ``max_pixels`` (default: Pillow's decompression-bomb limit) never."""
+class Encoded(NamedTuple):
+    """A JPEG file the device path takes, as the reader found it."""
+
+    data: bytearray  # the whole file
+    orientation: int  # EXIF orientation 1-8, applied after decoding
+    n_pixels: int  # width x height, from the header
+
+
+class Decoded(NamedTuple):
+    """A JPEG decoded in the reader (hybrid mode)."""
+
+    pixels: torch.Tensor  # (H, W, 3) uint8
+    orientation: int
+    n_pixels: int
+
+
+class Sample(NamedTuple):
+    """What a reader yields for one unit: an image for the device path, or the CPU path's outcome."""
+
+    image: Encoded | Decoded | None  # None: the CPU path took the unit
+    tensor: torch.Tensor | None  # (3, 224, 224) prepared by the CPU path; None with ``image`` or when skipped
+    unit: int
+    reason: str  # why the CPU path skipped the unit ("" if it did not)
+    path: Path
+
+
+def gpu_eligible(path, progressive: bool = False, max_image_pixels: int | None = None) -> Encoded | None:
+    """The file as an ``Encoded`` if the GPU decoder can take it, else None (then the CPU path decides). Progressive
+    JPEGs only with ``progressive`` (libjpeg decodes them, nvjpeg's batched hardware path does not); images over
+    ``max_image_pixels`` (default: Pillow's decompression-bomb limit) never."""
     try:
         os.fsdecode(path).encode("utf-8")  # non-UTF-8 names go to the CPU path, which skips them with the reason
         with open(path, "rb") as f:
@@ -39,17 +67,17 @@ def gpu_eligible(path, progressive: bool = False, max_pixels: int | None = None)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:  # header only: no pixels decoded
-                pixels = im.width * im.height
+                n_pixels = im.width * im.height
                 if (
                     im.format != "JPEG"
                     or im.mode not in ("RGB", "L")
-                    or pixels > (max_pixels or Image.MAX_IMAGE_PIXELS)
+                    or n_pixels > (max_image_pixels or Image.MAX_IMAGE_PIXELS)
                 ):
                     return None
                 if not progressive and (im.info.get("progression") or im.info.get("progressive")):
                     return None  # nvjpeg's batched hardware path is for baseline JPEGs
                 orientation = im.getexif().get(0x0112, 1)
-        return data, orientation if orientation in range(1, 9) else 1, pixels
+        return Encoded(data, orientation if orientation in range(1, 9) else 1, n_pixels)
     except (
         OSError,
         ValueError,
@@ -81,46 +109,47 @@ def apply_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 class RawUnitDataset(UnitDataset):
-    """Yields (raw JPEG bytes, orientation and pixel count, or None; CPU-preprocessed tensor or None; unit; skip
-    reason; path)."""
+    """Yields a ``Sample`` per unit: the JPEG file's bytes (``Encoded``) for the device path, or the CPU path's
+    outcome."""
 
     progressive = False  # whether progressive JPEGs take this path
-    max_pixels: int | None = None  # bigger images take the CPU path
+    max_image_pixels: int | None = None  # bigger images take the CPU path
 
-    def __getitem__(self, i: int):
-        unit = self.units[i]
+    def __getitem__(self, unit: int) -> Sample:
         path = self.split.root / self.split.items[unit // (1 + self.n_views)].relpath
         eligible = unit % (1 + self.n_views) == 0  # augmented views take the CPU path
-        raw = gpu_eligible(path, self.progressive, self.max_pixels) if eligible else None
-        if raw is not None:
-            return raw, None, unit, "", path
-        tensor, _, reason = super().__getitem__(i)
-        return None, tensor, unit, reason, path
+        encoded = gpu_eligible(path, self.progressive, self.max_image_pixels) if eligible else None
+        if encoded is not None:
+            return Sample(encoded, None, unit, "", path)
+        tensor, _, reason = super().__getitem__(unit)
+        return Sample(None, tensor, unit, reason, path)
 
 
 class DecodedUnitDataset(RawUnitDataset):
     """As RawUnitDataset, but the worker decodes the JPEG with torchvision's CPU decoder (libjpeg-turbo) and yields
-    its (H, W, 3) uint8 pixels in place of the bytes. A file that decoder refuses, and any image over ``max_pixels``,
-    takes the CPU (PIL) path, which hands over 224x224 (0.6 MB): a batch of 256 decoded 12-megapixel photos would
-    need 9 GB of shared memory per batch in flight; this way a batch holds at most 768 MiB of pixels."""
+    its pixels (``Decoded``) in place of the bytes. A file that decoder refuses, and any image over
+    ``max_image_pixels``, takes the CPU (PIL) path, which hands over 224x224 (0.6 MB): a batch of 256 decoded
+    12-megapixel photos would need 9 GB of shared memory per batch in flight; this way a batch holds at most 768 MiB
+    of pixels."""
 
     progressive = True
-    max_pixels = 2**20
+    max_image_pixels = 2**20
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, unit: int) -> Sample:
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        raw, tensor, unit, reason, path = super().__getitem__(i)
-        if raw is None:
-            return raw, tensor, unit, reason, path
+        sample = super().__getitem__(unit)
+        if sample.image is None:
+            return sample
         try:
-            data = torch.frombuffer(raw[0], dtype=torch.uint8)
+            data = torch.frombuffer(sample.image.data, dtype=torch.uint8)
             img = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=False)  # rotated on the device
         except RuntimeError:
-            tensor, _, reason = UnitDataset.__getitem__(self, i)
-            return None, tensor, unit, reason, path
+            tensor, _, reason = UnitDataset.__getitem__(self, unit)
+            return Sample(None, tensor, unit, reason, sample.path)
         # torchvision's CPU decoder returns a (3, H, W) view of (H, W, 3) memory: hand over that memory as it is
-        return (img.permute(1, 2, 0), raw[1], raw[2]), None, unit, "", path
+        decoded = Decoded(img.permute(1, 2, 0), sample.image.orientation, sample.image.n_pixels)
+        return sample._replace(image=decoded)
 
 
 @dataclass
@@ -130,9 +159,9 @@ class RawBatch:
     skipped units."""
 
     blob: torch.Tensor | None  # uint8: the JPEGs, or their (H, W, 3) pixels, back to back
-    lengths: list[int]
+    lengths: list[int]  # bytes of each image in ``blob``
     orientations: list[int]
-    pixels: list[int]
+    n_pixels: list[int]  # width x height of each image
     units: list[int]
     paths: list
     cpu: torch.Tensor | None  # (k, 3, 224, 224) normalised on the CPU
@@ -150,25 +179,25 @@ def _packed(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, out=out)
 
 
-def collate_raw(batch) -> RawBatch:
-    raws = [(raw, unit, path) for raw, _t, unit, _r, path in batch if raw is not None]
-    cpu = [(t, unit) for _raw, t, unit, _r, _p in batch if t is not None]
-    decoded = bool(raws) and isinstance(raws[0][0][0], torch.Tensor)
+def collate_raw(batch: list[Sample]) -> RawBatch:
+    device_path = [s for s in batch if s.image is not None]
+    cpu = [s for s in batch if s.tensor is not None]
+    decoded = bool(device_path) and isinstance(device_path[0].image, Decoded)
     if decoded:
-        parts = [raw[0].reshape(-1) for raw, _u, _p in raws]
+        parts = [s.image.pixels.reshape(-1) for s in device_path]
     else:
-        parts = [torch.frombuffer(raw[0], dtype=torch.uint8) for raw, _u, _p in raws]
+        parts = [torch.frombuffer(s.image.data, dtype=torch.uint8) for s in device_path]
     return RawBatch(
-        _packed(parts) if parts else None,
-        [len(p) for p in parts],
-        [raw[1] for raw, _u, _p in raws],
-        [raw[2] for raw, _u, _p in raws],
-        [u for _raw, u, _p in raws],
-        [p for _raw, _u, p in raws],
-        torch.stack([t for t, _ in cpu]) if cpu else None,
-        [u for _t, u in cpu],
-        [(unit, reason) for raw, t, unit, reason, _p in batch if raw is None and t is None],
-        [tuple(raw[0].shape[:2]) for raw, _u, _p in raws] if decoded else None,
+        blob=_packed(parts) if parts else None,
+        lengths=[len(p) for p in parts],
+        orientations=[s.image.orientation for s in device_path],
+        n_pixels=[s.image.n_pixels for s in device_path],
+        units=[s.unit for s in device_path],
+        paths=[s.path for s in device_path],
+        cpu=torch.stack([s.tensor for s in cpu]) if cpu else None,
+        cpu_units=[s.unit for s in cpu],
+        skipped=[(s.unit, s.reason) for s in batch if s.image is None and s.tensor is None],
+        shapes=[tuple(s.image.pixels.shape[:2]) for s in device_path] if decoded else None,
     )
 
 
@@ -179,18 +208,19 @@ class GpuPreprocess:
 
     Images of one size are resized together (one kernel per size, not per image), and nothing here waits for the
     trunk, so the next batch is prepared while it still runs on the previous one. Rows come out grouped by size;
-    the unit ids say which row is which. A batch is decoded and resized in chunks of at most ``max_pixels`` pixels
+    the unit ids say which row is which. A batch is decoded and resized in chunks of at most ``chunk_pixels`` pixels
     (64 Mpx: about 0.8 GB as floats), so a batch of 12-megapixel photos does not need tens of GB of GPU memory.
     """
 
-    def __init__(self, device: torch.device, transform, max_pixels: int = 64 * 2**20):
+    def __init__(self, device: torch.device, transform, chunk_pixels: int = 64 * 2**20):
         self.device, self.transform = device, transform
         self.resize = list(transform.resize_size)
         self.crop = list(transform.crop_size) * (2 if len(transform.crop_size) == 1 else 1)  # [h, w]
         self.mean = torch.tensor(transform.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(transform.std, device=device).view(1, 3, 1, 1) * 255
-        assert len(self.resize) == 1, "transforms() resizes the shorter side"
-        self.max_pixels = max_pixels
+        if len(self.resize) != 1:  # transforms() resizes the shorter side to one size
+            raise ValueError(f"expected one resize size, got {self.resize}")
+        self.chunk_pixels = chunk_pixels
         self._local = threading.local()  # each preparing thread's CUDA stream
 
     def __call__(self, batch: RawBatch):
@@ -243,9 +273,9 @@ class GpuPreprocess:
         elif batch.shapes is None:  # JPEG bytes, left in host memory for the decoder
             datas = list(torch.split(batch.blob, batch.lengths))
         else:  # pixels decoded in the workers: to the device in one copy, each (H, W, 3) image seen as (3, H, W)
-            pixels = torch.split(self._to_device(batch.blob), batch.lengths)
-            datas = [d.view(h, w, 3).permute(2, 0, 1) for d, (h, w) in zip(pixels, batch.shapes)]
-        for chunk in _chunks(batch.pixels, self.max_pixels):
+            images = torch.split(self._to_device(batch.blob), batch.lengths)
+            datas = [d.view(h, w, 3).permute(2, 0, 1) for d, (h, w) in zip(images, batch.shapes)]
+        for chunk in _chunks(batch.n_pixels, self.chunk_pixels):
             by_size: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}  # (h, w) -> [(unit, image)]
             chunk_datas = [datas[k] for k in chunk]
             for k, img in zip(chunk, self._decode(chunk_datas) if batch.shapes is None else chunk_datas):
@@ -305,17 +335,19 @@ class GpuPreprocess:
             out: list[torch.Tensor | None] = []
             for data in datas:
                 try:
-                    out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                    out.append(
+                        decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=False)
+                    )
                 except RuntimeError:
                     out.append(None)
             return out
 
 
-def _chunks(pixels: list[int], budget: int) -> list[list[int]]:
+def _chunks(n_pixels: list[int], budget: int) -> list[list[int]]:
     """Consecutive index runs whose pixel counts add up to at most ``budget`` (a bigger image gets a run alone)."""
     runs: list[list[int]] = []
     total = budget + 1
-    for k, n in enumerate(pixels):
+    for k, n in enumerate(n_pixels):
         if total + n > budget:
             runs.append([])
             total = 0

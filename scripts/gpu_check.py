@@ -18,6 +18,7 @@ progressive and CMYK files in the test split), then prints, for `--decode gpu` (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -115,10 +116,8 @@ def raw_dataset(root: Path, n: int | None = None, mode: str = "gpu"):
     from flowerfeat.gpudecode import DecodedUnitDataset, RawUnitDataset
 
     split = scan_data(root, ("train",))["train"]
-    units = list(range(len(split.items) if n is None else min(n, len(split.items))))
-    return (DecodedUnitDataset if mode == "hybrid" else RawUnitDataset)(
-        split, units, 0, backbone.build_transform(), None, 0
-    )
+    split = dataclasses.replace(split, items=split.items[:n])
+    return (DecodedUnitDataset if mode == "hybrid" else RawUnitDataset)(split, 0, backbone.build_transform(), None, 0)
 
 
 def raw_batches(root: Path, batch: int, n: int = 4096, mode: str = "gpu"):
@@ -159,7 +158,7 @@ def loader_rate(root: Path, batch: int, workers: int, mode: str = "gpu") -> floa
     from flowerfeat.gpudecode import collate_raw
 
     ds = raw_dataset(root, mode=mode)
-    sampler = [ds.units[i : i + batch] for i in range(0, len(ds), batch)]
+    sampler = [list(range(i, min(i + batch, len(ds)))) for i in range(0, len(ds), batch)]
     t = time.perf_counter()
     n = sum(
         len(b.units)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 from flowerfeat import backbone, bench
+from flowerfeat.config import ExtractConfig
 from conftest import make_folder
 
 
@@ -11,17 +12,8 @@ def test_bench_runs_and_reports_ratios(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "matmul_peak", lambda dtype, device, n=2048, seconds=1.5: 100.0)  # keep it short
     data = make_folder(tmp_path / "flowers", {"train": 3, "test": 1})
     lines = []
-    res = bench.run_bench(
-        data,
-        "none",
-        "pool5-gap",
-        limit=10,
-        batch_size=4,
-        workers=0,
-        precision="fp32",
-        agreement_images=2,
-        log=lines.append,
-    )
+    cfg = ExtractConfig(data=data, weights="none", layer="pool5-gap", batch_size=4, workers=0, precision="fp32")
+    res = bench.run_bench(cfg, limit=10, agreement_images=2, log=lines.append)
     f = res.figures
     assert f["train_images"] + f["test_images"] == 10
     assert f["naive_over_flowerfeat_extract"] == f["naive_s"] / f["extract_s"] > 0

@@ -22,9 +22,7 @@ from flowerfeat.gpudecode import (
     collate_raw,
     gpu_eligible,
 )
-from conftest import make_image
-from test_data import write_corpus
-from test_extract import extract
+from conftest import extract, make_image, write_corpus
 
 
 def _jpeg(img, **kw):
@@ -92,7 +90,7 @@ def test_gpu_path_applies_exif_orientation_like_pil(tmp_path, orientation):
         img.save(root / split / "a" / "r.jpg", "JPEG", quality=95, exif=exif.tobytes())
     split = scan_data(root, ("train",))["train"]
     transform = backbone.build_transform()
-    ds = RawUnitDataset(split, [0], 0, transform, None, 0)
+    ds = RawUnitDataset(split, 0, transform, None, 0)
     assert ds[0][0][1] == orientation
     x, ids, skipped = GpuPreprocess(torch.device("cpu"), transform)(collate_raw([ds[0]]))
     from flowerfeat.data import load_image
@@ -145,7 +143,7 @@ def test_threaded_preparation_keeps_the_loader_order(folder):
     # batches() prepares on several threads but must hand the batches over in the loader's order, each intact
     split = scan_data(folder, ("train",))["train"]
     transform = backbone.build_transform()
-    ds = RawUnitDataset(split, list(range(len(split.items))), 0, transform, None, 0)
+    ds = RawUnitDataset(split, 0, transform, None, 0)
     raw = [collate_raw([ds[i] for i in range(s, min(s + 3, len(ds)))]) for s in range(0, len(ds), 3)]
     pre = GpuPreprocess(torch.device("cpu"), transform)
     one_by_one = [pre(b) for b in raw]
@@ -196,7 +194,7 @@ def test_decoded_dataset_hands_over_pixels_and_falls_back_to_pil(tmp_path):
     (root / "train" / "a" / "b.jpg").write_bytes(_corrupt_jpeg())
     make_image(0, 2, (40, 40)).convert("CMYK").save(root / "train" / "a" / "c.jpg", "JPEG")
     split = scan_data(root, ("train",))["train"]
-    ds = DecodedUnitDataset(split, [0, 1, 2], 0, backbone.build_transform(), None, 0)
+    ds = DecodedUnitDataset(split, 0, backbone.build_transform(), None, 0)
     (pixels, orientation, n), tensor, unit, reason, _path = ds[0]
     assert pixels.shape == (30, 50, 3) and pixels.is_contiguous() and (orientation, n) == (1, 1500) and tensor is None
     assert ds[1][0] is None and ds[1][1] is None and "broken" in ds[1][3]  # skipped with PIL's reason
@@ -204,7 +202,7 @@ def test_decoded_dataset_hands_over_pixels_and_falls_back_to_pil(tmp_path):
     batch = collate_raw([ds[i] for i in range(3)])
     assert batch.shapes == [(30, 50)] and batch.lengths == [30 * 50 * 3] and batch.cpu_units == [2]
     assert torch.equal(batch.blob.view(30, 50, 3), pixels)
-    ds.max_pixels = 1000  # bigger images are prepared by PIL in the worker: bounded shared memory per batch
+    ds.max_image_pixels = 1000  # bigger images are prepared by PIL in the worker: bounded shared memory per batch
     assert ds[0][0] is None and ds[0][1].shape == (3, 224, 224)
 
 
