@@ -10,6 +10,8 @@ from typing import List, Optional
 
 import typer
 
+from flowerfeat.config import AUTO_BATCH_SIZE, ExtractConfig, FitConfig  # plain dataclasses: no torch imported
+
 app = typer.Typer(
     help="Transfer learning on cached VGG16 features: extract once, fit the head in a second, report.",
     no_args_is_help=True,
@@ -17,7 +19,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-LAYER_HELP = "fc7 (4096-d, default), fc6 (4096-d), pool5 (25088-d) or pool5-gap (512-d global average)."
+LAYER_HELP = "fc7 (4096-d), fc6 (4096-d), pool5 (25088-d) or pool5-gap (512-d global average)."
+WEIGHTS_HELP = "imagenet (torchvision IMAGENET1K_V1), a local VGG16 state-dict PATH, or none (random init)."
 
 
 def _fail(message: str, code: int = 2):
@@ -89,49 +92,49 @@ def download(
 
 @command(resumable=True)
 def features(
-    data: Path = typer.Option(
-        Path("data/flower_photos"), help="ImageFolder root with train/<class>/ and test/<class>/."
+    data: Path = typer.Option(ExtractConfig.data, help="ImageFolder root with train/<class>/ and test/<class>/."),
+    out: Path = typer.Option(ExtractConfig.out, help="Folder for <split>.h5 feature files."),
+    layer: str = typer.Option(ExtractConfig.layer, help=LAYER_HELP),
+    weights: str = typer.Option(ExtractConfig.weights, help=WEIGHTS_HELP),
+    split: Optional[List[str]] = typer.Option(
+        None, help=f"Split(s) to extract (repeatable); default {' and '.join(ExtractConfig.splits)}."
     ),
-    out: Path = typer.Option(Path("data/features"), help="Folder for <split>.h5 feature files."),
-    layer: str = typer.Option("fc7", help=LAYER_HELP),
-    weights: str = typer.Option(
-        "imagenet", help="imagenet (torchvision IMAGENET1K_V1), a local VGG16 state-dict PATH, or none (random init)."
+    batch_size: int = typer.Option(
+        ExtractConfig.batch_size,
+        help=f"Images per trunk batch; 0 = auto ({AUTO_BATCH_SIZE['cpu']} on CPU, {AUTO_BATCH_SIZE['cuda']} on CUDA).",
     ),
-    split: Optional[List[str]] = typer.Option(None, help="Split(s) to extract (repeatable); default train and test."),
-    batch_size: int = typer.Option(0, help="Images per trunk batch; 0 = auto (16 on CPU, 256 on CUDA)."),
     workers: Optional[int] = typer.Option(
-        None,
-        help="DataLoader processes reading images beside the trunk; default 1 on CPU; on CUDA 8 for --decode gpu, "
-        "else the cores but two (up to 32), shared by torchrun's ranks on a node.",
+        ExtractConfig.workers, help="Reader processes beside the trunk; default: auto (README, section GPUs)."
     ),
     decode: str = typer.Option(
-        "auto",
+        ExtractConfig.decode,
         help="auto (gpu on CUDA, else cpu), cpu (PIL in the workers), gpu (nvjpeg: batched JPEG decode on the device) "
         "or hybrid (JPEG decode in the workers, PIL's pixels; resize on the device).",
     ),
-    precision: str = typer.Option("auto", help="auto, fp32 or bf16 (auto: bf16 on CUDA or CPUs with native bf16)."),
-    dtype: str = typer.Option("float32", help="Storage dtype of the features: float32 or float16."),
-    compression: str = typer.Option(
-        "none", help="HDF5 filter for the features: none, lzf or gzip (pays for sparse pool5)."
+    precision: str = typer.Option(
+        ExtractConfig.precision, help="auto, fp32 or bf16 (auto: bf16 on CUDA or CPUs with native bf16)."
     ),
-    views: int = typer.Option(0, help="Extra augmented views per training image (RandomResizedCrop + flip, seeded)."),
-    view_seed: int = typer.Option(0, help="Seed of the augmented views."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    strict: bool = typer.Option(False, help="Exit 1 when any image was skipped as unreadable."),
+    dtype: str = typer.Option(ExtractConfig.dtype, help="Storage dtype of the features: float32 or float16."),
+    compression: str = typer.Option(
+        ExtractConfig.compression, help="HDF5 filter for the features: none, lzf or gzip (pays for sparse pool5)."
+    ),
+    views: int = typer.Option(
+        ExtractConfig.views, help="Extra augmented views per training image (RandomResizedCrop + flip, seeded)."
+    ),
+    view_seed: int = typer.Option(ExtractConfig.view_seed, help="Seed of the augmented views."),
+    device: str = typer.Option(ExtractConfig.device, help="auto, cpu, cuda or cuda:N."),
+    strict: bool = typer.Option(ExtractConfig.strict, help="Exit 1 when any image was skipped as unreadable."),
     compile: bool = typer.Option(
-        False,
+        ExtractConfig.compile,
         "--compile",
         help="torch.compile the trunk (1.7x on an H100; compiling costs ~14 s, so for large image sets).",
     ),
 ):
     """Extract frozen VGG16 features for every split into HDF5 (resumable; a second run with nothing changed does nothing).
 
-    Example: flowerfeat features --data ../shared/data/flower_photos --weights vgg16.pth --layer pool5
+    Example: flowerfeat features --data my_photos --weights vgg16.pth --layer pool5
     Many GPUs: torchrun --nproc-per-node 8 -m flowerfeat features ...
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from flowerfeat.config import ExtractConfig
     from flowerfeat.extract import dist_from_env, run_extraction
 
     cfg = ExtractConfig(
@@ -139,7 +142,7 @@ def features(
         out=out,
         layer=layer,
         weights=weights,
-        splits=tuple(split or ("train", "test")),
+        splits=tuple(split or ExtractConfig.splits),
         batch_size=batch_size,
         workers=workers,
         precision=precision,
@@ -155,7 +158,25 @@ def features(
     _sigterm_to_interrupt()
     dist, shutdown = dist_from_env()
     show = dist.rank == 0
-    last = {}
+    bar, on_progress, last = _extraction_bar(show)
+    try:
+        with bar:
+            results = run_extraction(cfg, on_progress, dist)
+    except KeyboardInterrupt:
+        p = last.get("p")
+        where = f"{p.split} at {p.done}/{p.total} images" if p else "before the first batch"
+        _fail(f"interrupted in {where}; finished batches are saved, rerun the same command to resume", 130)
+    finally:
+        shutdown()
+    if show:
+        _print_results(results, strict)
+
+
+def _extraction_bar(show: bool):
+    """(Rich progress bar, the on_progress callback that drives it, a dict holding the last Progress seen)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    last: dict = {}
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -175,17 +196,11 @@ def features(
         rate = f"{new / p.loop_s:.1f} images/s" if p.loop_s > 0 and new else ""
         bar.update(tasks[p.split], completed=p.done, rate=rate)
 
-    try:
-        with bar:
-            results = run_extraction(cfg, on_progress, dist)
-    except KeyboardInterrupt:
-        p = last.get("p")
-        where = f"{p.split} at {p.done}/{p.total} images" if p else "before the first batch"
-        _fail(f"interrupted in {where}; finished batches are saved, rerun the same command to resume", 130)
-    finally:
-        shutdown()
-    if not show:
-        return
+    return bar, on_progress, last
+
+
+def _print_results(results, strict: bool) -> None:
+    """One line per split, then every skipped image; exit 1 under --strict when any was skipped."""
     skipped = []
     for r in results:
         if r.status == "up to date":
@@ -210,34 +225,37 @@ def features(
 
 @command("fit-head")
 def fit_head(
-    features: Path = typer.Option(Path("data/features/train.h5"), help="Training feature file."),
-    out: Path = typer.Option(Path("data/runs/head.pt"), help="Where the head checkpoint goes."),
-    epochs: int = typer.Option(2, help="Passes over the training features."),
-    batch_size: int = typer.Option(20, help="Mini-batch size (the textbook's 20)."),
-    optimizer: str = typer.Option("adam", help="adam (default) or sgd (the textbook's, with --lr 0.001)."),
+    features: Path = typer.Option(FitConfig.features, help="Training feature file."),
+    out: Path = typer.Option(FitConfig.out, help="Where the head checkpoint goes."),
+    epochs: int = typer.Option(FitConfig.epochs, help="Passes over the training features."),
+    batch_size: int = typer.Option(FitConfig.batch_size, help="Mini-batch size (the textbook's 20)."),
+    optimizer: str = typer.Option(FitConfig.optimizer, help="adam or sgd (the textbook's, with --lr 0.001)."),
     lr: float = typer.Option(
-        0.0, help="Learning rate (peak with --schedule cosine); 0 = auto from the features' scale."
+        FitConfig.lr, help="Learning rate (peak with --schedule cosine); 0 = auto from the features' scale."
     ),
-    momentum: float = typer.Option(0.0, help="SGD momentum (the textbook: 0)."),
-    schedule: str = typer.Option("cosine", help="cosine (decays to 0 over the run) or constant (the textbook's)."),
-    init: str = typer.Option("class-means", help="class-means (start at each class's mean feature) or random."),
-    weight_decay: float = typer.Option(0.0, help="L2 weight decay."),
-    dropout: float = typer.Option(0.5, help="Dropout before the linear layer, as VGG16's classifier[5]."),
+    momentum: float = typer.Option(FitConfig.momentum, help="SGD momentum (the textbook: 0)."),
+    schedule: str = typer.Option(
+        FitConfig.schedule, help="cosine (decays to 0 over the run) or constant (the textbook's)."
+    ),
+    init: str = typer.Option(FitConfig.init, help="class-means (start at each class's mean feature) or random."),
+    weight_decay: float = typer.Option(FitConfig.weight_decay, help="L2 weight decay."),
+    dropout: float = typer.Option(FitConfig.dropout, help="Dropout before the linear layer, as VGG16's classifier[5]."),
     solver: str = typer.Option(
-        "sgd", help="sgd (mini-batch, uses --optimizer) or lbfgs (full-batch logistic regression)."
+        FitConfig.solver, help="sgd (mini-batch, uses --optimizer) or lbfgs (full-batch logistic regression)."
     ),
-    c: float = typer.Option(0.1, "--C", help="Inverse L2 strength for --solver lbfgs."),
+    c: float = typer.Option(FitConfig.C, "--C", help="Inverse L2 strength for --solver lbfgs."),
     val_fraction: float = typer.Option(
-        0.0, help="Hold out this fraction of training images (stratified); keep the best epoch."
+        FitConfig.val_fraction, help="Hold out this fraction of training images (stratified); keep the best epoch."
     ),
-    seed: int = typer.Option(0, help="Seed for init, shuffling and dropout: same seed, bit-identical head."),
-    max_memory: float = typer.Option(4.0, help="GiB; larger feature files are streamed from disk."),
+    seed: int = typer.Option(
+        FitConfig.seed, help="Seed for init, shuffling and dropout: same seed, bit-identical head."
+    ),
+    max_memory: float = typer.Option(FitConfig.max_memory, help="GiB; larger feature files are streamed from disk."),
 ):
     """Train the replacement linear layer on cached features and save a self-sufficient checkpoint.
 
     Example: flowerfeat fit-head --epochs 2
     """
-    from flowerfeat.config import FitConfig
     from flowerfeat.train import fit, save_checkpoint
 
     cfg = FitConfig(
@@ -306,7 +324,8 @@ def predict(
     Example: flowerfeat predict my_photos/ --top-k 3 --output predictions.csv
     """
     from flowerfeat import backbone
-    from flowerfeat.predict import list_images, predict as run_predict, prepare_output, weights_for, write_predictions
+    from flowerfeat.predict import list_images, load_trunk, prepare_output, weights_for, write_predictions
+    from flowerfeat.predict import predict as run_predict
     from flowerfeat.train import load_checkpoint
 
     if top_k < 1:
@@ -314,13 +333,10 @@ def predict(
     if output is not None:
         prepare_output(output)
     ck = load_checkpoint(head)
-    info, weights_arg = weights_for(ck, weights)
+    trunk_weights = weights_for(ck, weights)  # refused before anything else is done
     images = list_images(list(paths))
     dev = backbone.resolve_device(device)
-    import torch
-
-    trunk = backbone.build_trunk(info, ck.meta["features"]["layer"], weights_arg).to(dev)
-    trunk = trunk.to(memory_format=torch.channels_last)
+    trunk = load_trunk(ck, trunk_weights, dev)
     preds = run_predict(ck, images, trunk, top_k, batch_size, dev)
     for p in preds:
         if p.error:
@@ -353,26 +369,29 @@ def export(
 
 @command()
 def bench(
-    data: Path = typer.Option(Path("data/flower_photos"), help="ImageFolder to time on."),
-    weights: str = typer.Option("imagenet", help="As for `features`."),
-    layer: str = typer.Option("fc7", help=LAYER_HELP),
+    data: Path = typer.Option(ExtractConfig.data, help="ImageFolder to time on."),
+    weights: str = typer.Option(ExtractConfig.weights, help=WEIGHTS_HELP),
+    layer: str = typer.Option(ExtractConfig.layer, help=LAYER_HELP),
     limit: int = typer.Option(64, help="Images to use (80% train, 20% test, spread over the classes)."),
-    batch_size: int = typer.Option(16, help="flowerfeat's batch size (the naive and textbook loops use 20)."),
-    workers: int = typer.Option(1, help="flowerfeat's decoding workers."),
-    precision: str = typer.Option("auto", help="flowerfeat's precision: auto, fp32 or bf16."),
+    batch_size: int = typer.Option(
+        ExtractConfig.batch_size, help="flowerfeat's batch size; 0 = auto (the naive and textbook loops use 20)."
+    ),
+    workers: Optional[int] = typer.Option(ExtractConfig.workers, help="flowerfeat's reader processes; default: auto."),
+    precision: str = typer.Option(ExtractConfig.precision, help="flowerfeat's precision: auto, fp32 or bf16."),
     agreement_images: int = typer.Option(8, help="Images for the bf16-vs-fp32 feature agreement (0 skips it)."),
 ):
     """Time the textbook loop, a naive extraction loop and flowerfeat on the same images; print the ratios.
 
-    Example: flowerfeat bench --data ../shared/data/flower_photos --weights vgg16.pth --layer pool5 --limit 200
+    Example: flowerfeat bench --data my_photos --weights vgg16.pth --layer pool5 --limit 200
     """
     from flowerfeat.bench import run_bench
-    from flowerfeat.config import ExtractConfig
 
-    ExtractConfig(layer=layer, precision=precision, batch_size=batch_size, workers=workers)  # validates the options
+    cfg = ExtractConfig(
+        data=data, weights=weights, layer=layer, batch_size=batch_size, workers=workers, precision=precision
+    )
     if limit < 10:
         _fail(f"--limit must be >= 10, got {limit}")
-    run_bench(data, weights, layer, limit, batch_size, workers, precision, agreement_images, log=typer.echo)
+    run_bench(cfg, limit, agreement_images, log=typer.echo)
 
 
 def main():

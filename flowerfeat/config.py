@@ -13,6 +13,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = ("float32", "float16")
 OPTIMIZERS = ("adam", "sgd")
 SOLVERS = ("sgd", "lbfgs")
+# --batch-size 0 (auto) per device type: 16 measured best on 2 CPU cores, 256 on an H100 (docs/benchmarks.md)
+AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 256}
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -35,10 +37,8 @@ class ExtractConfig:
     # "imagenet" = torchvision's VGG16_Weights.IMAGENET1K_V1; "none" = seeded random init; else a state-dict path.
     weights: str = "imagenet"
     splits: tuple[str, ...] = ("train", "test")
-    batch_size: int = 0  # 0 = auto: 16 on CPU (measured best on 2 cores), 256 on CUDA (docs/benchmarks.md)
-    # DataLoader processes beside the trunk; None = auto (extract.default_workers): 1 on CPU (plenty for 4 images/s),
-    # on CUDA 8 that only read (--decode gpu) or the cores but two that decode.
-    workers: int | None = None
+    batch_size: int = 0  # 0 = auto: AUTO_BATCH_SIZE for the device
+    workers: int | None = None  # reader processes beside the trunk; None = auto (extract.default_workers)
     precision: str = "auto"
     dtype: str = "float32"  # storage dtype of the features dataset
     # HDF5 filter on the features. pool5 rows are ~90 % zeros: lzf stores them 7x smaller for a 30 % slower full

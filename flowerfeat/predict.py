@@ -36,6 +36,14 @@ def weights_for(ck: Checkpoint, weights: str | None) -> tuple[backbone.WeightsIn
     return info, weights
 
 
+def load_trunk(ck: Checkpoint, trunk_weights: tuple[backbone.WeightsInfo, str], device: torch.device):
+    """The frozen trunk that made the head's features (``trunk_weights`` from ``weights_for``), on ``device``,
+    channels-last."""
+    info, weights_arg = trunk_weights
+    trunk = backbone.build_trunk(info, ck.meta["features"]["layer"], weights_arg).to(device)
+    return trunk.to(memory_format=torch.channels_last)
+
+
 def list_images(paths: list[Path]) -> list[Path]:
     """Files as given, folders searched recursively for image files (sorted); missing paths refused."""
     out = []
