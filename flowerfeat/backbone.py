@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +19,12 @@ FEATURE_DIMS = {"fc7": 4096, "fc6": 4096, "pool5": 512 * 7 * 7, "pool5-gap": 512
 _CLASSIFIER_KEEP = {"fc7": 5, "fc6": 2, "pool5": 0, "pool5-gap": 0}
 # Positions of the 13 Conv2d modules in torchvision's vgg16().features.
 _CONV_IDX = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
-GFLOP_PER_IMAGE = 30.9  # VGG16 up to fc7 at 224x224 (2 x multiply-adds)
+# What torch.load raises on a file that is not a (safe) state dict: not a zip or pickle (UnpicklingError, also for
+# pickled code under weights_only), empty (EOFError), cut short (RuntimeError from the zip reader).
+LOAD_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, zipfile.BadZipFile)
+# What torchvision's download raises offline: URLError, timeouts and SSL errors are OSErrors; a cut connection is an
+# HTTPException; a corrupt download fails the hash check with a RuntimeError.
+DOWNLOAD_ERRORS = (OSError, http.client.HTTPException, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -154,16 +162,15 @@ def load_vgg16(info: WeightsInfo, layer: str, path: str | None = None) -> nn.Mod
     if info.kind == "torchvision":
         try:
             return vgg16(weights=VGG16_Weights[info.name], progress=False)
-        except Exception as e:  # URLError, socket timeouts, SSL errors ...: all mean "could not fetch"
+        except DOWNLOAD_ERRORS as e:  # all mean "could not fetch"
             raise FlowerfeatError(
                 f"could not download VGG16 weights from {info.url} ({type(e).__name__}); "
                 "pass --weights PATH to a local torchvision VGG16 state dict, or place the file in "
                 f"{torch.hub.get_dir()}/checkpoints/"
             ) from None
-    assert path is not None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except LOAD_ERRORS as e:
         raise FlowerfeatError(
             f"{path}: not a loadable state dict ({type(e).__name__}); pass a torchvision VGG16 .pth"
         ) from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,10 +90,6 @@ def metrics(ev: Evaluation) -> dict:
         "classes": ev.classes,
         "confusion_matrix": confusion(ev).tolist(),
     }
-
-
-def write_json(ev: Evaluation, path: Path) -> None:
-    Path(path).write_text(json.dumps(metrics(ev), indent=2) + "\n")
 
 
 def write_figures(ev: Evaluation, out_dir: Path, n_samples: int = 20, seed: int = 0) -> list[Path]:

@@ -165,7 +165,8 @@ class ShardLog:
 
     def append(self, rows: np.ndarray, ids: list[int], skipped: list[tuple[int, str]], commit_every_s: float = 1.0):
         """Append one finished batch; it counts as done once committed (at most ``commit_every_s`` later)."""
-        assert rows.shape == (len(ids), self.dim), rows.shape
+        if rows.shape != (len(ids), self.dim):
+            raise ValueError(f"rows of shape {rows.shape} for {len(ids)} units of {self.dim} features")
         self._rows_f.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
         self._ids_f.write(np.asarray(ids, dtype=np.int64).tobytes())
         for unit, reason in skipped:
@@ -191,10 +192,12 @@ class ShardLog:
         self._last_commit = time.monotonic()
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
+        """Commit what was appended (a failure, e.g. a full disk, is raised: those batches are not saved)."""
+        try:
             self.commit()
-        for f in (self._rows_f, self._ids_f, self._skip_f):
-            f.close()
+        finally:
+            for f in (self._rows_f, self._ids_f, self._skip_f):
+                f.close()
 
     def read(self) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
         """Committed (rows memmap, unit ids, skipped) of this shard."""
@@ -252,7 +255,8 @@ def write_feature_file(path: Path, meta: dict, n_rows: int, blocks, columns: dic
         for start, rows in blocks:
             feats[start : start + len(rows)] = rows
             written += len(rows)
-        assert written == n_rows, (written, n_rows)
+        if written != n_rows:
+            raise ValueError(f"{path}: {written} rows written, {n_rows} expected")
         f.create_dataset("labels", data=np.asarray(columns["labels"], dtype=np.int64))
         f.create_dataset("paths", data=list(columns["paths"]), dtype=h5py.string_dtype("utf-8"))
         f.create_dataset("views", data=np.asarray(columns["views"], dtype=np.int8))

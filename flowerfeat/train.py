@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from flowerfeat import store
+from flowerfeat.backbone import LOAD_ERRORS
 from flowerfeat.config import FitConfig
 from flowerfeat.errors import FlowerfeatError
 
@@ -184,66 +185,20 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
     val_x = rows.take(val_rows) if len(val_rows) else None
     with torch.random.fork_rng(devices=[]):  # seeds the random init without touching the caller's RNG
         torch.manual_seed(cfg.seed)
-        head = make_head(rows.dim, n_classes, cfg.dropout)
+        linear = make_head(rows.dim, n_classes, cfg.dropout)[1]
         means, mean_l1 = rows.stats(~val, n_classes)
         if cfg.init == "class-means":
-            _init_from_class_means(head[1], means)
+            _init_from_class_means(linear, means)
         # Auto: an Adam step moves each weight by about lr, so a logit by about lr * |x|_1; fix that product
         # (measured best for flat pool5, README) instead of lr itself, so 512-d and 25,088-d features both train.
         lr = cfg.lr if cfg.lr else AUTO_LOGIT_STEP / max(mean_l1, 1e-12)
-        log(
-            f"Learning rate {lr:.3g}"
-            + (" (auto: %g / mean L1 norm %.4g)" % (AUTO_LOGIT_STEP, mean_l1) if not cfg.lr else "")
-        )
-        params = head[1].parameters()
-        if cfg.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        criterion = nn.CrossEntropyLoss()
+        auto = f" (auto: {AUTO_LOGIT_STEP:g} / mean L1 norm {mean_l1:.4g})" if not cfg.lr else ""
+        log(f"Learning rate {lr:.3g}{auto}")
+        opt, sched = _optimizer(cfg, linear, lr, _count_steps(cfg, rows, val))
         mask_rng = np.random.default_rng([cfg.seed, 1])
-        labels = torch.from_numpy(rows.labels)
-        steps = cfg.epochs * sum(
-            math.ceil(len(w[~val[w]]) / cfg.batch_size)
-            for w in epoch_windows(rows.n, rows.block, window_rows(rows.dim), cfg.seed, 1)
-        )
-        if cfg.schedule == "cosine":  # short runs converge much closer when the step size decays to zero
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps))
-            )
-        else:
-            sched = None
         for epoch in range(1, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            running, total_loss, seen, correct, batch_i = 0.0, 0.0, 0, 0, 0
-            for window in epoch_windows(rows.n, rows.block, window_rows(rows.dim), cfg.seed, epoch):
-                window = window[~val[window]]
-                x_win = torch.from_numpy(rows.take(window))
-                y_win = labels[window]
-                for s in range(0, len(window), cfg.batch_size):
-                    x, y = x_win[s : s + cfg.batch_size], y_win[s : s + cfg.batch_size]
-                    opt.zero_grad(set_to_none=True)
-                    out = head[1](_dropout(x, cfg.dropout, mask_rng))  # (B, C)
-                    loss = criterion(out, y)
-                    loss.backward()
-                    opt.step()
-                    if sched is not None:
-                        sched.step()
-                    batch_i += 1
-                    running += loss.item()
-                    total_loss += loss.item() * len(y)
-                    seen += len(y)
-                    correct += int((out.argmax(1) == y).sum())
-                    if batch_i % cfg.log_every == 0:
-                        log(f"Epoch {epoch}, Batch {batch_i} loss: {running / cfg.log_every:.16f}")
-                        running = 0.0
-            entry = {
-                "epoch": epoch,
-                "train_loss": total_loss / max(seen, 1),
-                "train_acc": correct / max(seen, 1),
-                "seconds": time.perf_counter() - t0,
-            }
-            weight, bias = head[1].weight.detach().clone(), head[1].bias.detach().clone()
+            entry = _train_epoch(cfg, rows, val, linear, opt, sched, mask_rng, epoch, log)
+            weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
             if val_x is not None:
                 vloss, vpred, _ = evaluate(weight, bias, val_x, rows.labels[val_rows])
                 entry.update(val_loss=vloss, val_acc=float((vpred == rows.labels[val_rows]).mean()))
@@ -251,13 +206,63 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
                     best = (entry, weight, bias)
             history.append(entry)
             log(_epoch_line(entry))
-    if best is None:
-        best = (history[-1], weight, bias)
-    entry, weight, bias = best
+    entry, weight, bias = best if best is not None else (history[-1], weight, bias)
     metrics = {"best_epoch": entry["epoch"], "lr": lr, **{k: v for k, v in entry.items() if k != "epoch"}}
     if val_x is not None:
         log(f"Kept epoch {entry['epoch']} (best validation accuracy {entry['val_acc']:.1%})")
     return FitResult(weight, bias, metrics, history)
+
+
+def _count_steps(cfg: FitConfig, rows: Rows, val: np.ndarray) -> int:
+    """Optimizer steps over the whole run (the cosine schedule's length)."""
+    windows = epoch_windows(rows.n, rows.block, window_rows(rows.dim), cfg.seed, 1)
+    return cfg.epochs * sum(math.ceil(len(w[~val[w]]) / cfg.batch_size) for w in windows)
+
+
+def _optimizer(cfg: FitConfig, linear: nn.Linear, lr: float, steps: int):
+    """(optimizer, scheduler or None) for the linear layer."""
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(linear.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(linear.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.schedule != "cosine":
+        return opt, None
+    # short runs converge much closer when the step size decays to zero
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+
+
+def _train_epoch(cfg: FitConfig, rows: Rows, val, linear, opt, sched, mask_rng, epoch: int, log) -> dict:
+    """One pass over the training rows in mini-batches; the textbook's running-loss lines; the epoch's figures."""
+    t0 = time.perf_counter()
+    criterion = nn.CrossEntropyLoss()
+    labels = torch.from_numpy(rows.labels)
+    running, total_loss, seen, correct, batch_i = 0.0, 0.0, 0, 0, 0
+    for window in epoch_windows(rows.n, rows.block, window_rows(rows.dim), cfg.seed, epoch):
+        window = window[~val[window]]
+        x_win, y_win = torch.from_numpy(rows.take(window)), labels[window]
+        for s in range(0, len(window), cfg.batch_size):
+            x, y = x_win[s : s + cfg.batch_size], y_win[s : s + cfg.batch_size]
+            opt.zero_grad(set_to_none=True)
+            out = linear(_dropout(x, cfg.dropout, mask_rng))  # (B, C)
+            loss = criterion(out, y)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            batch_i += 1
+            running += loss.item()
+            total_loss += loss.item() * len(y)
+            seen += len(y)
+            correct += int((out.argmax(1) == y).sum())
+            if batch_i % cfg.log_every == 0:
+                log(f"Epoch {epoch}, Batch {batch_i} loss: {running / cfg.log_every:.16f}")
+                running = 0.0
+    return {
+        "epoch": epoch,
+        "train_loss": total_loss / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _dropout(x: torch.Tensor, p: float, rng: np.random.Generator) -> torch.Tensor:
@@ -359,16 +364,18 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise FlowerfeatError(f"{path}: is a directory; pass the checkpoint file, e.g. --head {path / 'head.pt'}")
     if not path.is_file():
         raise FlowerfeatError(f"{path}: head checkpoint not found; run `flowerfeat fit-head` first (or pass --head)")
+    refusal = FlowerfeatError(
+        f"{path}: not a flowerfeat head checkpoint (corrupt, truncated or foreign); rerun `flowerfeat fit-head`"
+    )
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         meta = json.loads(blob["meta"])
         ck = Checkpoint(blob["weight"], blob["bias"], meta)
-        assert meta["checkpoint_version"] == CHECKPOINT_VERSION
-        assert ck.weight.shape == (meta["num_classes"], meta["features"]["feature_dim"])
-    except Exception:
-        raise FlowerfeatError(
-            f"{path}: not a flowerfeat head checkpoint (corrupt, truncated or foreign); rerun `flowerfeat fit-head`"
-        ) from None
+        shape = (meta["num_classes"], meta["features"]["feature_dim"])
+    except (*LOAD_ERRORS, KeyError, TypeError, IndexError):  # not torch's format, or not ours
+        raise refusal from None
+    if meta.get("checkpoint_version") != CHECKPOINT_VERSION or tuple(ck.weight.shape) != shape:
+        raise refusal
     return ck
 
 
