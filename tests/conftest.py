@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +79,104 @@ def write_features(
     return store.write_arrays(path, x, y, classes, views, **meta_changes)
 
 
-def blobs(n_per_class: int, dim: int = 16, n_classes: int = 3, seed: int = 0, spread: float = 1.0):
-    """Gaussian blobs: linearly separable classes with a known structure."""
+def blobs(n_per_class: int, dim: int = 16, n_classes: int = 3, seed: int = 0, spread: float = 1.0, noise_seed=None):
+    """Gaussian blobs: linearly separable classes with a known structure. The centres come from ``seed``; another
+    ``noise_seed`` draws other points around the same centres (a held-out set)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 3, (n_classes, dim))
+    if noise_seed is not None:
+        rng = np.random.default_rng([seed, noise_seed])
     y = np.repeat(np.arange(n_classes), n_per_class)
     x = centres[y] + rng.normal(0, spread, (len(y), dim))
     return x.astype(np.float32), y.astype(np.int64)
+
+
+def extract(folder, out, trunk, **kw):
+    """run_extraction with the tiny trunk, random-init identity, batches of 4 and no reader processes; by split."""
+    from flowerfeat.config import ExtractConfig
+    from flowerfeat.extract import run_extraction
+
+    cfg = ExtractConfig(data=folder, out=out, weights="none", batch_size=4, workers=0, **kw)
+    return {r.split: r for r in run_extraction(cfg, trunk=trunk)}
+
+
+# -- the bad-image corpus: (file name, bytes maker, expected: "ok" or a fragment of the skip reason) --------------
+
+
+def png_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _bomb_png() -> bytes:
+    """A valid PNG header claiming 30000 x 30000 pixels (900 MP, over Pillow's limit); no need for real pixels."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def exif_rotated_jpeg() -> bytes:
+    img = Image.new("RGB", (60, 30), (255, 0, 0))
+    img.paste((0, 0, 255), (30, 0, 60, 30))  # right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    return _save(img, "JPEG", exif=exif.tobytes())
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.new("P", (32, 24), i * 40) for i in range(3)]
+    return _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+def _palette_with_transparency() -> bytes:
+    img = Image.new("P", (32, 32), 1)
+    img.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    return png_bytes(img, transparency=0)
+
+
+BASE = make_image(0, 0, (48, 36))
+CORPUS = [
+    ("zero.jpg", lambda: b"", "empty file"),
+    ("truncated.jpg", lambda: _save(BASE, "JPEG")[:300], "corrupt or truncated"),
+    ("text.jpg", lambda: b"this is not an image\n" * 20, "not an image"),
+    ("png_named.jpg", lambda: png_bytes(BASE), "ok"),
+    ("rgba.png", lambda: png_bytes(BASE.convert("RGBA")), "ok"),
+    ("palette_transparent.png", _palette_with_transparency, "ok"),
+    ("gray.jpg", lambda: _save(BASE.convert("L"), "JPEG"), "ok"),
+    ("cmyk.jpg", lambda: _save(BASE.convert("CMYK"), "JPEG"), "ok"),
+    (
+        "gray16.png",
+        lambda: png_bytes(Image.fromarray((np.arange(48 * 36).reshape(36, 48) * 37).astype(np.uint16))),
+        "ok",
+    ),
+    ("animated.gif", _animated_gif, "ok"),
+    ("image.webp", lambda: _save(BASE, "WEBP"), "ok"),
+    ("image.bmp", lambda: _save(BASE, "BMP"), "ok"),
+    ("image.tiff", lambda: _save(BASE, "TIFF"), "ok"),
+    ("exif_rotated.jpg", exif_rotated_jpeg, "ok"),
+    ("one_pixel.png", lambda: png_bytes(Image.new("RGB", (1, 1), (9, 9, 9))), "ok"),
+    ("bomb.png", _bomb_png, "decompression bomb"),
+]
+
+
+def write_corpus(d: Path) -> dict[str, str]:
+    """Write every corpus file (plus a non-UTF-8 name) into ``d``; returns name -> expectation."""
+    d.mkdir(parents=True, exist_ok=True)
+    expected = {}
+    for name, make, outcome in CORPUS:
+        (d / name).write_bytes(make())
+        expected[name] = outcome
+    bad_name = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 byte: not valid UTF-8
+    (d / bad_name).write_bytes(_save(BASE, "JPEG"))
+    expected[bad_name] = "not valid UTF-8"
+    return expected

@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 
 from flowerfeat import FORMAT_VERSION, store
-from flowerfeat.config import ExtractConfig
 from flowerfeat.errors import FlowerfeatError
-from flowerfeat.extract import run_extraction
-from test_data import write_corpus
-
-
-def extract(folder, out, trunk, **kw):
-    cfg = ExtractConfig(data=folder, out=out, weights="none", batch_size=4, workers=0, **kw)
-    return {r.split: r for r in run_extraction(cfg, trunk=trunk)}
+from conftest import extract, write_corpus
 
 
 def datasets(path):

@@ -15,7 +15,7 @@ import pytest
 
 from flowerfeat import store
 from flowerfeat.errors import FlowerfeatError
-from conftest import make_folder
+from conftest import extract, make_folder
 
 HEADER = {"fingerprint": "abc", "feature_dim": 3, "dtype": "float32", "batch_size": 2}
 
@@ -59,8 +59,6 @@ def test_read_meta_refuses_missing_corrupt_truncated_and_unfinished(tmp_path):
 
 
 def test_truncated_feature_file_is_refused(folder, tmp_path, tiny_trunk):
-    from test_extract import extract
-
     extract(folder, tmp_path / "f", tiny_trunk)
     path = tmp_path / "f" / "train.h5"
     data = path.read_bytes()
