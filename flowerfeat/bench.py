@@ -126,10 +126,10 @@ class BenchResult:
 
 def _flowerfeat_run(cfg: ExtractConfig, train: Split, test: Split, fig: dict, log) -> str:
     """(c) flowerfeat end to end on the two subsets: features, fit-head --epochs 2, report; returns the overall line."""
-    from flowerfeat.extract import extract_split, resolve_setup
+    from flowerfeat.extraction import extract_split, resolve_setup
     from flowerfeat.report import Evaluation, textbook_lines
     from flowerfeat.store import load_features
-    from flowerfeat.train import evaluate, fit
+    from flowerfeat.train import fit, score
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = cfg.replace(out=Path(tmp))
@@ -142,8 +142,8 @@ def _flowerfeat_run(cfg: ExtractConfig, train: Split, test: Split, fig: dict, lo
         result, _ = fit(FitConfig(features=Path(tmp) / "train.h5", epochs=2))
         t2 = time.perf_counter()
         fs = load_features(Path(tmp) / "test.h5")
-        loss, pred, probs = evaluate(result.weight, result.bias, fs.features, fs.labels)
-        lines = textbook_lines(Evaluation(list(fs.meta["classes"]), fs.labels, pred, probs, loss, fs.paths, ""))
+        loss, pred, probs = score(result.weight, result.bias, fs.X, fs.y)
+        lines = textbook_lines(Evaluation(fs.classes, fs.y, pred, probs, loss, fs.paths, ""))
         fig["flowerfeat_s"] = time.perf_counter() - t0
         fig["fit_s"] = t2 - t1
     fig["flowerfeat_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

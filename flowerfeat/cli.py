@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -135,68 +137,81 @@ def features(
     Example: flowerfeat features --data my_photos --weights vgg16.pth --layer pool5
     Many GPUs: torchrun --nproc-per-node 8 -m flowerfeat features ...
     """
-    from flowerfeat.extract import dist_from_env, run_extraction
+    import flowerfeat
 
-    cfg = ExtractConfig(
-        data=data,
-        out=out,
-        layer=layer,
-        weights=weights,
-        splits=tuple(split or ExtractConfig.splits),
-        batch_size=batch_size,
-        workers=workers,
-        precision=precision,
-        dtype=dtype,
-        compression=compression,
-        views=views,
-        view_seed=view_seed,
-        device=device,
-        decode=decode,
-        strict=strict,
-        compile=compile,
-    )
+    options = dict(splits=tuple(split or ExtractConfig.splits), batch_size=batch_size, workers=workers)
+    options.update(precision=precision, dtype=dtype, compression=compression, views=views, view_seed=view_seed)
+    options.update(device=device, decode=decode, strict=strict, compile=compile)
+    ExtractConfig(**options)  # every option checked before the reporter starts
     _sigterm_to_interrupt()
-    dist, shutdown = dist_from_env()
-    show = dist.rank == 0
-    bar, on_progress, last = _extraction_bar(show)
+    reporter = _extraction_reporter(show=int(os.environ.get("RANK", "0")) == 0)
     try:
-        with bar:
-            results = run_extraction(cfg, on_progress, dist)
+        with reporter:
+            files = flowerfeat.extract(data, out, layer, weights, progress=reporter, **options)
     except KeyboardInterrupt:
-        p = last.get("p")
+        p = reporter.last
         where = f"{p.split} at {p.done}/{p.total} images" if p else "before the first batch"
         _fail(f"interrupted in {where}; finished batches are saved, rerun the same command to resume", 130)
-    finally:
-        shutdown()
-    if show:
-        _print_results(results, strict)
+    if reporter.show:
+        _print_results(files.results.values(), strict)
 
 
-def _extraction_bar(show: bool):
-    """(Rich progress bar, the on_progress callback that drives it, a dict holding the last Progress seen)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _extraction_reporter(show: bool):
+    """Progress for this process: a Rich bar on a terminal, plain lines in a log (stderr not a terminal), nothing on
+    torchrun's other ranks. A context manager: the bar is drawn while it is entered."""
+    from flowerfeat.progress import LineReporter, Reporter, duration
 
-    last: dict = {}
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        disable=not show,
-        transient=True,
-    )
-    tasks = {}
+    class Quiet(Reporter):
+        def __enter__(self):
+            return self
 
-    def on_progress(p):
-        last["p"] = p
-        if p.split not in tasks:
-            tasks[p.split] = bar.add_task(p.split, total=p.total, completed=p.done, rate="", start0=p.done)
-        new = p.done - bar.tasks[tasks[p.split]].fields["start0"]
-        rate = f"{new / p.loop_s:.1f} images/s" if p.loop_s > 0 and new else ""
-        bar.update(tasks[p.split], completed=p.done, rate=rate)
+        def __exit__(self, *exc):
+            return False
 
-    return bar, on_progress, last
+    class Lines(LineReporter, Quiet):
+        pass
+
+    class Bar(Quiet):
+        def __init__(self):
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            columns = [
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+            ]
+            self.bar = Progress(*columns, console=Console(stderr=True), transient=True)
+            self.tasks: dict[str, int] = {}
+            self.step = None  # the task showing the step under way
+
+        def __enter__(self):
+            self.bar.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.bar.__exit__(*exc)
+
+        def begin(self, doing):
+            self.step = self.bar.add_task(doing, total=None, rate="")
+
+        def status(self, message):
+            if self.step is not None:
+                self.bar.remove_task(self.step)
+                self.step = None
+            self.bar.console.print(message, highlight=False)
+
+        def update(self, p):
+            super().update(p)
+            if p.split not in self.tasks:
+                self.tasks[p.split] = self.bar.add_task(p.split, total=p.total, rate="")
+            rate = f"{p.rate:.2f} images/s, ETA {duration(p.eta_s)}" if p.rate else "starting"
+            self.bar.update(self.tasks[p.split], completed=p.done, rate=rate)
+
+    reporter = (Bar() if sys.stderr.isatty() else Lines()) if show else Quiet()
+    reporter.show = show
+    return reporter
 
 
 def _print_results(results, strict: bool) -> None:
@@ -256,31 +271,17 @@ def fit_head(
 
     Example: flowerfeat fit-head --epochs 2
     """
-    from flowerfeat.train import fit, save_checkpoint
+    import flowerfeat
 
-    cfg = FitConfig(
-        features=features,
-        out=out,
-        epochs=epochs,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        lr=lr,
-        momentum=momentum,
-        schedule=schedule,
-        init=init,
-        weight_decay=weight_decay,
-        dropout=dropout,
-        solver=solver,
-        C=c,
-        val_fraction=val_fraction,
-        seed=seed,
-        max_memory=max_memory,
-    )
-    result, meta = fit(cfg, log=typer.echo)
-    save_checkpoint(out, result, meta, cfg)
-    seconds = sum(h["seconds"] for h in result.history)
+    options = dict(batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, schedule=schedule)
+    options.update(init=init, weight_decay=weight_decay, dropout=dropout, solver=solver, C=c)
+    options.update(val_fraction=val_fraction, seed=seed, max_memory=max_memory)
+    FitConfig(epochs=epochs, **options)  # every option checked before the features are read
+    head = flowerfeat.fit_head(features, epochs, log=typer.echo, **options)
+    head.save(out)
+    seconds = sum(h["seconds"] for h in head.meta["history"])
     typer.echo(
-        f"Saved head to {out} ({meta['layer']}, {meta['feature_dim']}-d, {len(meta['classes'])} classes; "
+        f"Saved head to {out} ({head.layer}, {head.weight.shape[1]}-d, {len(head.classes)} classes; "
         f"trained in {seconds:.2f} s)"
     )
 
@@ -296,14 +297,14 @@ def report(
 
     Example: flowerfeat report --figures data/runs/figures
     """
+    import flowerfeat
     from flowerfeat import report as rep
-    from flowerfeat.train import load_checkpoint
 
-    ev = rep.evaluate_file(load_checkpoint(head), features, head)
+    ev = flowerfeat.evaluate(head, features)
     if as_json:
-        typer.echo(json.dumps(rep.metrics(ev), indent=2))
+        typer.echo(json.dumps(ev.to_dict(), indent=2))
     else:
-        typer.echo("\n".join(rep.textbook_lines(ev) + [""] + rep.confusion_lines(ev)))
+        typer.echo("\n".join([str(ev), ""] + rep.confusion_lines(ev)))
     if figures is not None:
         for p in rep.write_figures(ev, figures):
             typer.echo(f"wrote {p}", err=as_json)
@@ -317,28 +318,21 @@ def predict(
     top_k: int = typer.Option(1, help="Classes to show per image."),
     output: Optional[Path] = typer.Option(None, help="Also write the predictions to a .csv or .json file."),
     batch_size: int = typer.Option(16, help="Images per trunk batch."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option(ExtractConfig.device, help="auto, cpu, cuda or cuda:N."),
 ):
     """Classify new images with the trunk and the trained head: one line per image (path, class, probability).
 
     Example: flowerfeat predict my_photos/ --top-k 3 --output predictions.csv
     """
-    from flowerfeat import backbone
-    from flowerfeat.predict import list_images, load_trunk, prepare_output, weights_for, write_predictions
-    from flowerfeat.predict import predict as run_predict
-    from flowerfeat.train import load_checkpoint
+    import flowerfeat
+    from flowerfeat.predict import prepare_output, write_predictions
 
     if top_k < 1:
         _fail(f"--top-k must be >= 1, got {top_k}")
     if output is not None:
         prepare_output(output)
-    ck = load_checkpoint(head)
-    trunk_weights = weights_for(ck, weights)  # refused before anything else is done
-    images = list_images(list(paths))
-    dev = backbone.resolve_device(device)
-    trunk = load_trunk(ck, trunk_weights, dev)
-    preds = run_predict(ck, images, trunk, top_k, batch_size, dev)
-    for p in preds:
+    clf = flowerfeat.Classifier.load(head, weights, device)
+    for p in (preds := clf.predict(list(paths), top_k, batch_size)):
         if p.error:
             typer.echo(f"warning: skipped {p.path}: {p.error}", err=True)
         else:
@@ -358,10 +352,11 @@ def export(
 
     Example: flowerfeat export data/runs/vgg16_flowers.pth
     """
-    from flowerfeat.predict import export as run_export, weights_for
-    from flowerfeat.train import load_checkpoint
+    from flowerfeat.predict import export as run_export
+    from flowerfeat.predict import weights_for
+    from flowerfeat.train import Head
 
-    ck = load_checkpoint(head)
+    ck = Head.load(head)
     info, weights_arg = weights_for(ck, weights)
     side = run_export(ck, out, info, weights_arg)
     typer.echo(f"wrote {out} and {side}; load with torchvision.models.vgg16(num_classes={len(ck.classes)})")
@@ -392,6 +387,23 @@ def bench(
     if limit < 10:
         _fail(f"--limit must be >= 10, got {limit}")
     run_bench(cfg, limit, agreement_images, log=typer.echo)
+
+
+def _print_version(value: bool):
+    if value:
+        from flowerfeat import __version__
+
+        typer.echo(f"flowerfeat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+):
+    """Transfer learning on cached VGG16 features: extract once, fit the head in a second, report."""
 
 
 def main():

@@ -29,7 +29,13 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Everything that decides how features are extracted (and, where it changes them, their fingerprint)."""
+    """Everything that decides how features are extracted (and, where it changes them, their fingerprint); every
+    field is a ``flowerfeat features`` option and a keyword of ``flowerfeat.extract``.
+
+    Example::
+
+        flowerfeat.extract("data/flower_photos", layer="pool5", batch_size=32, dtype="float16")
+    """
 
     data: Path = Path("data/flower_photos")
     out: Path = Path("data/features")
@@ -38,7 +44,7 @@ class ExtractConfig:
     weights: str = "imagenet"
     splits: tuple[str, ...] = ("train", "test")
     batch_size: int = 0  # 0 = auto: AUTO_BATCH_SIZE for the device
-    workers: int | None = None  # reader processes beside the trunk; None = auto (extract.default_workers)
+    workers: int | None = None  # reader processes beside the trunk; None = auto (extraction.default_workers)
     precision: str = "auto"
     dtype: str = "float32"  # storage dtype of the features dataset
     # HDF5 filter on the features. pool5 rows are ~90 % zeros: lzf stores them 7x smaller for a 30 % slower full
@@ -78,7 +84,13 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class FitConfig:
-    """How the replacement head is trained on cached features."""
+    """How the replacement head is trained on cached features; every field is a ``flowerfeat fit-head`` option and
+    a keyword of ``flowerfeat.fit_head``.
+
+    Example::
+
+        flowerfeat.fit_head(train, epochs=2, solver="lbfgs", C=0.1)
+    """
 
     features: Path = Path("data/features/train.h5")
     out: Path = Path("data/runs/head.pt")

@@ -119,7 +119,7 @@ def load_image(path: Path) -> Image.Image:
             with Image.open(path) as im:
                 im.seek(0)  # first frame of animated GIF/WebP/TIFF
                 im = ImageOps.exif_transpose(im)
-                return _to_rgb(im)
+                return to_rgb(im)
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -130,7 +130,7 @@ def load_image(path: Path) -> Image.Image:
         raise BadImage(f"corrupt or truncated image: {e}") from None
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16/32-bit grayscale: Pillow's RGB conversion clips at 255 (an all-white image); scale instead.
         a = np.asarray(im, dtype=np.float64)
@@ -148,7 +148,7 @@ def view_seed(seed: int, relpath: str, view: int) -> int:
 
 
 class UnitDataset:
-    """Map-style dataset over a split's units (image x view, see extract.py); item ``u`` is (tensor or None, u,
+    """Map-style dataset over a split's units (image x view, see extraction.py); item ``u`` is (tensor or None, u,
     reason)."""
 
     def __init__(self, split: Split, n_views: int, transform, augment, seed: int):

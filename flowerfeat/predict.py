@@ -10,12 +10,15 @@ from pathlib import Path
 import torch
 
 from flowerfeat import backbone, store
-from flowerfeat.data import IMAGE_EXTENSIONS, BadImage, load_image
+import numpy as np
+from PIL import Image, ImageOps
+
+from flowerfeat.data import IMAGE_EXTENSIONS, BadImage, to_rgb, load_image
 from flowerfeat.errors import FlowerfeatError
-from flowerfeat.train import Checkpoint
+from flowerfeat.train import Head
 
 
-def weights_for(ck: Checkpoint, weights: str | None) -> tuple[backbone.WeightsInfo, str]:
+def weights_for(ck: Head, weights: str | None) -> tuple[backbone.WeightsInfo, str]:
     """The trunk weights the head was trained on; a --weights that differs is refused with one line."""
     want = ck.meta["features"]["weights"]
     if weights is None:
@@ -36,28 +39,22 @@ def weights_for(ck: Checkpoint, weights: str | None) -> tuple[backbone.WeightsIn
     return info, weights
 
 
-def load_trunk(ck: Checkpoint, trunk_weights: tuple[backbone.WeightsInfo, str], device: torch.device):
-    """The frozen trunk that made the head's features (``trunk_weights`` from ``weights_for``), on ``device``,
-    channels-last."""
-    info, weights_arg = trunk_weights
-    trunk = backbone.build_trunk(info, ck.meta["features"]["layer"], weights_arg).to(device)
-    return trunk.to(memory_format=torch.channels_last)
+def _image_files(p: Path) -> list[Path]:
+    """A file as given, a folder's image files searched recursively (sorted); a missing path refused."""
+    if p.is_dir():
+        return sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
+        )
+    if p.is_file():
+        return [p]
+    raise FlowerfeatError(f"{p}: no such file or folder; pass image files or folders of images")
 
 
 def list_images(paths: list[Path]) -> list[Path]:
     """Files as given, folders searched recursively for image files (sorted); missing paths refused."""
-    out = []
-    for p in paths:
-        if p.is_dir():
-            out += sorted(
-                f
-                for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
-            )
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise FlowerfeatError(f"{p}: no such file or folder; pass image files or folders of images")
+    out = [f for p in paths for f in _image_files(p)]
     if not out:
         raise FlowerfeatError(f"{', '.join(map(str, paths))}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
     return out
@@ -65,45 +62,118 @@ def list_images(paths: list[Path]) -> list[Path]:
 
 @dataclass
 class Prediction:
-    path: str
+    """One image's result: its best class and probability, the top-k, or why it was skipped.
+
+    Example::
+
+        p = classifier.predict("rose.jpg", top_k=2)[0]
+        p.label, p.probability, p.top  # 'roses', 0.91, [('roses', 0.91), ('tulips', 0.06)]
+    """
+
+    path: str  # the file, or "<image k>" for the k-th image passed in memory
     top: list[tuple[str, float]]  # (class, probability), best first; empty when skipped
     error: str = ""
 
+    @property
+    def label(self) -> str | None:
+        return self.top[0][0] if self.top else None
 
-def predict(
-    ck: Checkpoint,
-    images: list[Path],
-    trunk: torch.nn.Module,
-    top_k: int = 1,
-    batch_size: int = 16,
-    device: torch.device = torch.device("cpu"),
-) -> list[Prediction]:
-    """Run trunk + head over image files; unreadable ones come back with ``error`` set."""
-    precision = ck.meta["features"]["precision"]
-    transform = backbone.build_transform()
-    classes = ck.classes
-    k = max(1, min(top_k, len(classes)))
-    weight, bias = ck.weight.to(device), ck.bias.to(device)
-    results: list[Prediction] = []
-    for start in range(0, len(images), batch_size):
-        batch, tensors = [], []
-        for p in images[start : start + batch_size]:
+    @property
+    def probability(self) -> float | None:
+        return self.top[0][1] if self.top else None
+
+
+class Classifier:
+    """The trunk that made a head's features plus the head: classifies images end to end.
+
+    Example::
+
+        clf = flowerfeat.Classifier.load("data/runs/fc7-imagenet/head.pt")
+        for p in clf.predict(["rose.jpg", "daisy.jpg"], top_k=2):
+            print(p.path, p.label, p.probability)
+    """
+
+    def __init__(self, head: Head, trunk_weights: tuple[backbone.WeightsInfo, str], device: torch.device):
+        self.head, self.trunk_weights, self.device = head, trunk_weights, device
+        self._trunk: torch.nn.Module | None = None  # built on the first predict, after the inputs are checked
+
+    @classmethod
+    def load(cls, head: str | Path | Head, weights: str | None = None, device: str = "auto") -> Classifier:
+        """The head at ``head`` (or a loaded Head) and the trunk weights its features came from; ``weights`` names
+        them when they are not where the head's record says. Refuses other weights, layer or preprocessing."""
+        head = head if isinstance(head, Head) else Head.load(head)
+        return cls(head, weights_for(head, weights), backbone.resolve_device(device))
+
+    @property
+    def classes(self) -> list[str]:
+        return self.head.classes
+
+    def trunk(self) -> torch.nn.Module:
+        """The frozen trunk on this classifier's device, channels-last; built once."""
+        if self._trunk is None:
+            info, weights_arg = self.trunk_weights
+            trunk = backbone.build_trunk(info, self.head.layer, weights_arg).to(self.device)
+            self._trunk = trunk.to(memory_format=torch.channels_last)
+        return self._trunk
+
+    def predict(self, images, top_k: int = 1, batch_size: int = 16) -> list[Prediction]:
+        """Classify image files, folders of them, PIL images or (H, W, 3) uint8 arrays (one or a list); unreadable
+        ones come back with ``error`` set. Results follow the input order (a folder's files sorted)."""
+        if top_k < 1:
+            raise FlowerfeatError(f"--top-k must be >= 1, got {top_k}")
+        inputs = _expand(images)
+        k = min(top_k, len(self.classes))
+        results: list[Prediction] = []
+        for start in range(0, len(inputs), batch_size):
+            results += self._batch(inputs[start : start + batch_size], k)
+        return results
+
+    def _batch(self, inputs: list[tuple[str, object]], k: int) -> list[Prediction]:
+        transform = backbone.build_transform()
+        preds, tensors = [], []
+        for name, image in inputs:
+            preds.append(Prediction(name, []))
             try:
-                tensors.append(transform(load_image(p)))
-                batch.append(Prediction(str(p), []))
+                tensors.append(transform(_as_rgb(image)))
             except BadImage as e:
-                results.append(Prediction(str(p), [], str(e)))
-        if not tensors:
-            continue
-        x = torch.stack(tensors).to(device).contiguous(memory_format=torch.channels_last)
-        feats = backbone.trunk_rows(trunk, x, precision)  # (B, D)
-        probs = (feats @ weight.T + bias).softmax(1).cpu()  # (B, C)
-        top_p, top_i = probs.topk(k, dim=1)
-        for pred, ps, idx in zip(batch, top_p.tolist(), top_i.tolist()):
-            pred.top = [(classes[i], p) for i, p in zip(idx, ps)]
-        results.extend(batch)
-    order = {str(p): i for i, p in enumerate(images)}
-    return sorted(results, key=lambda r: order[r.path])
+                preds[-1].error = str(e)
+        good = [p for p in preds if not p.error]
+        if good:
+            x = torch.stack(tensors).to(self.device).contiguous(memory_format=torch.channels_last)
+            feats = backbone.trunk_rows(self.trunk(), x, self.head.meta["features"]["precision"])  # (B, D)
+            probs = (feats @ self.head.weight.to(self.device).T + self.head.bias.to(self.device)).softmax(1).cpu()
+            top_p, top_i = probs.topk(k, dim=1)  # (B, k)
+            for pred, ps, idx in zip(good, top_p.tolist(), top_i.tolist()):
+                pred.top = [(self.classes[i], p) for i, p in zip(idx, ps)]
+        return preds
+
+
+def _expand(images) -> list[tuple[str, object]]:
+    """(name, image) pairs: folders become their image files (sorted); missing paths are refused before any work."""
+    if isinstance(images, (str, Path, np.ndarray, Image.Image)):
+        images = [images]
+    out: list[tuple[str, object]] = []
+    for k, image in enumerate(images):
+        if isinstance(image, (str, Path)):
+            out += [(str(f), f) for f in _image_files(Path(image))]
+        else:
+            out.append((f"<image {k}>", image))
+    if not out:
+        raise FlowerfeatError(f"{', '.join(map(str, images))}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
+    return out
+
+
+def _as_rgb(image) -> Image.Image:
+    """A file, PIL image or uint8 array as an RGB PIL image, EXIF orientation applied (as for files)."""
+    if isinstance(image, Path):
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise BadImage(f"array of shape {image.shape} and dtype {image.dtype}; pass (H, W, 3) uint8 RGB")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise BadImage(f"a {type(image).__name__}; pass a file path, a PIL image or an (H, W, 3) uint8 array")
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def prepare_output(path: Path) -> None:
@@ -134,7 +204,7 @@ def write_predictions(preds: list[Prediction], path: Path) -> None:
                 w.writerow([p.path, rank, c, f"{q:.6f}", ""])
 
 
-def export(ck: Checkpoint, out: Path, info: backbone.WeightsInfo, weights_arg: str) -> Path:
+def export(ck: Head, out: Path, info: backbone.WeightsInfo, weights_arg: str) -> Path:
     """Write torchvision VGG16's full state dict with the head in classifier[6], plus a JSON of classes and preprocessing.
 
     Loads with ``torchvision.models.vgg16(num_classes=C).load_state_dict(torch.load(out))`` and no flowerfeat.

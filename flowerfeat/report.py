@@ -8,11 +8,20 @@ from pathlib import Path
 import numpy as np
 
 from flowerfeat import store
-from flowerfeat.train import Checkpoint, check_compatible, evaluate
+from flowerfeat.train import Head, check_compatible, score
 
 
 @dataclass
 class Evaluation:
+    """A head's results on test features: ``str()`` gives the textbook's lines, ``to_dict()`` what
+    ``flowerfeat report --json`` prints.
+
+    Example::
+
+        ev = flowerfeat.evaluate(head, test)
+        ev.accuracy, ev.per_class["roses"]  # 0.864, (82, 93)
+    """
+
     classes: list[str]
     y_true: np.ndarray  # (N,)
     y_pred: np.ndarray  # (N,)
@@ -21,16 +30,58 @@ class Evaluation:
     paths: list[str]
     data_root: str
 
+    @property
+    def correct(self) -> int:
+        return int((self.y_true == self.y_pred).sum())
 
-def evaluate_file(ck: Checkpoint, features_path: Path, head_path: Path) -> Evaluation:
-    """Run the head over a feature file (centre crops only) after checking the two belong together."""
-    fs = store.load_features(features_path)
-    check_compatible(ck, fs.meta, features_path, head_path)
+    @property
+    def total(self) -> int:
+        return len(self.y_true)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.total, 1)
+
+    @property
+    def per_class(self) -> dict[str, tuple[int, int]]:
+        """class -> (correct, total)."""
+        return {
+            name: (int(((self.y_true == i) & (self.y_pred == i)).sum()), int((self.y_true == i).sum()))
+            for i, name in enumerate(self.classes)
+        }
+
+    @property
+    def confusion_matrix(self) -> np.ndarray:
+        """(C, C) counts: rows are the true class, columns the predicted one."""
+        return confusion(self)
+
+    def to_dict(self) -> dict:
+        return metrics(self)
+
+    def __str__(self) -> str:
+        return "\n".join(textbook_lines(self))
+
+    def __repr__(self) -> str:
+        return f"Evaluation(accuracy {self.accuracy:.1%} ({self.correct}/{self.total}), loss {self.loss:.4f})"
+
+
+def evaluate(head: Head | str | Path, test: store.Features | str | Path) -> Evaluation:
+    """Run a head over test features (centre crops only) after checking the two come from the same trunk.
+
+    Example::
+
+        ev = flowerfeat.evaluate(head, "data/features/fc7-imagenet/test.h5")
+        print(ev)             # the textbook's per-class lines
+        ev.confusion_matrix   # (C, C)
+    """
+    head = head if isinstance(head, Head) else Head.load(head)
+    fs = test if isinstance(test, store.Features) else store.load_features(test)
+    check_compatible(head, fs.meta, fs.path or "test features")
     keep = fs.views == 0
-    x, y = fs.features[keep], fs.labels[keep]
-    loss, pred, probs = evaluate(ck.weight, ck.bias, x, y)
+    x, y = fs.X[keep], fs.y[keep]
+    loss, pred, probs = score(head.weight, head.bias, x, y)
     paths = [p for p, k in zip(fs.paths, keep) if k]
-    return Evaluation(list(fs.meta["classes"]), y, pred, probs, loss, paths, fs.meta.get("data_root", ""))
+    return Evaluation(list(fs.classes), y, pred, probs, loss, paths, fs.meta.get("data_root", ""))
 
 
 def textbook_lines(ev: Evaluation) -> list[str]:
@@ -92,18 +143,13 @@ def metrics(ev: Evaluation) -> dict:
     }
 
 
-def write_figures(ev: Evaluation, out_dir: Path, n_samples: int = 20, seed: int = 0) -> list[Path]:
-    """confusion_matrix.png and samples.png (test images, predicted (true) label, green right / red wrong)."""
-    import matplotlib
+def confusion_figure(ev: Evaluation):
+    """The confusion matrix as a matplotlib Figure (no pyplot, no backend: shows inline in Jupyter, saves anywhere)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # no display needed; chosen per call, no import-time global
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
     cm = confusion(ev)
-    fig, ax = plt.subplots(figsize=(1.2 * len(ev.classes) + 2, 1.2 * len(ev.classes) + 1.5))
+    fig = Figure(figsize=(1.2 * len(ev.classes) + 2, 1.2 * len(ev.classes) + 1.5), layout="tight")
+    ax = fig.add_subplot()
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(ev.classes)), ev.classes, rotation=45, ha="right")
     ax.set_yticks(range(len(ev.classes)), ev.classes)
@@ -111,37 +157,49 @@ def write_figures(ev: Evaluation, out_dir: Path, n_samples: int = 20, seed: int 
     ax.set_ylabel("true")
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(
-                j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black"
-            )
-    acc = (ev.y_true == ev.y_pred).mean() if len(ev.y_true) else 0.0
-    ax.set_title(f"Test accuracy {acc:.1%} ({len(ev.y_true)} images)")
-    fig.tight_layout()
-    written.append(out_dir / "confusion_matrix.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+            dark = cm[i, j] > cm.max() / 2
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if dark else "black")
+    ax.set_title(f"Test accuracy {ev.accuracy:.1%} ({ev.total} images)")
+    return fig
+
+
+def samples_figure(ev: Evaluation, n_samples: int = 20, seed: int = 0):
+    """Test images with their predicted (true) label, green right / red wrong, as a Figure; None if none of the
+    images can be read any more."""
+    from matplotlib.figure import Figure
 
     from flowerfeat.data import BadImage, load_image
 
     rng = np.random.default_rng(seed)
-    pick = rng.permutation(len(ev.paths))[:n_samples]
     shown = []
-    for i in pick:
+    for i in rng.permutation(len(ev.paths))[:n_samples]:
         try:
             shown.append((load_image(Path(ev.data_root) / ev.paths[i]), i))
         except (BadImage, OSError):
             continue  # images moved or deleted since extraction: the grid shows what is still there
-    if shown:
-        cols = min(10, len(shown))
-        rows = (len(shown) + cols - 1) // cols
-        fig = plt.figure(figsize=(2.5 * cols, 2.8 * rows))
-        for k, (img, i) in enumerate(shown):
-            ax = fig.add_subplot(rows, cols, k + 1, xticks=[], yticks=[])
-            ax.imshow(np.asarray(img.resize((224, 224))))
-            ok = ev.y_pred[i] == ev.y_true[i]
-            ax.set_title(f"{ev.classes[ev.y_pred[i]]} ({ev.classes[ev.y_true[i]]})", color="green" if ok else "red")
-        fig.tight_layout()
-        written.append(out_dir / "samples.png")
-        fig.savefig(written[-1], dpi=80)
-        plt.close(fig)
+    if not shown:
+        return None
+    cols = min(10, len(shown))
+    rows = (len(shown) + cols - 1) // cols
+    fig = Figure(figsize=(2.5 * cols, 2.8 * rows), layout="tight")
+    for k, (img, i) in enumerate(shown):
+        ax = fig.add_subplot(rows, cols, k + 1, xticks=[], yticks=[])
+        ax.imshow(np.asarray(img.resize((224, 224))))
+        ok = ev.y_pred[i] == ev.y_true[i]
+        ax.set_title(f"{ev.classes[ev.y_pred[i]]} ({ev.classes[ev.y_true[i]]})", color="green" if ok else "red")
+    return fig
+
+
+def write_figures(ev: Evaluation, out_dir: Path, n_samples: int = 20, seed: int = 0) -> list[Path]:
+    """confusion_matrix.png and samples.png in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fig, dpi in (
+        ("confusion_matrix.png", confusion_figure(ev), 100),
+        ("samples.png", samples_figure(ev, n_samples, seed), 80),
+    ):
+        if fig is not None:
+            fig.savefig(out_dir / name, dpi=dpi)
+            written.append(out_dir / name)
     return written

@@ -86,15 +86,14 @@ def exclusive_lock(out_dir: Path, name: str):
 
 
 def check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise FlowerfeatError(
-            f"{out_dir}: output folder is not writable ({e.strerror}); pass --out DIR you can write"
-        ) from None
+    """Refuse an output folder that cannot be made or written, without making it (a later error must not leave
+    an empty folder behind)."""
+    existing = Path(out_dir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    why = "a file is in the way" if not existing.is_dir() else "permission denied"
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise FlowerfeatError(f"{out_dir}: output folder is not writable ({why}); pass --out DIR you can write")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,32 +349,68 @@ def read_meta(path: Path) -> dict:
 
 
 @dataclass
-class FeatureSet:
-    """A feature file loaded into memory."""
+class Features:
+    """A feature file in memory, ready for scikit-learn.
 
-    features: np.ndarray  # (N, D) float32
-    labels: np.ndarray  # (N,) int64
-    paths: list[str]
-    views: np.ndarray  # (N,) int8, 0 = centre crop
-    meta: dict
+    Example::
+
+        tr = flowerfeat.load_features(files["train"])
+        LogisticRegression(C=0.1, max_iter=1000).fit(tr.X, tr.y)
+    """
+
+    X: np.ndarray  # (N, D) float32 (float16 files are widened)
+    y: np.ndarray  # (N,) int64, indices into ``classes``
+    classes: list[str]
+    paths: list[str]  # each row's image, relative to meta["data_root"]
+    views: np.ndarray  # (N,) int8: 0 = centre crop, k = k-th augmented view
+    skipped: list[tuple[str, str]]  # (path, reason) of each unreadable image
+    meta: dict  # the file's attributes: layer, weights, preprocessing, fingerprint, ...
+    path: Path | None = None  # the file it came from
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __repr__(self) -> str:
+        where = f" from {self.path}" if self.path else ""
+        return (
+            f"Features({len(self.y)} rows x {self.X.shape[1]} ({self.meta.get('layer', '?')}), "
+            f"classes {self.classes}{where})"
+        )
 
 
-def load_features(path: Path) -> FeatureSet:
+def load_features(path: str | Path) -> Features:
+    """Load a finished feature file (``flowerfeat features`` / ``flowerfeat.extract``) into memory.
+
+    Example::
+
+        tr = flowerfeat.load_features("data/features/fc7-imagenet/train.h5")
+        LogisticRegression(C=0.1, max_iter=1000).fit(tr.X, tr.y)
+
+    Raises ``FlowerfeatError`` (one line naming the path and the fix) for a missing, unfinished or foreign file.
+    """
     import h5py
 
+    path = Path(path)
     meta = read_meta(path)
     with h5py.File(path, "r") as f:
-        return FeatureSet(
-            features=f["features"][...].astype(np.float32, copy=False),
-            labels=f["labels"][...],
-            paths=[p.decode() if isinstance(p, bytes) else p for p in f["paths"][...]],
+        return Features(
+            X=f["features"][...].astype(np.float32, copy=False),
+            y=f["labels"][...].astype(np.int64, copy=False),
+            classes=list(meta["classes"]),
+            paths=[p.decode() if isinstance(p, bytes) else str(p) for p in f["paths"][...]],
             views=f["views"][...],
+            skipped=_skipped_rows(f),
             meta=meta,
+            path=path,
         )
+
+
+def _skipped_rows(f) -> list[tuple[str, str]]:
+    return [tuple(x.decode() if isinstance(x, bytes) else x for x in row) for row in f["skipped"][...]]
 
 
 def read_skipped(path: Path) -> list[tuple[str, str]]:
     import h5py
 
     with h5py.File(path, "r") as f:
-        return [tuple(x.decode() if isinstance(x, bytes) else x for x in row) for row in f["skipped"][...]]
+        return _skipped_rows(f)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -66,19 +67,39 @@ def epoch_windows(n: int, block: int, window: int, seed: int, epoch: int):
 
 
 class Rows:
-    """Row access to a feature file: all in memory, or streamed block by block from HDF5 (flat memory)."""
+    """Row access to training features: a file read whole or streamed block by block from HDF5 (flat memory), or
+    features already in memory. Blocks follow the file's HDF5 chunks, so both give the same batches."""
 
-    def __init__(self, path: Path, max_memory_gib: float):
+    def __init__(self, source: Path | store.Features, max_memory_gib: float):
+        self.file = self.ds = None
+        if isinstance(source, store.Features):
+            self.meta, self.name, self.data, self.labels = (
+                source.meta,
+                str(source.path or "features"),
+                source.X,
+                source.y,
+            )
+            self.n, self.dim = source.X.shape
+            # the chunk rows the file has (or would have), so in-memory features train exactly as the file does
+            itemsize = np.dtype(self.meta.get("dtype", "float32")).itemsize
+            self.block, self.streamed = min(max(self.n, 1), store.chunk_rows(self.dim, itemsize)), False
+            self._paths = np.array(source.paths, dtype=object)
+            return
         import h5py
 
-        self.meta = store.read_meta(path)
-        self.file = h5py.File(path, "r")
+        self.meta, self.name = store.read_meta(source), str(source)
+        self.file = h5py.File(source, "r")
         self.ds = self.file["features"]
         self.n, self.dim = self.ds.shape
         self.labels = self.file["labels"][...]  # (N,) int64: 8 bytes a row beside 4*D of features
         self.block = self.ds.chunks[0] if self.ds.chunks else max(1, self.n)
         self.streamed = self.n * self.dim * 4 > max_memory_gib * (1 << 30)
         self.data = None if self.streamed else self.ds[...].astype(np.float32, copy=False)
+        self._paths = None
+
+    def paths(self) -> np.ndarray:
+        """Each row's image path (views of one image share it)."""
+        return self._paths if self._paths is not None else self.file["paths"][...]
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Features of ``rows`` (any order) as float32; streamed reads go block by block, in file order."""
@@ -110,7 +131,8 @@ class Rows:
         return sums / np.maximum(counts, 1)[:, None], l1 / max(counts.sum(), 1)
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 @dataclass
@@ -140,7 +162,7 @@ def split_validation(labels: np.ndarray, paths: np.ndarray, fraction: float, see
     return mask
 
 
-def evaluate(
+def score(
     weight: torch.Tensor, bias: torch.Tensor, x: np.ndarray, y: np.ndarray
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """(mean cross-entropy, predictions, probabilities) of the linear layer on features ``x``."""
@@ -155,14 +177,15 @@ def evaluate(
     return loss, probs.argmax(1).numpy(), probs.numpy()
 
 
-def fit(cfg: FitConfig, log: Callable[[str], None] = lambda s: None) -> tuple[FitResult, dict]:
-    """Train the head on ``cfg.features``; returns the result and the feature file's metadata."""
-    rows = Rows(cfg.features, cfg.max_memory)
+def fit(cfg: FitConfig, log: Callable[[str], None] = lambda s: None, train=None) -> tuple[FitResult, dict]:
+    """Train the head on ``train`` (loaded Features) or else the file ``cfg.features``; returns the result and the
+    features' metadata."""
+    rows = Rows(train if train is not None else cfg.features, cfg.max_memory)
     try:
         meta = rows.meta
         if len(set(rows.labels.tolist())) < 2:
-            raise FlowerfeatError(f"{cfg.features}: features hold fewer than 2 classes; a classifier needs at least 2")
-        paths = rows.file["paths"][...] if cfg.val_fraction > 0 else np.array([], object)  # only to group views
+            raise FlowerfeatError(f"{rows.name}: features hold fewer than 2 classes; a classifier needs at least 2")
+        paths = rows.paths() if cfg.val_fraction > 0 else np.array([], object)  # only to group views
         val = split_validation(rows.labels, paths, cfg.val_fraction, cfg.seed)
         if cfg.val_fraction and not val.any():
             raise FlowerfeatError(f"--val-fraction {cfg.val_fraction} leaves no validation image; raise it or use 0")
@@ -176,6 +199,36 @@ def fit(cfg: FitConfig, log: Callable[[str], None] = lambda s: None) -> tuple[Fi
         return result, meta
     finally:
         rows.close()
+
+
+def fit_head(
+    train: str | Path | store.Features,
+    epochs: int = FitConfig.epochs,
+    *,
+    log: Callable[[str], None] | None = None,
+    **options,
+) -> Head:
+    """Fit the replacement layer (VGG16's ``classifier[6]``) on cached training features.
+
+    ``train`` is a feature file or features from ``load_features``; ``options`` are ``FitConfig``'s fields
+    (``batch_size``, ``lr``, ``dropout``, ``solver``, ``C``, ``val_fraction``, ``seed``, ...); ``log`` receives the
+    textbook's running-loss lines (pass ``print`` to see them). The same seed gives a bit-identical head.
+
+    Example::
+
+        head = flowerfeat.fit_head("data/features/fc7-imagenet/train.h5", epochs=2)
+        head.save("data/runs/fc7-imagenet/head.pt")
+    """
+    if isinstance(train, store.Features):  # recorded in the head as its source
+        loaded, path = train, Path(train.path) if train.path else Path("(features in memory)")
+    else:
+        loaded, path = None, Path(train)
+    unknown = sorted(set(options) - ({f.name for f in dataclasses.fields(FitConfig)} - {"features", "out"}))
+    if unknown:
+        raise TypeError(f"fit_head() got unknown option(s) {', '.join(unknown)}; see flowerfeat.FitConfig")
+    cfg = FitConfig(features=path, epochs=epochs, **options)
+    result, meta = fit(cfg, log or (lambda s: None), loaded)
+    return Head.from_fit(result, meta, cfg)
 
 
 def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
@@ -200,7 +253,7 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
             entry = _train_epoch(cfg, rows, val, linear, opt, sched, mask_rng, epoch, log)
             weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
             if val_x is not None:
-                vloss, vpred, _ = evaluate(weight, bias, val_x, rows.labels[val_rows])
+                vloss, vpred, _ = score(weight, bias, val_x, rows.labels[val_rows])
                 entry.update(val_loss=vloss, val_acc=float((vpred == rows.labels[val_rows]).mean()))
                 if best is None or entry["val_acc"] > best[0]["val_acc"]:
                     best = (entry, weight, bias)
@@ -297,7 +350,7 @@ def _fit_lbfgs(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
 
     if rows.streamed:
         raise FlowerfeatError(
-            f"{rows.file.filename}: features exceed --max-memory {cfg.max_memory} GiB; --solver lbfgs needs them in "
+            f"{rows.name}: features exceed --max-memory {cfg.max_memory} GiB; --solver lbfgs needs them in "
             "memory (raise --max-memory or use the default --solver sgd, which streams)"
         )
     t0 = time.perf_counter()
@@ -312,7 +365,7 @@ def _fit_lbfgs(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
     bias = torch.zeros(n_classes)
     weight[clf.classes_] = torch.from_numpy(coef).float()
     bias[clf.classes_] = torch.from_numpy(intercept).float()
-    loss, pred, _ = evaluate(weight, bias, x, y)
+    loss, pred, _ = score(weight, bias, x, y)
     entry = {
         "epoch": 1,
         "train_loss": loss,
@@ -320,7 +373,7 @@ def _fit_lbfgs(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
         "seconds": time.perf_counter() - t0,
     }
     if val.any():
-        vloss, vpred, _ = evaluate(weight, bias, rows.data[val], rows.labels[val])
+        vloss, vpred, _ = score(weight, bias, rows.data[val], rows.labels[val])
         entry.update(val_loss=vloss, val_acc=float((vpred == rows.labels[val]).mean()))
     log(_epoch_line(entry).replace("Epoch 1 done", f"L-BFGS done ({clf.n_iter_.max()} iterations)"))
     return FitResult(weight, bias, {"best_epoch": 1, **{k: v for k, v in entry.items() if k != "epoch"}}, [entry])
@@ -330,56 +383,101 @@ def _fit_lbfgs(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
 # Checkpoints: tensors + one JSON string, read back with torch.load(weights_only=True): no code runs on load.
 
 
-def save_checkpoint(path: Path, result: FitResult, feature_meta: dict, cfg: FitConfig) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "checkpoint_version": CHECKPOINT_VERSION,
-        "features": {k: feature_meta[k] for k in FEATURE_KEYS},
-        "num_classes": len(feature_meta["classes"]),
-        "config": cfg.to_dict(),
-        "metrics": result.metrics,
-        "history": result.history,
-    }
-    with store.atomic_path(path) as tmp:
-        torch.save(
-            {"weight": result.weight.contiguous(), "bias": result.bias.contiguous(), "meta": json.dumps(meta)}, tmp
-        )
-
-
 @dataclass
-class Checkpoint:
-    weight: torch.Tensor
-    bias: torch.Tensor
-    meta: dict
+class Head:
+    """A trained replacement layer (``classifier[6]``) with everything needed to use it again: the trunk's record
+    (layer, weights, preprocessing, classes), the fit's configuration, its metrics and history.
+
+    Example::
+
+        head = flowerfeat.Head.load("data/runs/fc7-imagenet/head.pt")
+        head.predict(te.X)        # (N,) class indices; head.classes names them
+        head.predict_proba(te.X)  # (N, C) probabilities
+    """
+
+    weight: torch.Tensor  # (C, D)
+    bias: torch.Tensor  # (C,)
+    meta: dict  # checkpoint_version, features (the trunk's record), num_classes, config, metrics, history
+    path: Path | None = None  # the checkpoint file, once saved or loaded
+
+    @classmethod
+    def from_fit(cls, result: FitResult, feature_meta: dict, cfg: FitConfig) -> Head:
+        meta = {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "features": {k: feature_meta[k] for k in FEATURE_KEYS},
+            "num_classes": len(feature_meta["classes"]),
+            "config": cfg.to_dict(),
+            "metrics": result.metrics,
+            "history": result.history,
+        }
+        return cls(result.weight, result.bias, meta)
 
     @property
     def classes(self) -> list[str]:
         return list(self.meta["features"]["classes"])
 
+    @property
+    def layer(self) -> str:
+        return self.meta["features"]["layer"]
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    path = Path(path)
-    if path.is_dir():
-        raise FlowerfeatError(f"{path}: is a directory; pass the checkpoint file, e.g. --head {path / 'head.pt'}")
-    if not path.is_file():
-        raise FlowerfeatError(f"{path}: head checkpoint not found; run `flowerfeat fit-head` first (or pass --head)")
-    refusal = FlowerfeatError(
-        f"{path}: not a flowerfeat head checkpoint (corrupt, truncated or foreign); rerun `flowerfeat fit-head`"
-    )
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        meta = json.loads(blob["meta"])
-        ck = Checkpoint(blob["weight"], blob["bias"], meta)
-        shape = (meta["num_classes"], meta["features"]["feature_dim"])
-    except (*LOAD_ERRORS, KeyError, TypeError, IndexError):  # not torch's format, or not ours
-        raise refusal from None
-    if meta.get("checkpoint_version") != CHECKPOINT_VERSION or tuple(ck.weight.shape) != shape:
-        raise refusal
-    return ck
+    @property
+    def metrics(self) -> dict:
+        return self.meta["metrics"]
+
+    def logits(self, X) -> np.ndarray:
+        """(N, C) logits for features ``X`` ((N, D) array, or loaded Features)."""
+        x = np.ascontiguousarray(getattr(X, "X", X), dtype=np.float32)
+        with torch.no_grad():
+            return (torch.from_numpy(x) @ self.weight.T + self.bias).numpy()
+
+    def predict_proba(self, X) -> np.ndarray:
+        """(N, C) class probabilities (softmax of the logits)."""
+        return torch.from_numpy(self.logits(X)).softmax(1).numpy()
+
+    def predict(self, X) -> np.ndarray:
+        """(N,) predicted class indices (``self.classes[i]`` names them)."""
+        return self.logits(X).argmax(1)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the checkpoint atomically: tensors and one JSON string, loadable with
+        ``torch.load(path, weights_only=True)`` (no code runs on load)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = {"weight": self.weight.contiguous(), "bias": self.bias.contiguous(), "meta": json.dumps(self.meta)}
+        with store.atomic_path(path) as tmp:
+            torch.save(blob, tmp)
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Head:
+        """Read a checkpoint written by ``save`` (or ``flowerfeat fit-head``); one-line FlowerfeatError otherwise."""
+        path = Path(path)
+        if path.is_dir():
+            raise FlowerfeatError(f"{path}: is a directory; pass the checkpoint file, e.g. --head {path / 'head.pt'}")
+        if not path.is_file():
+            raise FlowerfeatError(
+                f"{path}: head checkpoint not found; run `flowerfeat fit-head` first (or pass --head)"
+            )
+        refusal = FlowerfeatError(
+            f"{path}: not a flowerfeat head checkpoint (corrupt, truncated or foreign); rerun `flowerfeat fit-head`"
+        )
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            meta = json.loads(blob["meta"])
+            head = cls(blob["weight"], blob["bias"], meta, path)
+            shape = (meta["num_classes"], meta["features"]["feature_dim"])
+        except (*LOAD_ERRORS, KeyError, TypeError, IndexError):  # not torch's format, or not ours
+            raise refusal from None
+        if meta.get("checkpoint_version") != CHECKPOINT_VERSION or tuple(head.weight.shape) != shape:
+            raise refusal
+        return head
+
+    def __repr__(self) -> str:
+        return f"Head({self.layer}, {self.weight.shape[1]}-d -> {len(self.classes)} classes {self.classes})"
 
 
-def check_compatible(ck: Checkpoint, feature_meta: dict, features_path: Path, head_path: Path) -> None:
+def check_compatible(ck: Head, feature_meta: dict, features_path) -> None:
     """Refuse a head and a feature file that were not made by the same trunk, layer, preprocessing and classes."""
     own = ck.meta["features"]
     named = ("layer", "feature_dim", "weights", "preprocessing", "decoder", "precision", "dtype", "classes")
@@ -389,6 +487,6 @@ def check_compatible(ck: Checkpoint, feature_meta: dict, features_path: Path, he
     if diffs:
         what = ", ".join(f"{k} {str(own.get(k))[:50]} vs {str(feature_meta.get(k))[:50]}" for k in diffs[:3])
         raise FlowerfeatError(
-            f"{features_path}: features do not match head {head_path} ({what}); extract them with the head's "
+            f"{features_path}: features do not match head {ck.path or ''} ({what}); extract them with the head's "
             "settings or refit the head on features from the same run"
         )

@@ -94,7 +94,7 @@ def blobs(n_per_class: int, dim: int = 16, n_classes: int = 3, seed: int = 0, sp
 def extract(folder, out, trunk, **kw):
     """run_extraction with the tiny trunk, random-init identity, batches of 4 and no reader processes; by split."""
     from flowerfeat.config import ExtractConfig
-    from flowerfeat.extract import run_extraction
+    from flowerfeat.extraction import run_extraction
 
     cfg = ExtractConfig(data=folder, out=out, weights="none", batch_size=4, workers=0, **kw)
     return {r.split: r for r in run_extraction(cfg, trunk=trunk)}

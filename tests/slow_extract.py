@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TinyTrunk  # noqa: E402
 
 from flowerfeat.config import ExtractConfig  # noqa: E402
-from flowerfeat.extract import dist_from_env, run_extraction  # noqa: E402
+from flowerfeat.extraction import dist_from_env, run_extraction  # noqa: E402
 
 
 class SlowTrunk(TinyTrunk):

@@ -174,7 +174,9 @@ def test_structural_errors_exit_2_with_one_line(tmp_path, monkeypatch, name, arg
     r = run(*args)
     assert r.exit_code == 2, r.output
     lines = [line for line in r.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
+    # the error is one line, the last; before it at most the steps that succeeded ("scanning DIR: ... (0.0 s)")
+    assert lines[-1].startswith("error: ") and message in lines[-1], r.output
+    assert all(re.fullmatch(r"(scanning|loading weights) .*\(\d+\.\d s\)", line) for line in lines[:-1]), r.output
     assert "Traceback" not in r.output
     after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if not p.name.startswith(".features-rank")}
     assert {p: m for p, m in after.items() if p in before} == {p: m for p, m in before.items() if p in after}

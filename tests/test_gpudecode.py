@@ -12,7 +12,7 @@ from PIL import Image
 from flowerfeat import backbone, store
 from flowerfeat.config import ExtractConfig
 from flowerfeat.data import scan_data
-from flowerfeat.extract import decode_plan, default_workers, run_extraction
+from flowerfeat.extraction import decode_plan, default_workers, run_extraction
 from flowerfeat.gpudecode import (
     DecodedUnitDataset,
     GpuPreprocess,
@@ -116,7 +116,7 @@ def test_gpu_decode_path_falls_back_cleanly_without_cuda(folder, tmp_path, tiny_
     b = store.load_features(tmp_path / "gpu" / "train.h5")
     assert a.paths == b.paths and b.meta["decoder"] == "libjpeg" and a.meta["decoder"] == "pil"
     assert a.meta["model_key"] != b.meta["model_key"]  # the decoder is part of the cache key
-    cos = (a.features * b.features).sum(1) / (np.linalg.norm(a.features, axis=1) * np.linalg.norm(b.features, axis=1))
+    cos = (a.X * b.X).sum(1) / (np.linalg.norm(a.X, axis=1) * np.linalg.norm(b.X, axis=1))
     assert cos.mean() > 0.999 and cos.min() > 0.99, (cos.mean(), cos.min())
 
 
@@ -180,9 +180,9 @@ def test_hybrid_decodes_in_the_workers_with_the_gpu_modes_pixels(folder, tmp_pat
     assert hyb.paths == gpu.paths == cpu.paths and hyb.skipped == gpu.skipped == cpu.skipped
     assert any(p.endswith("corrupt.jpg") for p, _why in hyb.skipped)  # refused by libjpeg, then by PIL: skipped
     baseline = [not p.endswith("progressive.jpg") for p in hyb.paths]  # the gpu mode sends that one to PIL
-    np.testing.assert_array_equal(hyb.features[baseline], gpu.features[baseline])
-    cos = (hyb.features * cpu.features).sum(1) / (
-        np.linalg.norm(hyb.features, axis=1) * np.linalg.norm(cpu.features, axis=1)
+    np.testing.assert_array_equal(hyb.X[baseline], gpu.X[baseline])
+    cos = (hyb.X * cpu.X).sum(1) / (
+        np.linalg.norm(hyb.X, axis=1) * np.linalg.norm(cpu.X, axis=1)
     )
     assert cos.mean() > 0.999 and cos.min() > 0.99, (cos.mean(), cos.min())
 

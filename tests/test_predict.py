@@ -28,7 +28,7 @@ def head_fc7(tmp_path_factory):
     )
     cfg = FitConfig(features=path, out=tmp / "head.pt")
     res, meta = train.fit(cfg)
-    train.save_checkpoint(cfg.out, res, meta, cfg)
+    train.Head.from_fit(res, meta, cfg).save(cfg.out)
     return cfg.out
 
 
@@ -40,7 +40,7 @@ def test_export_round_trip_matches_trunk_plus_head(head_fc7, tmp_path):
     model = torchvision.models.vgg16(num_classes=3)  # plain torchvision, no flowerfeat involved
     model.load_state_dict(torch.load(tmp_path / "vgg.pth", weights_only=True))
     model.eval()
-    ck = train.load_checkpoint(head_fc7)
+    ck = train.Head.load(head_fc7)
     trunk = backbone.build_trunk(backbone.resolve_weights("none"), "fc7")
     x = torch.stack([backbone.build_transform()(make_image(c, 0, (64, 48))) for c in range(3)])
     with torch.inference_mode():
@@ -54,7 +54,7 @@ def test_export_refuses_non_fc7_heads(tmp_path):
     path = write_features(tmp_path / "train.h5", x, y, layer="pool5-gap", preprocessing=backbone.preprocessing())
     cfg = FitConfig(features=path, out=tmp_path / "head.pt")
     res, meta = train.fit(cfg)
-    train.save_checkpoint(cfg.out, res, meta, cfg)
+    train.Head.from_fit(res, meta, cfg).save(cfg.out)
     r = runner.invoke(app, ["export", str(tmp_path / "vgg.pth"), "--head", str(cfg.out)])
     assert r.exit_code == 2 and "only an fc7 head is VGG16's classifier[6]" in r.output
 

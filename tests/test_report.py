@@ -34,13 +34,13 @@ def case(tmp_path):
     test_file = write_features(tmp_path / "test.h5", X, Y)
     meta = store.read_meta(test_file)
     head = train.FitResult(torch.eye(3), torch.zeros(3), {"train_acc": 1.0})
-    train.save_checkpoint(tmp_path / "head.pt", head, meta, FitConfig())
+    train.Head.from_fit(head, meta, FitConfig()).save(tmp_path / "head.pt")
     return test_file, tmp_path / "head.pt"
 
 
 def test_textbook_lines_for_a_known_case(case):
     test_file, head = case
-    ev = report.evaluate_file(train.load_checkpoint(head), test_file, head)
+    ev = report.evaluate(head, test_file)
     logits = torch.from_numpy(X)
     loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(Y)).item()
     assert report.textbook_lines(ev) == [
@@ -57,7 +57,7 @@ def test_textbook_lines_for_a_known_case(case):
 
 def test_metrics_json_values(case):
     test_file, head = case
-    m = report.metrics(report.evaluate_file(train.load_checkpoint(head), test_file, head))
+    m = report.metrics(report.evaluate(head, test_file))
     assert m["overall"] == {"accuracy": 7 / 9, "correct": 7, "total": 9}
     a = m["per_class"]["a"]
     assert a["accuracy"] == 0.75 and a["precision"] == 0.75 and a["recall"] == 0.75
@@ -69,7 +69,7 @@ def test_figures_are_written_and_not_empty(case, tmp_path):
     test_file, head = case
     from PIL import Image
 
-    ev = report.evaluate_file(train.load_checkpoint(head), test_file, head)
+    ev = report.evaluate(head, test_file)
     for i, p in enumerate(ev.paths):  # give the grid real images to show
         f = tmp_path / p
         f.parent.mkdir(parents=True, exist_ok=True)
@@ -84,4 +84,4 @@ def test_head_and_features_from_different_classes_are_refused(case, tmp_path):
     _, head = case
     other = write_features(tmp_path / "other.h5", X, Y, classes=("x", "y", "z"))
     with pytest.raises(FlowerfeatError, match="features do not match head"):
-        report.evaluate_file(train.load_checkpoint(head), other, head)
+        report.evaluate(head, other)

@@ -24,7 +24,7 @@ def test_head_learns_well_above_chance(tmp_path):
     result, meta = train.fit(FitConfig(features=write_features(tmp_path / "t.h5", x, y), epochs=2), log=lines.append)
     assert result.weight.shape == (3, 16)
     x2, y2 = blobs(50, spread=2.0, seed=0, noise_seed=1)  # held-out: the same centres, other points
-    _, pred, _ = train.evaluate(result.weight, result.bias, x2, y2)
+    _, pred, _ = train.score(result.weight, result.bias, x2, y2)
     assert (pred == y2).mean() > 0.8  # chance is 1/3
     # 900 rows / 20 = 45 batches per epoch: running-loss lines at batches 20 and 40, then the summary
     assert lines[0].startswith("Learning rate ") and "auto" in lines[0]
@@ -108,10 +108,10 @@ def test_validation_split_is_stratified_and_keeps_views_together():
 def test_checkpoint_round_trip_without_pickle(train_file, tmp_path):
     cfg = FitConfig(features=train_file)
     res, meta = train.fit(cfg)
-    train.save_checkpoint(tmp_path / "head.pt", res, meta, cfg)
+    train.Head.from_fit(res, meta, cfg).save(tmp_path / "head.pt")
     blob = torch.load(tmp_path / "head.pt", weights_only=True)  # loads with code execution off
     assert set(blob) == {"weight", "bias", "meta"}
-    ck = train.load_checkpoint(tmp_path / "head.pt")
+    ck = train.Head.load(tmp_path / "head.pt")
     assert torch.equal(ck.weight, res.weight) and ck.classes == ["a", "b", "c"]
     assert ck.meta["features"]["fingerprint"] == meta["fingerprint"] and ck.meta["config"]["epochs"] == 2
     assert not list(tmp_path.glob(".head.pt.tmp*"))
@@ -120,20 +120,20 @@ def test_checkpoint_round_trip_without_pickle(train_file, tmp_path):
 def test_corrupt_checkpoint_is_refused(tmp_path):
     (tmp_path / "head.pt").write_bytes(b"garbage")
     with pytest.raises(FlowerfeatError, match="not a flowerfeat head checkpoint"):
-        train.load_checkpoint(tmp_path / "head.pt")
+        train.Head.load(tmp_path / "head.pt")
 
 
 def test_features_from_another_layer_are_refused(train_file, tmp_path):
     cfg = FitConfig(features=train_file)
     res, meta = train.fit(cfg)
-    train.save_checkpoint(tmp_path / "head.pt", res, meta, cfg)
+    train.Head.from_fit(res, meta, cfg).save(tmp_path / "head.pt")
     x, y = blobs(5)
     other = write_features(tmp_path / "test.h5", x, y, layer="fc6")
     from flowerfeat import store
 
     with pytest.raises(FlowerfeatError, match="features do not match head.*layer fc7 vs fc6"):
         train.check_compatible(
-            train.load_checkpoint(tmp_path / "head.pt"), store.read_meta(other), other, tmp_path / "head.pt"
+            train.Head.load(tmp_path / "head.pt"), store.read_meta(other), other
         )
 
 
@@ -141,13 +141,13 @@ def test_head_from_before_the_decoder_field_gets_a_clear_refusal(train_file, tmp
     # a checkpoint saved before feature files named their decoder lacks the key: a one-line refusal, not a KeyError
     cfg = FitConfig(features=train_file)
     res, meta = train.fit(cfg)
-    train.save_checkpoint(tmp_path / "head.pt", res, meta, cfg)
-    ck = train.load_checkpoint(tmp_path / "head.pt")
+    train.Head.from_fit(res, meta, cfg).save(tmp_path / "head.pt")
+    ck = train.Head.load(tmp_path / "head.pt")
     del ck.meta["features"]["decoder"]
     from flowerfeat import store
 
     with pytest.raises(FlowerfeatError, match="features do not match head.*decoder None vs pil"):
-        train.check_compatible(ck, store.read_meta(train_file), train_file, tmp_path / "head.pt")
+        train.check_compatible(ck, store.read_meta(train_file), train_file)
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,14 @@ When all ranks are done, rank 0 merges the reused rows and every shard, in unit 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import queue
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -28,6 +30,7 @@ from flowerfeat.backbone import FEATURE_DIMS, Augment, WeightsInfo, preprocessin
 from flowerfeat.config import AUTO_BATCH_SIZE, ExtractConfig
 from flowerfeat.data import Split, UnitDataset, collate_units, scan_data
 from flowerfeat.errors import FlowerfeatError
+from flowerfeat.progress import LineReporter, Progress, Reporter
 
 PREP_THREADS = 2  # threads preparing GPU-decoded batches: 12 % faster than 1 alone, 3-4 no faster (docs/benchmarks.md)
 
@@ -48,19 +51,6 @@ def default_workers(mode: str, device: torch.device) -> int:
         return 1
     cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(8, cores) if mode == "gpu" else min(32, cores - 2))
-
-
-@dataclass
-class Progress:
-    """What the loop reports after each batch (and at the start of each split)."""
-
-    split: str
-    done: int  # units finished, including those of earlier (resumed) runs
-    total: int
-    read_s: float = 0.0
-    compute_s: float = 0.0
-    write_s: float = 0.0
-    loop_s: float = 0.0  # wall time since this run's first batch was asked for
 
 
 @dataclass
@@ -122,7 +112,9 @@ class Setup:
     get_trunk: Callable[[], torch.nn.Module]  # built on first use, so an up-to-date run never loads weights
 
 
-def resolve_setup(cfg: ExtractConfig, dist: Dist = Dist(), trunk: torch.nn.Module | None = None) -> Setup:
+def resolve_setup(
+    cfg: ExtractConfig, dist: Dist = Dist(), trunk: torch.nn.Module | None = None, reporter: Reporter | None = None
+) -> Setup:
     """Resolve weights, device, precision, decoder, batch size and readers for ``cfg``; nothing is loaded yet.
 
     ``trunk`` replaces the VGG16 trunk (tests hand in a small network); it must carry ``feature_dim`` and an
@@ -142,7 +134,11 @@ def resolve_setup(cfg: ExtractConfig, dist: Dist = Dist(), trunk: torch.nn.Modul
 
     def get_trunk() -> torch.nn.Module:
         if not built:
-            t = trunk if trunk is not None else backbone.build_trunk(winfo, cfg.layer, cfg.weights)
+            t = trunk
+            if t is None:
+                what = "random init" if winfo.kind == "none" else winfo.name
+                with (reporter or Reporter()).stage(f"loading weights ({what})"):
+                    t = backbone.build_trunk(winfo, cfg.layer, cfg.weights)
             t = t.to(device)
             if cfg.channels_last:
                 t = t.to(memory_format=torch.channels_last)
@@ -392,7 +388,7 @@ def extract_split(
     cfg: ExtractConfig,
     split: Split,
     setup: Setup,
-    on_progress: Callable[[Progress], None] = lambda p: None,
+    reporter: Reporter | None = None,
     dist: Dist = Dist(),
 ) -> SplitResult:
     """Bring ``<out>/<split>.h5`` up to date: nothing if its fingerprint matches, else extract what is missing."""
@@ -424,7 +420,10 @@ def extract_split(
     if log.discarded:
         reason += f"; discarded {log.discarded}"
     result = SplitResult(split=split.name, path=final, status=status, reason=reason, rows=0, computed=plan.computed)
-    _run_plan(cfg, split, setup, plan, log, result, on_progress)
+    reporter = reporter or Reporter()
+    if plan.resume_at or reuse:
+        reporter.status(f"{split.name}: resuming at {plan.done_before:,} of {plan.total:,} images ({reason})")
+    _run_plan(cfg, split, setup, plan, log, result, reporter)
     t_finish = time.perf_counter()
     dist.barrier()
     if dist.rank == 0:
@@ -449,10 +448,10 @@ def _shard_header(meta: dict, batch_size: int, todo: int, dist: Dist) -> dict:
     }
 
 
-def _run_plan(cfg, split, setup: Setup, plan: WorkPlan, log, result: SplitResult, on_progress) -> None:
+def _run_plan(cfg, split, setup: Setup, plan: WorkPlan, log, result: SplitResult, reporter: Reporter) -> None:
     """Compute this rank's remaining batches into ``log``, reporting progress; timings go into ``result``."""
-    prog = Progress(split.name, plan.done_before, plan.total)
-    on_progress(prog)
+    prog = Progress(split.name, plan.done_before, plan.total, start_done=plan.done_before)
+    reporter.update(prog)
     t_loop = time.perf_counter()
     writer = _Writer(log)
     try:
@@ -464,7 +463,7 @@ def _run_plan(cfg, split, setup: Setup, plan: WorkPlan, log, result: SplitResult
                 prog.compute_s += c
                 prog.write_s = writer.write_s
                 prog.loop_s = time.perf_counter() - t_loop
-                on_progress(prog)
+                reporter.update(prog)
 
             loader = make_loader(split, split_views(cfg, split), cfg.view_seed, setup, plan.remaining)
             result.read_s, result.compute_s = run_batches(
@@ -480,7 +479,8 @@ def _run_plan(cfg, split, setup: Setup, plan: WorkPlan, log, result: SplitResult
     finally:
         writer.close()
     result.write_s = writer.write_s
-    result.loop_s = time.perf_counter() - t_loop
+    result.loop_s = prog.loop_s = time.perf_counter() - t_loop
+    reporter.split_done(prog)
 
 
 def split_views(cfg: ExtractConfig, split: Split) -> int:
@@ -555,16 +555,86 @@ def _row_blocks(sources: list[_Source], shards: list[np.ndarray], old, meta: dic
 
 def run_extraction(
     cfg: ExtractConfig,
-    on_progress: Callable[[Progress], None] = lambda p: None,
+    reporter: Reporter | None = None,
     dist: Dist = Dist(),
     trunk: torch.nn.Module | None = None,
 ) -> list[SplitResult]:
     """Extract every split of ``cfg``; ``trunk`` replaces the VGG16 trunk (see ``resolve_setup``)."""
-    splits = scan_data(Path(cfg.data), cfg.splits)  # structural errors stop here, before anything is written
-    setup = resolve_setup(cfg, dist, trunk)
-    if setup.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest convolutions
+    reporter = reporter or Reporter()
     out = Path(cfg.out)
     store.check_writable(out)
+    with reporter.stage(f"scanning {cfg.data}") as found:
+        splits = scan_data(Path(cfg.data), cfg.splits)  # structural errors stop here, before anything is written
+        found.append(" + ".join(f"{len(s.items):,} {name}" for name, s in splits.items()) + " images")
+        found.append(f"{len(splits[cfg.splits[0]].classes)} classes")
+    setup = resolve_setup(cfg, dist, trunk, reporter)
+    if setup.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest convolutions
+    out.mkdir(parents=True, exist_ok=True)
     with store.exclusive_lock(out, f"features-rank{dist.rank}of{dist.world}"):
-        return [extract_split(cfg, split, setup, on_progress, dist) for split in splits.values()]
+        return [extract_split(cfg, split, setup, reporter, dist) for split in splits.values()]
+
+
+class Extraction(Mapping):
+    """What ``extract`` made: a mapping split -> finished feature file, and each split's ``SplitResult``.
+
+    Example::
+
+        files = flowerfeat.extract("data/flower_photos")
+        files["train"]                   # Path('data/features/.../train.h5')
+        files.results["train"].status    # 'extracted', 'resumed', 'updated' or 'up to date'
+    """
+
+    def __init__(self, results: list[SplitResult]):
+        self.results = {r.split: r for r in results}
+
+    def __getitem__(self, split: str) -> Path:
+        return self.results[split].path
+
+    def __iter__(self):
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __repr__(self) -> str:
+        return "Extraction(" + ", ".join(f"{s}={r.path} ({r.rows} rows)" for s, r in self.results.items()) + ")"
+
+
+def extract(
+    data: str | Path = ExtractConfig.data,
+    out: str | Path = ExtractConfig.out,
+    layer: str = ExtractConfig.layer,
+    weights: str = ExtractConfig.weights,
+    *,
+    progress: bool | Reporter = False,
+    trunk: torch.nn.Module | None = None,
+    **options,
+) -> Extraction:
+    """Run the frozen VGG16 trunk once over every split of ``data`` and cache the features in HDF5.
+
+    ``options`` are ``ExtractConfig``'s other fields (``splits``, ``batch_size``, ``views``, ``dtype``,
+    ``device``, ...). Resumable and fingerprinted as ``flowerfeat features``: a second call with nothing changed
+    does nothing, an interrupted one (Ctrl-C, a kernel interrupt) resumes at its last committed batch, unreadable
+    images are skipped and recorded. ``progress=True`` prints plain progress lines to stderr; a ``Reporter`` gets
+    every event. ``trunk`` stands in for VGG16 (tests hand in a tiny network). Under torchrun each rank takes its
+    share. Raises ``FlowerfeatError`` with a one-line message for bad input.
+
+    Example::
+
+        files = flowerfeat.extract("data/flower_photos", layer="pool5-gap", weights="vgg16_features.pth")
+        tr = flowerfeat.load_features(files["train"])
+    """
+    fields = {f.name for f in dataclasses.fields(ExtractConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(f"extract() got unknown option(s) {', '.join(unknown)}; see flowerfeat.ExtractConfig")
+    if isinstance(options.get("splits"), str):
+        options["splits"] = (options["splits"],)
+    cfg = ExtractConfig(data=Path(data), out=Path(out), layer=layer, weights=str(weights), **options)
+    reporter = progress if isinstance(progress, Reporter) else LineReporter() if progress else Reporter()
+    dist, shutdown = dist_from_env()
+    try:
+        return Extraction(run_extraction(cfg, reporter, dist, trunk))
+    finally:
+        shutdown()

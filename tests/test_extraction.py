@@ -77,8 +77,8 @@ def test_float16_storage_round_trip(folder, tmp_path, tiny_trunk):
     extract(folder, tmp_path / "a", tiny_trunk)
     extract(folder, tmp_path / "b", tiny_trunk, dtype="float16")
     a, b = store.load_features(tmp_path / "a" / "train.h5"), store.load_features(tmp_path / "b" / "train.h5")
-    assert b.features.dtype == np.float32  # loaded as float32
-    np.testing.assert_allclose(b.features, a.features, rtol=1e-3, atol=1e-3)
+    assert b.X.dtype == np.float32  # loaded as float32
+    np.testing.assert_allclose(b.X, a.X, rtol=1e-3, atol=1e-3)
     assert (tmp_path / "b" / "train.h5").stat().st_size < (tmp_path / "a" / "train.h5").stat().st_size
 
 
@@ -100,12 +100,12 @@ def test_bad_images_are_skipped_recorded_and_the_run_goes_on(folder, tmp_path, t
 def test_augmented_views_are_cached_for_train_only(folder, tmp_path, tiny_trunk):
     extract(folder, tmp_path / "f", tiny_trunk, views=2)
     tr, te = store.load_features(tmp_path / "f" / "train.h5"), store.load_features(tmp_path / "f" / "test.h5")
-    assert len(tr.labels) == 18 * 3 and tr.views.tolist()[:3] == [0, 1, 2] and tr.meta["views"] == 2
-    assert len(te.labels) == 9 and te.meta["views"] == 0
-    assert not np.allclose(tr.features[0], tr.features[1])  # a view differs from the centre crop
+    assert len(tr.y) == 18 * 3 and tr.views.tolist()[:3] == [0, 1, 2] and tr.meta["views"] == 2
+    assert len(te.y) == 9 and te.meta["views"] == 0
+    assert not np.allclose(tr.X[0], tr.X[1])  # a view differs from the centre crop
     again = extract(folder, tmp_path / "g", tiny_trunk, views=2)  # seeded: same views again
     assert again["train"].rows == 54
-    np.testing.assert_array_equal(tr.features, store.load_features(tmp_path / "g" / "train.h5").features)
+    np.testing.assert_array_equal(tr.X, store.load_features(tmp_path / "g" / "train.h5").X)
 
 
 def test_a_second_run_on_the_same_output_is_refused(folder, tmp_path, tiny_trunk):
@@ -164,7 +164,7 @@ def test_disk_full_is_one_line_and_resumable(folder, tmp_path, tiny_trunk, monke
 
     monkeypatch.setattr(store.ShardLog, "append", full)
     monkeypatch.setattr("flowerfeat.backbone.build_trunk", lambda *a, **k: tiny_trunk)
-    monkeypatch.setattr("flowerfeat.extract.FEATURE_DIMS", {"fc7": 24})
+    monkeypatch.setattr("flowerfeat.extraction.FEATURE_DIMS", {"fc7": 24})
     r = CliRunner().invoke(
         cli.app,
         ["features", "--data", str(folder), "--out", str(tmp_path / "f"), "--weights", "none", "--workers", "0"],
