@@ -35,7 +35,7 @@ import torch
 from flowerfeat import backbone, store
 from flowerfeat.bench import matmul_peak
 from flowerfeat.config import ExtractConfig
-from flowerfeat.extract import run_extraction
+from flowerfeat.extraction import run_extraction
 
 GFLOP = {"fc7": 30.9, "pool5": 30.7}  # per 224x224 image (docs/benchmarks.md)
 KINDS = ("plain", "gray", "exif", "progressive", "cmyk")
@@ -217,7 +217,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     import torchvision
 
-    import flowerfeat.extract as fx
+    import flowerfeat.extraction as fx
 
     name = torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu"
     r: dict = {
@@ -268,7 +268,7 @@ def main() -> None:
         r["cold_cli"] = {"seconds": round(dt, 2), "images_per_s": round(n_train / dt), "rc": p.returncode}
         print(f"cold_cli: {n_train} images, {dt:.1f} s", flush=True)
         t = time.perf_counter()
-        code = "import torch, flowerfeat.cli, flowerfeat.extract; torch.cuda.is_available() and torch.zeros(1).cuda()"
+        code = "import torch, flowerfeat.cli, flowerfeat.extraction; torch.cuda.is_available() and torch.zeros(1).cuda()"
         subprocess.run([sys.executable, "-c", code])
         r["import_and_cuda_init_s"] = round(time.perf_counter() - t, 2)
         shutil.rmtree(tmp / "cli")
@@ -289,10 +289,10 @@ def main() -> None:
             print(f"WARM end to end {label}: {r['warm'][label]}", flush=True)
         fa, fb = (store.load_features(tmp / d / "train.h5") for d in ("a", "b"))
         assert fa.paths == fb.paths
-        r["repeat_max_abs_diff"] = float(np.abs(fa.features - fb.features).max())
-        r["repeat_min_cosine"] = float(cosine(fa.features, fb.features).min())
+        r["repeat_max_abs_diff"] = float(np.abs(fa.X - fb.X).max())
+        r["repeat_min_cosine"] = float(cosine(fa.X, fb.X).min())
         fh = store.load_features(tmp / "h" / "train.h5")
-        r["hybrid_vs_gpu_min_cosine"] = float(cosine(fa.features, fh.features).min())
+        r["hybrid_vs_gpu_min_cosine"] = float(cosine(fa.X, fh.X).min())
         print(
             f"two identical runs: max |diff| {r['repeat_max_abs_diff']:.3g}, min cosine {r['repeat_min_cosine']:.6f}; "
             f"hybrid vs gpu: min cosine {r['hybrid_vs_gpu_min_cosine']:.5f}",
@@ -332,7 +332,7 @@ def main() -> None:
             run_extraction(base.replace(out=tmp / f"ag_{mode}", splits=("test",), batch_size=64, decode=mode))
             fg = store.load_features(tmp / f"ag_{mode}" / "test.h5")
             assert fg.paths == fc.paths, f"{mode} and CPU paths kept different images"
-            cos = cosine(fg.features, fc.features)
+            cos = cosine(fg.X, fc.X)
             res = r[f"agreement_synthetic_{mode}"] = {
                 "images": len(cos),
                 "mean": float(cos.mean()),
@@ -368,7 +368,7 @@ def main() -> None:
         for out in ("real", "real_hybrid"):
             fg = store.load_features(a.out / out / "test.h5")
             rows = {p: i for i, p in enumerate(fg.paths)}
-            cos = cosine(fg.features[[rows[p] for p in fc.paths]].astype(np.float32), fc.features)
+            cos = cosine(fg.X[[rows[p] for p in fc.paths]].astype(np.float32), fc.X)
             r[f"{out}_vs_cpu_fp32"] = {"images": len(cos), "mean": float(cos.mean()), "min": float(cos.min())}
             how = f"{fg.meta['decoder']}, {fg.meta['precision']}"
             print(f"real photos pool5, {out} ({how}) vs CPU (pil, fp32): {r[f'{out}_vs_cpu_fp32']}", flush=True)
@@ -390,7 +390,7 @@ def main() -> None:
             print(f"WARM end to end {mode}_compile: {r['warm'][f'{mode}_compile']}", flush=True)
         if (tmp / "a").exists():
             fa, fb = (store.load_features(tmp / d / "train.h5") for d in ("a", "g_gpu"))
-            r["compile_vs_eager_min_cosine"] = float(cosine(fa.features, fb.features).min())
+            r["compile_vs_eager_min_cosine"] = float(cosine(fa.X, fb.X).min())
             print(f"compiled vs eager features: min cosine {r['compile_vs_eager_min_cosine']:.6f}", flush=True)
         for d in ("g_gpu", "g_hybrid"):
             shutil.rmtree(tmp / d)
