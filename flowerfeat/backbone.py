@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import re
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class WeightsInfo:
     name: str  # enum name, file name, or "none"
     sha256: str  # of the file ("" for the enum: its URL carries its hash)
     url: str = ""
+    path: str = ""  # the file's absolute path when it was resolved (kind "file"), so a head can find it again
 
     @property
     def identity(self) -> str:
@@ -45,6 +47,16 @@ class WeightsInfo:
         if self.kind == "custom":
             return f"custom:{self.name}"
         return "none:random-init-seed-0"
+
+    @property
+    def tag(self) -> str:
+        """Short name of the weights in cache folder names: imagenet, random, <file stem>-<sha256[:8]>, custom-..."""
+        if self.kind == "torchvision":
+            return "imagenet" if self.name == "IMAGENET1K_V1" else self.name.lower()
+        if self.kind == "file":
+            stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.name).stem)
+            return f"{stem}-{self.sha256[:8]}"
+        return f"custom-{re.sub(r'[^A-Za-z0-9._-]+', '_', self.name)}" if self.kind == "custom" else "random"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -71,7 +83,7 @@ def resolve_weights(weights: str) -> WeightsInfo:
             f"{path}: {what}; pass --weights PATH to a torchvision VGG16 state dict, "
             "--weights imagenet to download torchvision's, or --weights none for random init"
         )
-    return WeightsInfo("file", path.name, sha256_file(path))
+    return WeightsInfo("file", path.name, sha256_file(path), path=str(path.resolve()))
 
 
 def preprocessing() -> dict:

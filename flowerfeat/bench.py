@@ -137,11 +137,12 @@ def _flowerfeat_run(cfg: ExtractConfig, train: Split, test: Split, fig: dict, lo
         trunk = setup.get_trunk()
         fig["gflop_per_image"] = gflop_per_image(trunk)
         t0 = time.perf_counter()
-        fig["extract_s"] = sum(extract_split(cfg, split, setup).seconds for split in (train, test))
+        results = [extract_split(cfg, split, setup) for split in (train, test)]
+        fig["extract_s"] = sum(r.seconds for r in results)
         t1 = time.perf_counter()
-        result, _ = fit(FitConfig(features=Path(tmp) / "train.h5", epochs=2))
+        result, _ = fit(FitConfig(features=results[0].path, epochs=2))
         t2 = time.perf_counter()
-        fs = load_features(Path(tmp) / "test.h5")
+        fs = load_features(results[1].path)
         loss, pred, probs = score(result.weight, result.bias, fs.X, fs.y)
         lines = textbook_lines(Evaluation(fs.classes, fs.y, pred, probs, loss, fs.paths, ""))
         fig["flowerfeat_s"] = time.perf_counter() - t0
@@ -153,7 +154,7 @@ def _flowerfeat_run(cfg: ExtractConfig, train: Split, test: Split, fig: dict, lo
 def run_bench(cfg: ExtractConfig, limit: int, agreement_images: int, log: Callable[[str], None] = print) -> BenchResult:
     """Time (a) the textbook loop, (b) a naive extraction loop and (c) flowerfeat on the same ``limit`` images of
     ``cfg.data`` (80 % train, 20 % test), extracting with ``cfg``'s settings, on the CPU."""
-    splits = scan_data(Path(cfg.data))
+    splits = scan_data(Path(cfg.data), ("train", "test"), cfg.test_fraction)
     n_test = max(len(splits["train"].classes), round(limit * 0.2))
     train, test = subset(splits["train"], limit - n_test), subset(splits["test"], n_test)
     n_images = len(train.items) + len(test.items)

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from flowerfeat.config import AUTO_BATCH_SIZE, ExtractConfig, FitConfig  # plain dataclasses: no torch imported
+from flowerfeat.config import AUTO_BATCH_SIZE, RUNS_DIR, ExtractConfig, FitConfig  # dataclasses: no torch
 
 app = typer.Typer(
     help="Transfer learning on cached VGG16 features: extract once, fit the head in a second, report.",
@@ -22,6 +22,12 @@ app = typer.Typer(
 )
 
 LAYER_HELP = "fc7 (4096-d), fc6 (4096-d), pool5 (25088-d) or pool5-gap (512-d global average)."
+DATA_HELP = (
+    "Images: a folder with train/<class>/ and test/<class>/, a folder of <class>/ folders (with --test-fraction), "
+    "or a CSV of path,label rows (paths relative to the CSV)."
+)
+FEATURES_HELP = "A feature file, a cache folder, or the root of the caches (then the latest extraction, or --layer's)."
+HEAD_HELP = "A head checkpoint, or a folder of them (then the latest saved, or --layer's)."
 WEIGHTS_HELP = "imagenet (torchvision IMAGENET1K_V1), a local VGG16 state-dict PATH, or none (random init)."
 
 
@@ -94,12 +100,17 @@ def download(
 
 @command(resumable=True)
 def features(
-    data: Path = typer.Option(ExtractConfig.data, help="ImageFolder root with train/<class>/ and test/<class>/."),
-    out: Path = typer.Option(ExtractConfig.out, help="Folder for <split>.h5 feature files."),
+    data: Path = typer.Option(ExtractConfig.data, help=DATA_HELP),
+    out: Path = typer.Option(ExtractConfig.out, help="Root of the caches: <out>/<layer>-<weights>/<split>.h5."),
     layer: str = typer.Option(ExtractConfig.layer, help=LAYER_HELP),
     weights: str = typer.Option(ExtractConfig.weights, help=WEIGHTS_HELP),
     split: Optional[List[str]] = typer.Option(
         None, help=f"Split(s) to extract (repeatable); default {' and '.join(ExtractConfig.splits)}."
+    ),
+    test_fraction: float = typer.Option(
+        ExtractConfig.test_fraction,
+        help="Carve a test split of this fraction out of data without one (flat <class>/ folders, train/ alone, a "
+        "CSV without a split column); stratified, by file name.",
     ),
     batch_size: int = typer.Option(
         ExtractConfig.batch_size,
@@ -139,7 +150,8 @@ def features(
     """
     import flowerfeat
 
-    options = dict(splits=tuple(split or ExtractConfig.splits), batch_size=batch_size, workers=workers)
+    options = dict(splits=tuple(split or ExtractConfig.splits), test_fraction=test_fraction)
+    options.update(batch_size=batch_size, workers=workers)
     options.update(precision=precision, dtype=dtype, compression=compression, views=views, view_seed=view_seed)
     options.update(device=device, decode=decode, strict=strict, compile=compile)
     ExtractConfig(**options)  # every option checked before the reporter starts
@@ -218,15 +230,7 @@ def _print_results(results, strict: bool) -> None:
     """One line per split, then every skipped image; exit 1 under --strict when any was skipped."""
     skipped = []
     for r in results:
-        if r.status == "up to date":
-            typer.echo(f"{r.split}: up to date ({r.rows} rows in {r.path}), nothing to extract")
-            continue
-        rate = f", {r.computed / r.loop_s:.2f} images/s" if r.loop_s and r.computed else ""
-        typer.echo(
-            f"{r.split}: {r.status} {r.computed} images -> {r.path} ({r.rows} rows) in {r.seconds:.1f} s{rate}; "
-            f"waiting on reads {r.read_s:.1f} s, compute {r.compute_s:.1f} s, writes {r.write_s:.1f} s, "
-            f"finishing the file {r.finish_s:.1f} s [{r.reason}]"
-        )
+        typer.echo(_result_line(r))
         skipped += [(r.split, p, why) for p, why in r.skipped]
     if skipped:
         typer.echo(
@@ -238,10 +242,32 @@ def _print_results(results, strict: bool) -> None:
             raise typer.Exit(1)
 
 
+def _result_line(r) -> str:
+    """What happened to one split, in words: ``train: 44 extracted, 10 skipped -> .../train.h5 (44 rows) ...``."""
+    if r.status == "up to date":
+        return f"{r.split}: up to date, {r.rows:,} rows in {r.path}"
+    counts = [f"{r.rows - r.reused:,} extracted"]
+    counts += [
+        f"{n:,} {what}" for n, what in ((len(r.skipped), "skipped"), (r.reused, "reused"), (r.removed, "removed")) if n
+    ]
+    if r.done_before:
+        counts.append(f"resumed after {r.done_before:,}")
+    rate = f", {r.computed / r.loop_s:.2f} images/s" if r.loop_s and r.computed else ""
+    why = f" ({r.reason})" if r.reason else ""
+    return (
+        f"{r.split}: {', '.join(counts)} -> {r.path} ({r.rows:,} rows) in {r.seconds:.1f} s{rate}{why}; "
+        f"waiting on reads {r.read_s:.1f} s, compute {r.compute_s:.1f} s, writes {r.write_s:.1f} s, "
+        f"finishing the file {r.finish_s:.1f} s"
+    )
+
+
 @command("fit-head")
 def fit_head(
-    features: Path = typer.Option(FitConfig.features, help="Training feature file."),
-    out: Path = typer.Option(FitConfig.out, help="Where the head checkpoint goes."),
+    features: Path = typer.Option(FitConfig.features, help=FEATURES_HELP),
+    layer: Optional[str] = typer.Option(None, help="Pick the training features of this layer: " + LAYER_HELP),
+    out: Optional[Path] = typer.Option(
+        FitConfig.out, help=f"Where the head goes; default {RUNS_DIR}/<the features' folder>/head.pt."
+    ),
     epochs: int = typer.Option(FitConfig.epochs, help="Passes over the training features."),
     batch_size: int = typer.Option(FitConfig.batch_size, help="Mini-batch size (the textbook's 20)."),
     optimizer: str = typer.Option(FitConfig.optimizer, help="adam or sgd (the textbook's, with --lr 0.001)."),
@@ -269,38 +295,53 @@ def fit_head(
 ):
     """Train the replacement linear layer on cached features and save a self-sufficient checkpoint.
 
-    Example: flowerfeat fit-head --epochs 2
+    Example: flowerfeat fit-head --epochs 2 --layer pool5
     """
     import flowerfeat
+    from flowerfeat.store import find_features
+    from flowerfeat.train import default_head_path
 
     options = dict(batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, schedule=schedule)
     options.update(init=init, weight_decay=weight_decay, dropout=dropout, solver=solver, C=c)
     options.update(val_fraction=val_fraction, seed=seed, max_memory=max_memory)
     FitConfig(epochs=epochs, **options)  # every option checked before the features are read
-    head = flowerfeat.fit_head(features, epochs, log=typer.echo, **options)
-    head.save(out)
+    train_file = find_features(features, "train", _checked_layer(layer))
+    head = flowerfeat.fit_head(train_file, epochs, log=typer.echo, **options)
+    out = head.save(out or default_head_path(train_file))
     seconds = sum(h["seconds"] for h in head.meta["history"])
     typer.echo(
-        f"Saved head to {out} ({head.layer}, {head.weight.shape[1]}-d, {len(head.classes)} classes; "
-        f"trained in {seconds:.2f} s)"
+        f"Saved head to {out} ({head.layer}, {head.weight.shape[1]}-d, {len(head.classes)} classes, fitted on "
+        f"{train_file}; trained in {seconds:.2f} s)"
     )
+
+
+def _checked_layer(layer: str | None) -> str | None:
+    from flowerfeat.config import LAYERS
+
+    if layer is not None and layer not in LAYERS:
+        _fail(f"unknown layer {layer!r}; choose one of: {', '.join(LAYERS)}")
+    return layer
 
 
 @command()
 def report(
-    features: Path = typer.Option(Path("data/features/test.h5"), help="Test feature file."),
-    head: Path = typer.Option(Path("data/runs/head.pt"), help="Head checkpoint from fit-head."),
+    features: Optional[Path] = typer.Option(
+        None, help="Test features (file or folder); default: the test.h5 beside the head's training features."
+    ),
+    head: Path = typer.Option(RUNS_DIR, help=HEAD_HELP),
+    layer: Optional[str] = typer.Option(None, help="Pick the head fitted on this layer: " + LAYER_HELP),
     figures: Optional[Path] = typer.Option(None, help="Write confusion_matrix.png and samples.png here."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of text."),
 ):
     """Per-class and overall test accuracy in the textbook's format, then a confusion matrix.
 
-    Example: flowerfeat report --figures data/runs/figures
+    Example: flowerfeat report --layer pool5 --figures data/runs/figures
     """
     import flowerfeat
     from flowerfeat import report as rep
+    from flowerfeat.train import find_head
 
-    ev = flowerfeat.evaluate(head, features)
+    ev = flowerfeat.evaluate(find_head(head, _checked_layer(layer)), features)
     if as_json:
         typer.echo(json.dumps(ev.to_dict(), indent=2))
     else:
@@ -313,7 +354,8 @@ def report(
 @command()
 def predict(
     paths: List[Path] = typer.Argument(..., help="Image files or folders of images."),
-    head: Path = typer.Option(Path("data/runs/head.pt"), help="Head checkpoint from fit-head."),
+    head: Path = typer.Option(RUNS_DIR, help=HEAD_HELP),
+    layer: Optional[str] = typer.Option(None, help="Pick the head fitted on this layer: " + LAYER_HELP),
     weights: Optional[str] = typer.Option(None, help="Trunk weights (default: those the head's features came from)."),
     top_k: int = typer.Option(1, help="Classes to show per image."),
     output: Optional[Path] = typer.Option(None, help="Also write the predictions to a .csv or .json file."),
@@ -326,12 +368,13 @@ def predict(
     """
     import flowerfeat
     from flowerfeat.predict import prepare_output, write_predictions
+    from flowerfeat.train import find_head
 
     if top_k < 1:
         _fail(f"--top-k must be >= 1, got {top_k}")
     if output is not None:
         prepare_output(output)
-    clf = flowerfeat.Classifier.load(head, weights, device)
+    clf = flowerfeat.Classifier.load(find_head(head, _checked_layer(layer)), weights, device)
     for p in (preds := clf.predict(list(paths), top_k, batch_size)):
         if p.error:
             typer.echo(f"warning: skipped {p.path}: {p.error}", err=True)
@@ -345,7 +388,8 @@ def predict(
 @command()
 def export(
     out: Path = typer.Argument(..., help="Output .pth: a full torchvision VGG16 state dict."),
-    head: Path = typer.Option(Path("data/runs/head.pt"), help="Head checkpoint from fit-head (trained on fc7)."),
+    head: Path = typer.Option(RUNS_DIR, help=HEAD_HELP),
+    layer: Optional[str] = typer.Option(None, help="Pick the head fitted on this layer: " + LAYER_HELP),
     weights: Optional[str] = typer.Option(None, help="Trunk weights (default: those the head's features came from)."),
 ):
     """Export VGG16 with the trained layer in classifier[6] (the textbook's final model) plus a JSON of classes.
@@ -354,9 +398,9 @@ def export(
     """
     from flowerfeat.predict import export as run_export
     from flowerfeat.predict import weights_for
-    from flowerfeat.train import Head
+    from flowerfeat.train import Head, find_head
 
-    ck = Head.load(head)
+    ck = Head.load(find_head(head, _checked_layer(layer)))
     info, weights_arg = weights_for(ck, weights)
     side = run_export(ck, out, info, weights_arg)
     typer.echo(f"wrote {out} and {side}; load with torchvision.models.vgg16(num_classes={len(ck.classes)})")

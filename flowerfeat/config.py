@@ -15,6 +15,8 @@ OPTIMIZERS = ("adam", "sgd")
 SOLVERS = ("sgd", "lbfgs")
 # --batch-size 0 (auto) per device type: 16 measured best on 2 CPU cores, 256 on an H100 (docs/benchmarks.md)
 AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 256}
+# Heads go to RUNS_DIR/<the features' folder name>/head.pt unless told otherwise
+RUNS_DIR = Path("data/runs")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -43,6 +45,9 @@ class ExtractConfig:
     # "imagenet" = torchvision's VGG16_Weights.IMAGENET1K_V1; "none" = seeded random init; else a state-dict path.
     weights: str = "imagenet"
     splits: tuple[str, ...] = ("train", "test")
+    # > 0: carve a test split of this fraction out of a folder without one (flat <class>/ folders, train/ alone, a
+    # CSV without a split column), stratified and by file name
+    test_fraction: float = 0.0
     batch_size: int = 0  # 0 = auto: AUTO_BATCH_SIZE for the device
     workers: int | None = None  # reader processes beside the trunk; None = auto (extraction.default_workers)
     precision: str = "auto"
@@ -71,6 +76,8 @@ class ExtractConfig:
         if self.workers is not None:
             _check_positive("--workers", self.workers, allow_zero=True)
         _check_positive("--views", self.views, allow_zero=True)
+        if not 0 <= self.test_fraction < 1:
+            raise FlowerfeatError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
         if not self.splits:
             raise FlowerfeatError("no split to extract; pass --split train (or test)")
 
@@ -92,8 +99,9 @@ class FitConfig:
         flowerfeat.fit_head(train, epochs=2, solver="lbfgs", C=0.1)
     """
 
-    features: Path = Path("data/features/train.h5")
-    out: Path = Path("data/runs/head.pt")
+    # a feature file, one cache folder, or the root of the caches (then the latest extraction, or --layer's)
+    features: Path = Path("data/features")
+    out: Path | None = None  # None: RUNS_DIR/<the features' folder name>/head.pt
     epochs: int = 2
     batch_size: int = 20  # the textbook's
     # Adam with a cosine decay, started from the class means, at a learning rate scaled to the features, gets

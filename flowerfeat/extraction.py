@@ -63,7 +63,10 @@ class SplitResult:
     reason: str
     rows: int
     computed: int  # units that went through the trunk in this run
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of the unreadable images
+    reused: int = 0  # rows copied from the previous file
+    removed: int = 0  # rows of the previous file whose images are gone (or changed)
+    done_before: int = 0  # units an interrupted earlier run had finished
     seconds: float = 0.0
     read_s: float = 0.0
     compute_s: float = 0.0
@@ -100,6 +103,7 @@ class Setup:
     """What an extraction works out once for all its splits: whose features, and how the trunk runs."""
 
     weights: WeightsInfo
+    folder: Path  # where the split files go: <out>/<layer>-<weights tag>
     feature_dim: int
     precision: str  # fp32 or bf16
     device: torch.device
@@ -149,6 +153,7 @@ def resolve_setup(
 
     return Setup(
         weights=winfo,
+        folder=store.cache_dir(cfg.out, cfg.layer, winfo.tag),
         feature_dim=feature_dim,
         precision=backbone.resolve_precision(cfg.precision, device),
         device=device,
@@ -186,6 +191,7 @@ def split_meta(cfg: ExtractConfig, split: Split, setup: Setup) -> dict:
         "feature_dim": setup.feature_dim,
         "weights": setup.weights.identity,
         "weights_sha256": setup.weights.sha256,
+        "weights_path": setup.weights.path,  # where the file was, so predict and export find it again
         "preprocessing": preprocessing(),
         "precision": setup.precision,
         "decoder": setup.decoder,
@@ -194,6 +200,8 @@ def split_meta(cfg: ExtractConfig, split: Split, setup: Setup) -> dict:
         "views": n_views,
         "view_seed": cfg.view_seed if n_views else 0,
         "num_images": len(split.items),
+        "layout": split.layout,
+        "test_fraction": split.test_fraction,
         "data_root": str(Path(split.root).resolve()),
         "library_versions": library_versions(),
         "extract_config": cfg.to_dict(),
@@ -203,17 +211,37 @@ def split_meta(cfg: ExtractConfig, split: Split, setup: Setup) -> dict:
     return meta
 
 
-def _reusable_rows(final: Path, old: dict | None, meta: dict, split: Split) -> tuple[dict[int, int], str]:
-    """Rows of the existing finished file (metadata ``old``) that stay valid: unit -> row, and why the rest are
-    (re)extracted."""
+@dataclass(frozen=True)
+class Previous:
+    """The finished file a split's rows may be reused from: this folder's, or where an earlier version kept it."""
+
+    path: Path | None
+    meta: dict | None  # None: no file, or one that cannot be used (corrupt, unfinished): rebuilt
+    moved: bool = False  # the file sits in the single-folder layout of earlier versions (<out>/<split>.h5)
+
+    @classmethod
+    def find(cls, final: Path, legacy: Path) -> Previous:
+        for path, moved in ((final, False), (legacy, True)):
+            if path.is_file():
+                try:
+                    return cls(path, store.read_meta(path), moved)
+                except FlowerfeatError:
+                    return cls(path, None, moved)
+        return cls(None, None)
+
+
+def _reusable_rows(prev: Previous, meta: dict, split: Split) -> tuple[dict[int, int], str, int]:
+    """Rows of the previous file that stay valid (unit -> row), why the rest are (re)extracted, and how many of
+    its rows are dropped because their images are gone or changed."""
     import h5py
 
+    old = prev.meta
     if old is None:  # a corrupt or unfinished file is simply rebuilt
-        return {}, "existing file unusable: rebuilding it" if final.exists() else "no feature file yet"
+        return {}, "existing file unusable: rebuilding it" if prev.path else "", 0
     # Rows are keyed by (path, view, size, mtime): a different --views count still reuses the views both have.
     if old["model_key"] != meta["model_key"] or old["classes"] != meta["classes"]:
-        return {}, "re-extracting: " + store.describe_difference(old, meta)
-    with h5py.File(final, "r") as f:
+        return {}, "re-extracting: " + store.describe_difference(old, meta), 0
+    with h5py.File(prev.path, "r") as f:
         paths = [p.decode() for p in f["paths"][...]]
         keys = zip(paths, f["views"][...].tolist(), f["file_sizes"][...].tolist(), f["file_mtimes_ns"][...].tolist())
         old_rows = {k: r for r, k in enumerate(keys)}
@@ -226,13 +254,14 @@ def _reusable_rows(final: Path, old: dict | None, meta: dict, split: Split) -> t
             r = old_rows.get((item.relpath, v, item.size, item.mtime_ns))
             if r is not None:
                 reuse[idx * nv + v] = r
+    removed = len(old_rows) - len(reuse)
     if old["views"] != meta["views"]:
-        return reuse, "views changed"
+        return reuse, "views changed", removed
     if old.get("compression", "none") != meta["compression"]:
-        return reuse, "compression changed: rewriting from cached rows"
+        return reuse, "compression changed: rewriting from cached rows", removed
     if len(reuse) == len(old_rows) == len(split.items) * nv:
-        return reuse, "same images and settings, older fingerprint: rewriting from cached rows"
-    return reuse, "image list changed"
+        return reuse, "same images and settings, older fingerprint: rewriting from cached rows", 0
+    return reuse, "image list changed", removed
 
 
 @dataclass(frozen=True)
@@ -285,13 +314,14 @@ class _Writer:
                     if ready is not None:  # the rows' device-to-host copy is still in flight
                         ready.synchronize()
                     t = time.perf_counter()
-                    self.log.append(rows.numpy(), ids, skipped)
+                    self.log.append(rows.numpy() if rows is not None else None, ids, skipped)
                     self.write_s += time.perf_counter() - t
                 except BaseException as e:  # surfaced in the main thread by put()/close()
                     self.error = e
 
-    def put(self, rows: torch.Tensor, ids: list[int], skipped: list[tuple[int, str]], ready=None):
-        """Queue a batch; ``ready`` (a CUDA event) marks when ``rows`` holds its values."""
+    def put(self, rows: torch.Tensor | None, ids: list[int], skipped: list[tuple[int, str]], ready=None):
+        """Queue a batch (``rows`` None when all its images were skipped); ``ready`` (a CUDA event) marks when
+        ``rows`` holds its values."""
         if self.error:
             raise self.error
         self.q.put((rows, ids, skipped, ready))
@@ -374,10 +404,10 @@ def run_batches(
                 ready.record()
             else:
                 y = y.cpu()
-        else:
-            y = torch.zeros(0, 0)
+        else:  # every image of the batch was unreadable
+            y = None
         t2 = time.perf_counter()
-        writer.put(y.reshape(len(ids), -1), ids, skipped, ready)
+        writer.put(y, ids, skipped, ready)
         read_s += t1 - t0
         compute_s += t2 - t1
         on_batch(len(ids) + len(skipped), t1 - t0, t2 - t1)
@@ -391,25 +421,24 @@ def extract_split(
     reporter: Reporter | None = None,
     dist: Dist = Dist(),
 ) -> SplitResult:
-    """Bring ``<out>/<split>.h5`` up to date: nothing if its fingerprint matches, else extract what is missing."""
+    """Bring ``<folder>/<split>.h5`` up to date: nothing if its fingerprint matches, else extract what is missing."""
     t_start = time.perf_counter()
-    final = Path(cfg.out) / f"{split.name}.h5"
+    final = setup.folder / f"{split.name}.h5"
     meta = split_meta(cfg, split, setup)
-    try:
-        old = store.read_meta(final) if final.exists() else None
-    except FlowerfeatError:
-        old = None
-    if old is not None and old.get("fingerprint") == meta["fingerprint"]:
+    prev = Previous.find(final, legacy=Path(cfg.out) / f"{split.name}.h5")
+    if not prev.moved and prev.meta is not None and prev.meta.get("fingerprint") == meta["fingerprint"]:
         return SplitResult(
             split=split.name,
             path=final,
             status="up to date",
             reason="fingerprint matches",
-            rows=int(old["num_rows"]),
+            rows=int(prev.meta["num_rows"]),
             computed=0,
             skipped=store.read_skipped(final),
         )
-    reuse, reason = _reusable_rows(final, old, meta, split)
+    reuse, reason, removed = _reusable_rows(prev, meta, split)
+    if prev.moved and reuse:
+        reason = f"copied the rows of {prev.path} into {setup.folder.name}/"
     setup.get_trunk()  # built (and its weights checked) before anything is written
     n_units = len(split.items) * (1 + meta["views"])
     partial_root = final.with_name(final.name + ".partial")
@@ -420,14 +449,15 @@ def extract_split(
     if log.discarded:
         reason += f"; discarded {log.discarded}"
     result = SplitResult(split=split.name, path=final, status=status, reason=reason, rows=0, computed=plan.computed)
+    result.reused, result.removed, result.done_before = len(reuse), removed, plan.done_before - len(reuse)
     reporter = reporter or Reporter()
     if plan.resume_at or reuse:
-        reporter.status(f"{split.name}: resuming at {plan.done_before:,} of {plan.total:,} images ({reason})")
+        reporter.status(f"{split.name}: {plan.done_before:,} of {plan.total:,} images already done ({reason})")
     _run_plan(cfg, split, setup, plan, log, result, reporter)
     t_finish = time.perf_counter()
     dist.barrier()
     if dist.rank == 0:
-        result.skipped, result.rows = _finish(final, meta, split, reuse, partial_root, dist.world, header)
+        result.skipped, result.rows = _finish(final, prev.path, meta, split, reuse, partial_root, header, dist.world)
         shutil.rmtree(partial_root, ignore_errors=True)
     result.finish_s = time.perf_counter() - t_finish
     dist.barrier()
@@ -495,8 +525,9 @@ class _Source(NamedTuple):
     row: int
 
 
-def _finish(final: Path, meta: dict, split: Split, reuse: dict, partial_root: Path, world: int, header: dict):
-    """Merge reused rows and every rank's shard into the finished file, in unit order, with flat memory."""
+def _finish(final: Path, previous, meta: dict, split: Split, reuse: dict, partial_root: Path, header: dict, world):
+    """Merge rows reused from ``previous`` and every rank's shard into the finished file, in unit order, with flat
+    memory."""
     import h5py
 
     nv = 1 + meta["views"]
@@ -523,7 +554,7 @@ def _finish(final: Path, meta: dict, split: Split, reuse: dict, partial_root: Pa
         (split.items[i].relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), why)
         for i, why in sorted(skipped_units.items())
     ]
-    old = h5py.File(final, "r") if reuse else None
+    old = h5py.File(previous, "r") if reuse else None
     try:
         meta = {**meta, "num_rows": len(order), "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}
         blocks = _row_blocks([sources[u] for u in order], shards, old, meta)
@@ -564,15 +595,18 @@ def run_extraction(
     out = Path(cfg.out)
     store.check_writable(out)
     with reporter.stage(f"scanning {cfg.data}") as found:
-        splits = scan_data(Path(cfg.data), cfg.splits)  # structural errors stop here, before anything is written
+        splits = scan_data(Path(cfg.data), cfg.splits, cfg.test_fraction)  # structural errors stop here
         found.append(" + ".join(f"{len(s.items):,} {name}" for name, s in splits.items()) + " images")
         found.append(f"{len(splits[cfg.splits[0]].classes)} classes")
     setup = resolve_setup(cfg, dist, trunk, reporter)
     if setup.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest convolutions
-    out.mkdir(parents=True, exist_ok=True)
-    with store.exclusive_lock(out, f"features-rank{dist.rank}of{dist.world}"):
-        return [extract_split(cfg, split, setup, reporter, dist) for split in splits.values()]
+    setup.folder.mkdir(parents=True, exist_ok=True)
+    with store.exclusive_lock(setup.folder, f"features-rank{dist.rank}of{dist.world}"):
+        results = [extract_split(cfg, split, setup, reporter, dist) for split in splits.values()]
+    if dist.rank == 0:
+        store.mark_latest(out, setup.folder)  # what fit-head, report and predict pick by default
+    return results
 
 
 class Extraction(Mapping):

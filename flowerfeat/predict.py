@@ -19,24 +19,43 @@ from flowerfeat.train import Head
 
 
 def weights_for(ck: Head, weights: str | None) -> tuple[backbone.WeightsInfo, str]:
-    """The trunk weights the head was trained on; a --weights that differs is refused with one line."""
-    want = ck.meta["features"]["weights"]
+    """The trunk weights the head's features came from: ``weights`` when given, else found from the head's record
+    (torchvision's own for imagenet; a file at its recorded path with its recorded sha256). Other weights are
+    refused with one line, before anything is loaded."""
+    record = ck.meta["features"]
+    want = record["weights"]
     if weights is None:
-        if want.startswith("torchvision:"):
-            weights = "imagenet"
-        elif want.startswith("none:"):
-            weights = "none"
-        else:
-            raise FlowerfeatError(f"the head was trained on features from {want}; pass --weights PATH to that file")
+        weights = _remembered_weights(record)
     info = backbone.resolve_weights(weights)
-    if info.identity != want:
+    moved = info.kind == "file" and info.sha256 and info.sha256 == record.get("weights_sha256")  # renamed: same bytes
+    if info.identity != want and not moved:
         raise FlowerfeatError(
             f"--weights {weights} is {info.identity[:70]}, but the head was trained on features from {want[:70]}; "
             "pass the same weights"
         )
-    if ck.meta["features"]["preprocessing"] != backbone.preprocessing():
+    if record["preprocessing"] != backbone.preprocessing():
         raise FlowerfeatError("the head was trained on features with other preprocessing; re-extract and refit it")
     return info, weights
+
+
+def _remembered_weights(record: dict) -> str:
+    """The --weights value that reproduces the head's trunk, from its record; a one-line error when the file moved."""
+    want = record["weights"]
+    if want.startswith("torchvision:"):
+        return "imagenet"
+    if want.startswith("none:"):
+        return "none"
+    name, sha, path = want.split(":")[1], record.get("weights_sha256") or "", record.get("weights_path") or ""
+    if path and Path(path).is_file():
+        if backbone.sha256_file(Path(path)) == sha:
+            return path
+        where = f"; {path} has changed since"
+    else:
+        where = f", no longer at {path}" if path else ""
+    raise FlowerfeatError(
+        f"the head's features came from weights {name} (sha256 {sha or 'unknown'}){where}; "
+        "pass --weights PATH to that file"
+    )
 
 
 def _image_files(p: Path) -> list[Path]:

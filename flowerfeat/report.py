@@ -65,8 +65,9 @@ class Evaluation:
         return f"Evaluation(accuracy {self.accuracy:.1%} ({self.correct}/{self.total}), loss {self.loss:.4f})"
 
 
-def evaluate(head: Head | str | Path, test: store.Features | str | Path) -> Evaluation:
-    """Run a head over test features (centre crops only) after checking the two come from the same trunk.
+def evaluate(head: Head | str | Path, test: store.Features | str | Path | None = None) -> Evaluation:
+    """Run a head over test features (centre crops only) after checking the two come from the same trunk;
+    ``test`` defaults to the ``test.h5`` beside the features the head was fitted on.
 
     Example::
 
@@ -75,7 +76,9 @@ def evaluate(head: Head | str | Path, test: store.Features | str | Path) -> Eval
         ev.confusion_matrix   # (C, C)
     """
     head = head if isinstance(head, Head) else Head.load(head)
-    fs = test if isinstance(test, store.Features) else store.load_features(test)
+    if test is None:
+        test = Path(head.meta["config"]["features"]).with_name("test.h5")
+    fs = test if isinstance(test, store.Features) else store.load_features(store.find_features(test, "test"))
     check_compatible(head, fs.meta, fs.path or "test features")
     keep = fs.views == 0
     x, y = fs.X[keep], fs.y[keep]

@@ -47,7 +47,9 @@ def fingerprint(meta: dict, image_list: list[tuple]) -> str:
     """Hash of the model key, the views and their seed, the classes, the storage filter and every
     (relpath, label, size, mtime_ns). A new filter rewrites the file from the cached rows, without the trunk."""
     h = hashlib.sha256(model_key(meta).encode())
-    h.update(json.dumps([meta["views"], meta["view_seed"], meta["classes"], meta.get("compression", "none")]).encode())
+    settings = [meta["views"], meta["view_seed"], meta["classes"], meta.get("compression", "none")]
+    settings += [meta.get("layout", "folders"), meta.get("test_fraction", 0.0)]  # how the split was made
+    h.update(json.dumps(settings).encode())
     for entry in image_list:
         h.update(json.dumps(entry).encode())
     return h.hexdigest()
@@ -55,12 +57,53 @@ def fingerprint(meta: dict, image_list: list[tuple]) -> str:
 
 def describe_difference(old: dict, new: dict) -> str:
     """Name the fields that differ between two feature metadata dicts."""
-    keys = [k for k in (*MODEL_KEY_FIELDS, "views", "view_seed", "classes", "compression") if old.get(k) != new.get(k)]
+    fields = (*MODEL_KEY_FIELDS, "views", "view_seed", "classes", "compression", "layout", "test_fraction")
+    keys = [k for k in fields if old.get(k) != new.get(k)]
     parts = []
     for k in keys:
         a, b = str(old.get(k)), str(new.get(k))
         parts.append(f"{k} {a[:60]} -> {b[:60]}" if len(a) + len(b) < 90 else f"{k} changed")
     return "; ".join(parts) or "image list changed"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where the files live: <out>/<layer>-<weights tag>/<split>.h5, one folder per trunk, so switching --layer or
+# --weights keeps the other caches (and the heads fitted on them); <out>/LATEST names the folder extracted last.
+
+LATEST = "LATEST"
+
+
+def cache_dir(out: Path, layer: str, weights_tag: str) -> Path:
+    """``<out>/<layer>-<weights tag>``, e.g. ``data/features/pool5-gap-imagenet``."""
+    return Path(out) / f"{layer}-{weights_tag}"
+
+
+def mark_latest(out: Path, folder: Path) -> None:
+    _atomic_write_text(Path(out) / LATEST, Path(folder).name + "\n")
+
+
+def find_features(path: Path, split: str, layer: str | None = None) -> Path:
+    """The ``split`` feature file ``path`` designates: a file as given; under the root of the caches (``--out`` of
+    ``features``), the folder of ``layer`` (or of any layer), the one extracted last when several; else
+    ``path/<split>.h5`` (one cache folder, or the single-folder layout of earlier versions)."""
+    path = Path(path)
+    if path.suffix == ".h5" or path.is_file():
+        return path
+    name = f"{split}.h5"
+    folders = sorted(d for d in path.iterdir() if (d / name).is_file()) if path.is_dir() else []
+    if not folders and (path / name).is_file():
+        folders = [path]
+    if not folders:
+        raise FlowerfeatError(f"{path}: no {name} here; run `flowerfeat features` first (or pass --features FILE)")
+    kept = [d for d in folders if layer is None or read_meta(d / name).get("layer") == layer]
+    if not kept:
+        raise FlowerfeatError(
+            f"{path}: no {layer} features (there are: {', '.join(d.name for d in folders)}); "
+            f"run `flowerfeat features --layer {layer}`, or pick one with --layer"
+        )
+    latest = (path / LATEST).read_text().strip() if (path / LATEST).is_file() else ""
+    by_name = {d.name: d for d in kept}
+    return (by_name.get(latest) or max(kept, key=lambda d: (d / name).stat().st_mtime_ns)) / name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,8 +205,11 @@ class ShardLog:
             json.dumps({"batches": self.batches, "rows": self.rows, "skipped": self.n_skipped}),
         )
 
-    def append(self, rows: np.ndarray, ids: list[int], skipped: list[tuple[int, str]], commit_every_s: float = 1.0):
-        """Append one finished batch; it counts as done once committed (at most ``commit_every_s`` later)."""
+    def append(self, rows: np.ndarray | None, ids: list[int], skipped, commit_every_s: float = 1.0):
+        """Append one finished batch (``rows`` None: none of its images was readable); it counts as done once
+        committed (at most ``commit_every_s`` later)."""
+        if rows is None:
+            rows = np.zeros((0, self.dim), self.dtype)
         if rows.shape != (len(ids), self.dim):
             raise ValueError(f"rows of shape {rows.shape} for {len(ids)} units of {self.dim} features")
         self._rows_f.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())

@@ -16,7 +16,7 @@ from torch import nn
 
 from flowerfeat import store
 from flowerfeat.backbone import LOAD_ERRORS
-from flowerfeat.config import FitConfig
+from flowerfeat.config import RUNS_DIR, FitConfig
 from flowerfeat.errors import FlowerfeatError
 
 # Rows shuffled together when streaming (and, so both give the same head, in memory too): 256 MiB of features.
@@ -30,6 +30,7 @@ FEATURE_KEYS = (
     "feature_dim",
     "weights",
     "weights_sha256",
+    "weights_path",  # where the weights file was at extraction, so predict and export find it again
     "preprocessing",
     "decoder",
     "precision",
@@ -222,7 +223,7 @@ def fit_head(
     if isinstance(train, store.Features):  # recorded in the head as its source
         loaded, path = train, Path(train.path) if train.path else Path("(features in memory)")
     else:
-        loaded, path = None, Path(train)
+        loaded, path = None, store.find_features(Path(train), "train")
     unknown = sorted(set(options) - ({f.name for f in dataclasses.fields(FitConfig)} - {"features", "out"}))
     if unknown:
         raise TypeError(f"fit_head() got unknown option(s) {', '.join(unknown)}; see flowerfeat.FitConfig")
@@ -404,7 +405,7 @@ class Head:
     def from_fit(cls, result: FitResult, feature_meta: dict, cfg: FitConfig) -> Head:
         meta = {
             "checkpoint_version": CHECKPOINT_VERSION,
-            "features": {k: feature_meta[k] for k in FEATURE_KEYS},
+            "features": {k: feature_meta.get(k) for k in FEATURE_KEYS},  # files from before a key: None
             "num_classes": len(feature_meta["classes"]),
             "config": cfg.to_dict(),
             "metrics": result.metrics,
@@ -475,6 +476,29 @@ class Head:
 
     def __repr__(self) -> str:
         return f"Head({self.layer}, {self.weight.shape[1]}-d -> {len(self.classes)} classes {self.classes})"
+
+
+def default_head_path(features_file: Path) -> Path:
+    """Where fit-head saves a head by default: next to its siblings of other layers, by the features' folder."""
+    return RUNS_DIR / Path(features_file).resolve().parent.name / "head.pt"
+
+
+def find_head(path: Path, layer: str | None = None) -> Path:
+    """The head checkpoint ``path`` designates: a file as given; a folder's ``head.pt``; under the root of the runs
+    (``data/runs``), the head saved last (of ``layer``, when given)."""
+    path = Path(path)
+    if path.suffix == ".pt" or path.is_file():
+        return path
+    heads = sorted(path.glob("*/head.pt")) + ([path / "head.pt"] if (path / "head.pt").is_file() else [])
+    if not heads:
+        raise FlowerfeatError(f"{path}: no head.pt here; run `flowerfeat fit-head` first (or pass --head FILE)")
+    kept = [h for h in heads if layer is None or Head.load(h).layer == layer]
+    if not kept:
+        there = ", ".join(f"{h.parent.name} ({Head.load(h).layer})" for h in heads)
+        raise FlowerfeatError(
+            f"{path}: no head fitted on {layer} features (there are: {there}); run `flowerfeat fit-head --layer {layer}`"
+        )
+    return max(kept, key=lambda h: h.stat().st_mtime_ns)
 
 
 def check_compatible(ck: Head, feature_meta: dict, features_path) -> None:

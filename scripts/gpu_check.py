@@ -173,6 +173,11 @@ def cli_args(root: Path, out: Path) -> list[str]:
             "--layer", "fc7", "--split", "train"]  # fmt: skip
 
 
+def load(out: Path, split: str):
+    """The split's features under an --out folder (one extraction each here: <out>/<layer>-<weights>/)."""
+    return store.load_features(store.find_features(out, split))
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
@@ -268,7 +273,9 @@ def main() -> None:
         r["cold_cli"] = {"seconds": round(dt, 2), "images_per_s": round(n_train / dt), "rc": p.returncode}
         print(f"cold_cli: {n_train} images, {dt:.1f} s", flush=True)
         t = time.perf_counter()
-        code = "import torch, flowerfeat.cli, flowerfeat.extraction; torch.cuda.is_available() and torch.zeros(1).cuda()"
+        code = (
+            "import torch, flowerfeat.cli, flowerfeat.extraction; torch.cuda.is_available() and torch.zeros(1).cuda()"
+        )
         subprocess.run([sys.executable, "-c", code])
         r["import_and_cuda_init_s"] = round(time.perf_counter() - t, 2)
         shutil.rmtree(tmp / "cli")
@@ -287,11 +294,11 @@ def main() -> None:
         ):
             r["warm"][label] = e2e(cfg)
             print(f"WARM end to end {label}: {r['warm'][label]}", flush=True)
-        fa, fb = (store.load_features(tmp / d / "train.h5") for d in ("a", "b"))
+        fa, fb = (load(tmp / d, "train") for d in ("a", "b"))
         assert fa.paths == fb.paths
         r["repeat_max_abs_diff"] = float(np.abs(fa.X - fb.X).max())
         r["repeat_min_cosine"] = float(cosine(fa.X, fb.X).min())
-        fh = store.load_features(tmp / "h" / "train.h5")
+        fh = load(tmp / "h", "train")
         r["hybrid_vs_gpu_min_cosine"] = float(cosine(fa.X, fh.X).min())
         print(
             f"two identical runs: max |diff| {r['repeat_max_abs_diff']:.3g}, min cosine {r['repeat_min_cosine']:.6f}; "
@@ -327,10 +334,10 @@ def main() -> None:
         c = base.replace(out=tmp / "ac", splits=("test",), precision="fp32", decode="cpu", device="cpu")
         c = c.replace(batch_size=32, workers=4)
         run_extraction(c)
-        fc = store.load_features(tmp / "ac" / "test.h5")
+        fc = load(tmp / "ac", "test")
         for mode in ("gpu", "hybrid"):
             run_extraction(base.replace(out=tmp / f"ag_{mode}", splits=("test",), batch_size=64, decode=mode))
-            fg = store.load_features(tmp / f"ag_{mode}" / "test.h5")
+            fg = load(tmp / f"ag_{mode}", "test")
             assert fg.paths == fc.paths, f"{mode} and CPU paths kept different images"
             cos = cosine(fg.X, fc.X)
             res = r[f"agreement_synthetic_{mode}"] = {
@@ -364,9 +371,9 @@ def main() -> None:
                 (sub / "test" / cls.name / f.name).symlink_to(f.resolve())
         ref = cfg.replace(data=sub, out=tmp / "real_cpu", splits=("test",), precision="fp32", decode="cpu")
         run_extraction(ref.replace(device="cpu", batch_size=32, workers=4, dtype="float32", compression="none"))
-        fc = store.load_features(tmp / "real_cpu" / "test.h5")
+        fc = load(tmp / "real_cpu", "test")
         for out in ("real", "real_hybrid"):
-            fg = store.load_features(a.out / out / "test.h5")
+            fg = load(a.out / out, "test")
             rows = {p: i for i, p in enumerate(fg.paths)}
             cos = cosine(fg.X[[rows[p] for p in fc.paths]].astype(np.float32), fc.X)
             r[f"{out}_vs_cpu_fp32"] = {"images": len(cos), "mean": float(cos.mean()), "min": float(cos.min())}
@@ -389,7 +396,7 @@ def main() -> None:
             r["warm"][f"{mode}_compile"] = e2e(base.replace(out=tmp / f"g_{mode}", decode=mode, compile=True))
             print(f"WARM end to end {mode}_compile: {r['warm'][f'{mode}_compile']}", flush=True)
         if (tmp / "a").exists():
-            fa, fb = (store.load_features(tmp / d / "train.h5") for d in ("a", "g_gpu"))
+            fa, fb = (load(tmp / d, "train") for d in ("a", "g_gpu"))
             r["compile_vs_eager_min_cosine"] = float(cosine(fa.X, fb.X).min())
             print(f"compiled vs eager features: min cosine {r['compile_vs_eager_min_cosine']:.6f}", flush=True)
         for d in ("g_gpu", "g_hybrid"):

@@ -42,6 +42,10 @@ def make_folder(root: Path, per_class: dict[str, int] | None = None, classes=tup
     return root
 
 
+# the cache folder the tiny trunk's features go to: <layer>-<weights tag>
+TINY = "fc7-custom-tiny-trunk-v1"
+
+
 class TinyTrunk(nn.Module):
     """A stand-in for the VGG16 trunk: same interface (B, 3, 224, 224) -> (B, D), milliseconds per batch."""
 

@@ -66,7 +66,9 @@ def test_fit_head_on_a_file_equals_fit_head_on_loaded_features(files, tmp_path):
 def test_evaluation_to_dict_is_what_report_json_prints(files, tmp_path):
     head = flowerfeat.fit_head(files["train"], epochs=2)
     head.save(tmp_path / "head.pt")
-    r = CliRunner().invoke(app, ["report", "--features", str(files["test"]), "--head", str(tmp_path / "head.pt"), "--json"])
+    r = CliRunner().invoke(
+        app, ["report", "--features", str(files["test"]), "--head", str(tmp_path / "head.pt"), "--json"]
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output) == json.loads(json.dumps(flowerfeat.evaluate(head, files["test"]).to_dict()))
     r = CliRunner().invoke(app, ["report", "--features", str(files["test"]), "--head", str(tmp_path / "head.pt")])
@@ -99,7 +101,9 @@ def test_an_interrupted_extract_resumes_on_the_next_call(folder, tmp_path):
     again = flowerfeat.extract(folder, tmp_path / "f", trunk=TinyTrunk().eval(), **kw)
     assert again.results["train"].status == "resumed" and again.results["train"].computed == 18 - 8
     fresh = flowerfeat.extract(folder, tmp_path / "g", trunk=TinyTrunk().eval(), **kw)
-    np.testing.assert_array_equal(flowerfeat.load_features(again["train"]).X, flowerfeat.load_features(fresh["train"]).X)
+    np.testing.assert_array_equal(
+        flowerfeat.load_features(again["train"]).X, flowerfeat.load_features(fresh["train"]).X
+    )
 
 
 def test_progress_lines_for_a_script(folder, tmp_path, capsys):

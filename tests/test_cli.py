@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -25,9 +26,10 @@ def test_features_fit_report_end_to_end_with_vgg16(tmp_path):
     feats, head = tmp_path / "features", tmp_path / "runs" / "head.pt"
     r = run("features", "--data", data, "--out", feats, "--weights", "none", "--batch-size", "6", "--workers", "0")
     assert r.exit_code == 0, r.output
-    assert re.search(r"train: extracted 12 images -> .*train\.h5 \(12 rows\)", r.output)
+    assert re.search(r"train: 12 extracted -> .*fc7-random/train\.h5 \(12 rows\)", r.output)
     r = run("features", "--data", data, "--out", feats, "--weights", "none")
     assert r.exit_code == 0 and "train: up to date" in r.output and "test: up to date" in r.output
+    feats = feats / "fc7-random"
     r = run("fit-head", "--features", feats / "train.h5", "--out", head, "--epochs", "2", "--batch-size", "4")
     assert r.exit_code == 0, r.output
     assert "Epoch 2 done" in r.output and f"Saved head to {head}" in r.output
@@ -111,7 +113,7 @@ STRUCTURAL = [
     (
         "report: a directory given as the head",
         lambda t: ["report", "--head", t, "--features", _other(t)],
-        "is a directory; pass the checkpoint file, e.g. --head",
+        "no head.pt here; run `flowerfeat fit-head` first",
     ),
 ]
 
@@ -208,7 +210,7 @@ def test_strict_exits_1_when_an_image_was_skipped(tmp_path):
         "--strict",
     )
     assert r.exit_code == 1 and "1 unreadable image(s) skipped" in r.output and "broken.jpg: empty file" in r.output
-    assert (tmp_path / "f" / "train.h5").exists()  # the finished work is kept
+    assert (tmp_path / "f" / "pool5-gap-random" / "train.h5").exists()  # the finished work is kept
 
 
 def test_every_command_has_help_with_an_example():
@@ -232,3 +234,74 @@ def test_an_os_error_outside_features_promises_no_resume(tmp_path):
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert f"error: {blocker}" in r.output and r.output.strip().endswith("fix this and rerun")
     assert "finished batches" not in r.output
+
+
+def _features(data, out, *extra):
+    r = run("features", "--data", data, "--out", out, "--weights", "none", "--workers", "0", *extra)
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def test_result_lines_say_what_happened_in_plain_words(tmp_path):
+    data = make_folder(tmp_path / "d", {"train": 2, "test": 1})
+    (data / "train" / "daisy" / "empty.jpg").write_bytes(b"")
+    out = _features(data, tmp_path / "f", "--layer", "pool5-gap")
+    assert re.search(r"train: 6 extracted, 1 skipped -> \S+train\.h5 \(6 rows\) in", out), out
+    assert "[" not in out and "no feature file yet" not in out and "\n\n" not in out
+    (data / "train" / "roses" / "train_roses_0.jpg").unlink()
+    out = _features(data, tmp_path / "f", "--layer", "pool5-gap")
+    assert re.search(r"train: 0 extracted, 1 skipped, 5 reused, 1 removed ->", out), out
+    assert "test: up to date, 3 rows in" in out
+
+
+def test_progress_goes_to_a_log_as_plain_lines(tmp_path):
+    # CliRunner's stderr is not a terminal: what `features ... > log 2>&1` gets
+    data = make_folder(tmp_path / "d", {"train": 3, "test": 1})
+    out = _features(data, tmp_path / "f", "--layer", "pool5-gap", "--batch-size", "3")
+    lines = out.splitlines()
+    assert lines[0].startswith(f"scanning {data}: 9 train + 3 test images, 3 classes (")
+    assert any(s.startswith("loading weights (random init): done (") for s in lines)
+    progress = [s for s in lines if re.fullmatch(r"(train|test): \d+/\d+ images \(\d+ %\), [\d.]+ images/s, ETA .*", s)]
+    assert progress[0].startswith("train: 3/9 images (33 %)")  # the first batch already has a rate and an ETA
+    assert any(s.startswith("train: 9/9 images (100 %)") and " in " in s for s in lines)  # the split's end
+
+
+def test_fit_head_report_predict_pick_the_latest_cache_or_the_layer_asked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # heads go to data/runs/<features folder>/ by default
+    data = make_folder(tmp_path / "d", {"train": 3, "test": 1})
+    _features(data, "data/features", "--layer", "pool5-gap")
+    _features(data, "data/features", "--layer", "pool5")
+    r = run("fit-head")  # the latest extraction: pool5
+    assert r.exit_code == 0 and "Saved head to data/runs/pool5-random/head.pt (pool5, 25088-d" in r.output, r.output
+    r = run("fit-head", "--layer", "pool5-gap")
+    assert r.exit_code == 0 and "data/runs/pool5-gap-random/head.pt (pool5-gap, 512-d" in r.output, r.output
+    for layer in ("pool5", "pool5-gap"):  # each cache and each head are still there
+        r = run("report", "--layer", layer, "--json")
+        assert r.exit_code == 0 and json.loads(r.output)["overall"]["total"] == 3, r.output
+    r = run("report")  # the head saved last: pool5-gap's, with the test file beside its training features
+    assert r.exit_code == 0 and r.output.startswith("Test Loss: "), r.output
+    r = run("predict", data / "test", "--layer", "pool5")
+    assert r.exit_code == 0 and len([s for s in r.output.splitlines() if "test_" in s]) == 3, r.output
+    assert run("report", "--layer", "fc7").output.startswith("error: data/runs: no head fitted on fc7 features")
+
+
+def test_predict_finds_the_weights_file_the_head_remembers(tmp_path, monkeypatch):
+    from flowerfeat import backbone
+
+    monkeypatch.chdir(tmp_path)
+    vgg = backbone.load_vgg16(backbone.resolve_weights("none"), "pool5")
+    weights = tmp_path / "w" / "vgg16_conv.pth"
+    weights.parent.mkdir()
+    torch.save({k: v for k, v in vgg.state_dict().items() if k.startswith("features.")}, weights)
+    data = make_folder(tmp_path / "d", {"train": 2, "test": 1})
+    r = run("features", "--data", data, "--weights", weights, "--layer", "pool5-gap", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert run("fit-head").exit_code == 0
+    r = run("predict", data / "test")  # no --weights: found at the recorded path, sha256 checked
+    assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 3, r.output
+    weights.rename(tmp_path / "moved.pth")
+    r = run("predict", data / "test")
+    sha = backbone.sha256_file(tmp_path / "moved.pth")
+    assert r.exit_code == 2 and f"weights vgg16_conv.pth (sha256 {sha}), no longer at {weights}" in r.output
+    assert "pass --weights PATH" in r.output
+    assert run("predict", data / "test", "--weights", tmp_path / "moved.pth").exit_code == 0

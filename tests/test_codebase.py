@@ -37,7 +37,9 @@ def test_every_function_is_under_sixty_lines():
 
 def test_no_assert_in_the_package():
     # asserts vanish under python -O: checks of input must raise
-    found = [f"{p.name}:{n.lineno}" for p in PACKAGE for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Assert)]
+    found = [
+        f"{p.name}:{n.lineno}" for p in PACKAGE for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Assert)
+    ]
     assert not found, found
 
 

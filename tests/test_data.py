@@ -11,7 +11,7 @@ from PIL import Image
 
 from flowerfeat.data import BadImage, load_image, scan_data
 from flowerfeat.errors import FlowerfeatError
-from conftest import exif_rotated_jpeg, png_bytes, make_folder, write_corpus
+from conftest import exif_rotated_jpeg, make_folder, make_image, png_bytes, write_corpus
 
 
 def test_scan_is_sorted_and_labels_follow_classes(folder):
@@ -38,7 +38,7 @@ def test_hidden_and_non_image_files_are_ignored(folder):
     "breakage, message",
     [
         (lambda r: r.rename(r.parent / "elsewhere"), "data folder not found"),
-        (lambda r: shutil.rmtree(r) or r.write_text("x"), "is a file, not a data folder; run"),
+        (lambda r: shutil.rmtree(r) or r.write_text("x"), "is a file, not a data folder or a .csv; run"),
         (lambda r: (r / "test").rename(r / "tst"), "no 'test' folder"),
         (lambda r: [p.unlink() for p in (r / "train" / "roses").iterdir()], "class folder has no images"),
         (lambda r: (r / "test" / "roses").rename(r / "test" / "rose"), "classes differ"),
@@ -80,3 +80,76 @@ def test_make_folder_is_varied(tmp_path):
     root = make_folder(tmp_path, {"train": 2})
     sizes = {Image.open(p).size for p in root.rglob("*.*")}
     assert len(sizes) > 1 and all(w != h for w, h in sizes)
+
+
+# -- layouts: flat class folders, train/ alone, CSV; dangling links ----------------------------------------------
+
+
+def _flat(root: Path, per_class=(10, 7, 4)) -> Path:
+    """root/<class>/ images, no train/ or test/."""
+    for c, (cls, n) in enumerate(zip(("daisy", "roses", "tulips"), per_class)):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            make_image(c, i, (40, 30)).save(root / cls / f"{cls}_{i}.jpg")
+    return root
+
+
+def test_a_flat_folder_is_split_stratified_and_by_file_name(tmp_path):
+    root = _flat(tmp_path / "flat")
+    splits = scan_data(root, ("train", "test"), test_fraction=0.3)
+    tr, te = splits["train"], splits["test"]
+    assert tr.layout == te.layout == "flat" and te.test_fraction == 0.3 and tr.classes == te.classes
+    assert [sum(i.label == c for i in te.items) for c in range(3)] == [3, 2, 1]  # round(0.3 x 10, 7, 4)
+    assert {i.relpath for i in tr.items}.isdisjoint(i.relpath for i in te.items) and len(tr.items) + len(te.items) == 21
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(root, moved)
+    (moved / "daisy" / "daisy_99.jpg").write_bytes((moved / "daisy" / "daisy_0.jpg").read_bytes())
+    again = scan_data(moved, ("test",), test_fraction=0.3)["test"]
+    changed = {i.relpath for i in te.items} ^ {i.relpath for i in again.items}
+    assert len(changed) <= 2  # another folder, one more image: the split moves by at most that image
+
+
+def test_flat_and_train_only_folders_say_how_to_split_them(tmp_path):
+    root = _flat(tmp_path / "flat")
+    with pytest.raises(FlowerfeatError, match="no train/ and test/; pass --test-fraction 0.2 .* or --split train"):
+        scan_data(root)
+    assert len(scan_data(root, ("train",))["train"].items) == 21  # all for training
+    tonly = make_folder(tmp_path / "tonly", {"train": 4})
+    with pytest.raises(FlowerfeatError, match="no 'test' folder; pass --split train .* or --test-fraction 0.2"):
+        scan_data(tonly)
+    carved = scan_data(tonly, test_fraction=0.25)
+    assert [len(carved[s].items) for s in ("train", "test")] == [9, 3] and carved["test"].layout == "folders"
+    with pytest.raises(FlowerfeatError, match="has its own test/ folder; drop --test-fraction"):
+        scan_data(make_folder(tmp_path / "both"), test_fraction=0.2)
+
+
+def test_a_csv_of_paths_and_labels(tmp_path):
+    root = _flat(tmp_path / "imgs", (3, 3, 0))
+    rows = [f"imgs/{p.parent.name}/{p.name},{p.parent.name}" for p in sorted(root.rglob("*.jpg"))]
+    (tmp_path / "labels.csv").write_text("filename,category\n" + "\n".join(rows + ["imgs/gone.jpg,roses"]) + "\n")
+    pool = scan_data(tmp_path / "labels.csv", ("train",))["train"]
+    assert pool.layout == "csv" and pool.classes == ("daisy", "roses") and len(pool.items) == 7
+    assert (pool.root / pool.items[0].relpath).is_file()  # paths are relative to the CSV
+    gone = [i for i in pool.items if i.relpath == "imgs/gone.jpg"][0]
+    assert gone.size == -1  # kept, then skipped when decoded
+    with pytest.raises(BadImage, match="file not found"):
+        load_image(pool.root / gone.relpath)
+    with_split = [r + ("," + ("test" if k % 3 == 0 else "train")) for k, r in enumerate(rows)]
+    (tmp_path / "split.csv").write_text("\n".join(with_split) + "\n")  # no header this time
+    by_column = scan_data(tmp_path / "split.csv")
+    assert [len(by_column[s].items) for s in ("train", "test")] == [4, 2]
+    (tmp_path / "bad.csv").write_text("path,label\nimgs/daisy/daisy_0.jpg\n")
+    with pytest.raises(FlowerfeatError, match="bad.csv: row 2: each row needs path,label"):
+        scan_data(tmp_path / "bad.csv", ("train",))
+
+
+def test_a_dangling_symbolic_link_is_an_unreadable_image(folder):
+    d = folder / "train" / "daisy"
+    (d / "broken_link.jpg").symlink_to(folder / "nowhere.jpg")
+    (d / "good_link.jpg").symlink_to(d / "train_daisy_0.jpg")
+    split = scan_data(folder)["train"]  # no error: the scan keeps it
+    names = {Path(i.relpath).name: i for i in split.items}
+    assert names["broken_link.jpg"].size == -1 and names["good_link.jpg"].size > 0
+    with pytest.raises(BadImage, match="broken symbolic link"):
+        load_image(d / "broken_link.jpg")
+    assert load_image(d / "good_link.jpg").size == load_image(d / "train_daisy_0.jpg").size

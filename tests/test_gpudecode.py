@@ -22,7 +22,7 @@ from flowerfeat.gpudecode import (
     collate_raw,
     gpu_eligible,
 )
-from conftest import extract, make_image, write_corpus
+from conftest import TINY, extract, make_image, write_corpus
 
 
 def _jpeg(img, **kw):
@@ -111,9 +111,11 @@ def test_gpu_decode_path_falls_back_cleanly_without_cuda(folder, tmp_path, tiny_
     cpu = extract(folder, tmp_path / "cpu", tiny_trunk, decode="cpu", device="cpu")
     gpu = extract(folder, tmp_path / "gpu", tiny_trunk, decode="gpu", device="cpu")
     assert gpu["train"].rows == cpu["train"].rows
-    assert store.read_skipped(tmp_path / "gpu" / "train.h5") == store.read_skipped(tmp_path / "cpu" / "train.h5")
-    a = store.load_features(tmp_path / "cpu" / "train.h5")
-    b = store.load_features(tmp_path / "gpu" / "train.h5")
+    assert store.read_skipped(tmp_path / "gpu" / TINY / "train.h5") == store.read_skipped(
+        tmp_path / "cpu" / TINY / "train.h5"
+    )
+    a = store.load_features(tmp_path / "cpu" / TINY / "train.h5")
+    b = store.load_features(tmp_path / "gpu" / TINY / "train.h5")
     assert a.paths == b.paths and b.meta["decoder"] == "libjpeg" and a.meta["decoder"] == "pil"
     assert a.meta["model_key"] != b.meta["model_key"]  # the decoder is part of the cache key
     cos = (a.X * b.X).sum(1) / (np.linalg.norm(a.X, axis=1) * np.linalg.norm(b.X, axis=1))
@@ -173,17 +175,15 @@ def test_hybrid_decodes_in_the_workers_with_the_gpu_modes_pixels(folder, tmp_pat
             data=folder, out=tmp_path / decode, weights="none", batch_size=4, workers=workers, decode=decode
         )
         run_extraction(cfg, trunk=tiny_trunk)
-        runs[decode] = store.load_features(tmp_path / decode / "train.h5")
-        runs[decode].skipped = store.read_skipped(tmp_path / decode / "train.h5")
+        runs[decode] = store.load_features(tmp_path / decode / TINY / "train.h5")
+        runs[decode].skipped = store.read_skipped(tmp_path / decode / TINY / "train.h5")
     cpu, gpu, hyb = runs["cpu"], runs["gpu"], runs["hybrid"]
     assert hyb.meta["decoder"] == gpu.meta["decoder"] == "libjpeg"
     assert hyb.paths == gpu.paths == cpu.paths and hyb.skipped == gpu.skipped == cpu.skipped
     assert any(p.endswith("corrupt.jpg") for p, _why in hyb.skipped)  # refused by libjpeg, then by PIL: skipped
     baseline = [not p.endswith("progressive.jpg") for p in hyb.paths]  # the gpu mode sends that one to PIL
     np.testing.assert_array_equal(hyb.X[baseline], gpu.X[baseline])
-    cos = (hyb.X * cpu.X).sum(1) / (
-        np.linalg.norm(hyb.X, axis=1) * np.linalg.norm(cpu.X, axis=1)
-    )
+    cos = (hyb.X * cpu.X).sum(1) / (np.linalg.norm(hyb.X, axis=1) * np.linalg.norm(cpu.X, axis=1))
     assert cos.mean() > 0.999 and cos.min() > 0.99, (cos.mean(), cos.min())
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from flowerfeat import store
 from flowerfeat.errors import FlowerfeatError
-from conftest import extract, make_folder
+from conftest import TINY, extract, make_folder
 
 HEADER = {"fingerprint": "abc", "feature_dim": 3, "dtype": "float32", "batch_size": 2}
 
@@ -60,7 +60,7 @@ def test_read_meta_refuses_missing_corrupt_truncated_and_unfinished(tmp_path):
 
 def test_truncated_feature_file_is_refused(folder, tmp_path, tiny_trunk):
     extract(folder, tmp_path / "f", tiny_trunk)
-    path = tmp_path / "f" / "train.h5"
+    path = tmp_path / "f" / TINY / "train.h5"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(FlowerfeatError, match="truncated or corrupt"):
@@ -92,16 +92,21 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(tmp_path):
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
-        assert not (out / "test.h5").exists() or (out / "train.h5").exists()  # finished files appear in order
+        assert (
+            not (out / TINY / "test.h5").exists() or (out / TINY / "train.h5").exists()
+        )  # finished files appear in order
     assert kills >= 3
     final = _run(data, out)
     assert "resumed" in final.stdout or "extracted" in final.stdout or "up to date" in final.stdout
     for split in ("train", "test"):
-        with h5py.File(tmp_path / "clean" / f"{split}.h5", "r") as a, h5py.File(out / f"{split}.h5", "r") as b:
+        with (
+            h5py.File(tmp_path / "clean" / TINY / f"{split}.h5", "r") as a,
+            h5py.File(out / TINY / f"{split}.h5", "r") as b,
+        ):
             for name in store.DATASETS:
                 np.testing.assert_array_equal(a[name][...], b[name][...], err_msg=f"{split}/{name}")
             assert a.attrs["fingerprint"] == b.attrs["fingerprint"]
-    assert not any(p.name.endswith(".partial") for p in out.iterdir())
+    assert not any(p.name.endswith(".partial") for p in (out / TINY).iterdir())
 
 
 def test_two_concurrent_extractions_one_refuses_neither_corrupts(tmp_path):
@@ -115,12 +120,15 @@ def test_two_concurrent_extractions_one_refuses_neither_corrupts(tmp_path):
         env={**os.environ, "SLOW_TRUNK_S": "0.6"},
     )
     deadline = time.monotonic() + 60
-    while not (tmp_path / "f" / "train.h5.partial").exists() and time.monotonic() < deadline:
+    while not (tmp_path / "f" / TINY / "train.h5.partial").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     second = subprocess.run([sys.executable, script, str(data), str(tmp_path / "f")], capture_output=True, text=True)
     assert second.returncode != 0 and "another flowerfeat run is writing here" in second.stderr
     out, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     _run(data, tmp_path / "clean")
-    with h5py.File(tmp_path / "clean" / "train.h5", "r") as a, h5py.File(tmp_path / "f" / "train.h5", "r") as b:
+    with (
+        h5py.File(tmp_path / "clean" / TINY / "train.h5", "r") as a,
+        h5py.File(tmp_path / "f" / TINY / "train.h5", "r") as b,
+    ):
         np.testing.assert_array_equal(a["features"][...], b["features"][...])

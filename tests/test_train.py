@@ -132,9 +132,7 @@ def test_features_from_another_layer_are_refused(train_file, tmp_path):
     from flowerfeat import store
 
     with pytest.raises(FlowerfeatError, match="features do not match head.*layer fc7 vs fc6"):
-        train.check_compatible(
-            train.Head.load(tmp_path / "head.pt"), store.read_meta(other), other
-        )
+        train.check_compatible(train.Head.load(tmp_path / "head.pt"), store.read_meta(other), other)
 
 
 def test_head_from_before_the_decoder_field_gets_a_clear_refusal(train_file, tmp_path):
