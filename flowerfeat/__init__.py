@@ -35,6 +35,7 @@ _LAZY = {
     "Evaluation": "flowerfeat.report",
     "Classifier": "flowerfeat.predict",
     "Prediction": "flowerfeat.predict",
+    "export_model": "flowerfeat.export",
     "LineReporter": "flowerfeat.progress",
     "Reporter": "flowerfeat.progress",
 }

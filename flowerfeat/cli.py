@@ -331,7 +331,10 @@ def report(
     head: Path = typer.Option(RUNS_DIR, help=HEAD_HELP),
     layer: Optional[str] = typer.Option(None, help="Pick the head fitted on this layer: " + LAYER_HELP),
     figures: Optional[Path] = typer.Option(None, help="Write confusion_matrix.png and samples.png here."),
-    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of text."),
+    errors: Optional[Path] = typer.Option(None, help="Write the misclassified test images to this CSV."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the metrics as JSON (with averages, provenance, misclassified images)."
+    ),
 ):
     """Per-class and overall test accuracy in the textbook's format, then a confusion matrix.
 
@@ -345,7 +348,9 @@ def report(
     if as_json:
         typer.echo(json.dumps(ev.to_dict(), indent=2))
     else:
-        typer.echo("\n".join([str(ev), ""] + rep.confusion_lines(ev)))
+        typer.echo("\n".join([str(ev), ""] + rep.confusion_lines(ev) + [""] + rep.confused_lines(ev)))
+    if errors is not None:
+        typer.echo(f"wrote {rep.write_errors(ev, errors)} ({len(rep.mistakes(ev))} misclassified)", err=as_json)
     if figures is not None:
         for p in rep.write_figures(ev, figures):
             typer.echo(f"wrote {p}", err=as_json)
@@ -387,23 +392,22 @@ def predict(
 
 @command()
 def export(
-    out: Path = typer.Argument(..., help="Output .pth: a full torchvision VGG16 state dict."),
+    out: Path = typer.Argument(..., help="Output file: .pth (torchvision), .pt2 (torch.export) or .onnx."),
+    format: str = typer.Option("auto", help="auto (by OUT's suffix), torchvision (fc7 heads), pt2 or onnx."),
     head: Path = typer.Option(RUNS_DIR, help=HEAD_HELP),
     layer: Optional[str] = typer.Option(None, help="Pick the head fitted on this layer: " + LAYER_HELP),
     weights: Optional[str] = typer.Option(None, help="Trunk weights (default: those the head's features came from)."),
 ):
-    """Export VGG16 with the trained layer in classifier[6] (the textbook's final model) plus a JSON of classes.
+    """Export the trunk and the trained layer as one model that runs without flowerfeat, plus OUT.json (classes,
+    preprocessing, how to load it).
 
-    Example: flowerfeat export data/runs/vgg16_flowers.pth
+    Example: flowerfeat export data/runs/flowers.pt2 --layer pool5-gap
     """
-    from flowerfeat.predict import export as run_export
-    from flowerfeat.predict import weights_for
-    from flowerfeat.train import Head, find_head
+    from flowerfeat.export import export_model
+    from flowerfeat.train import find_head
 
-    ck = Head.load(find_head(head, _checked_layer(layer)))
-    info, weights_arg = weights_for(ck, weights)
-    side = run_export(ck, out, info, weights_arg)
-    typer.echo(f"wrote {out} and {side}; load with torchvision.models.vgg16(num_classes={len(ck.classes)})")
+    done = export_model(find_head(head, _checked_layer(layer)), out, format, weights)
+    typer.echo(f"wrote {done.model} ({done.format}) and {done.sidecar}")
 
 
 @command()

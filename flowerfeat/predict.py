@@ -1,4 +1,4 @@
-"""Use a trained head: classify new images (trunk + head), or export the textbook's full VGG16 state dict."""
+"""Use a trained head: classify new images with the trunk that made its features (files, PIL images, arrays)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from flowerfeat import backbone, store
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+
+from flowerfeat import backbone
 
 from flowerfeat.data import IMAGE_EXTENSIONS, BadImage, to_rgb, load_image
 from flowerfeat.errors import FlowerfeatError
@@ -221,40 +221,3 @@ def write_predictions(preds: list[Prediction], path: Path) -> None:
                 w.writerow([p.path, "", "", "", p.error])
             for rank, (c, q) in enumerate(p.top, 1):
                 w.writerow([p.path, rank, c, f"{q:.6f}", ""])
-
-
-def export(ck: Head, out: Path, info: backbone.WeightsInfo, weights_arg: str) -> Path:
-    """Write torchvision VGG16's full state dict with the head in classifier[6], plus a JSON of classes and preprocessing.
-
-    Loads with ``torchvision.models.vgg16(num_classes=C).load_state_dict(torch.load(out))`` and no flowerfeat.
-    """
-    layer = ck.meta["features"]["layer"]
-    if layer != "fc7":
-        raise FlowerfeatError(
-            f"the head was trained on {layer} features; only an fc7 head is VGG16's classifier[6] "
-            "(re-extract with --layer fc7 and refit to export)"
-        )
-    model = backbone.load_vgg16(info, "fc7", weights_arg)
-    state = model.state_dict()
-    state["classifier.6.weight"] = ck.weight.detach().clone()  # (C, 4096)
-    state["classifier.6.bias"] = ck.bias.detach().clone()  # (C,)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with store.atomic_path(out) as tmp:
-        torch.save(state, tmp)
-    side = out.with_suffix(".json")
-    side.write_text(
-        json.dumps(
-            {
-                "classes": ck.classes,
-                "num_classes": len(ck.classes),
-                "preprocessing": ck.meta["features"]["preprocessing"],
-                "weights": ck.meta["features"]["weights"],
-                "load": f"torchvision.models.vgg16(num_classes={len(ck.classes)}).load_state_dict(torch.load('{out.name}'))",
-                "metrics": ck.meta["metrics"],
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    return side

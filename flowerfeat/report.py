@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,6 +32,7 @@ class Evaluation:
     loss: float
     paths: list[str]
     data_root: str
+    provenance: dict = field(default_factory=dict)  # layer, weights, head settings and files behind these figures
 
     @property
     def correct(self) -> int:
@@ -84,7 +88,25 @@ def evaluate(head: Head | str | Path, test: store.Features | str | Path | None =
     x, y = fs.X[keep], fs.y[keep]
     loss, pred, probs = score(head.weight, head.bias, x, y)
     paths = [p for p, k in zip(fs.paths, keep) if k]
-    return Evaluation(list(fs.classes), y, pred, probs, loss, paths, fs.meta.get("data_root", ""))
+    return Evaluation(
+        list(fs.classes), y, pred, probs, loss, paths, fs.meta.get("data_root", ""), _provenance(head, fs)
+    )
+
+
+def _provenance(head: Head, test: store.Features) -> dict:
+    """Where the figures come from: the trunk (layer, weights), the head (its file and settings), the feature files."""
+    trunk = head.meta["features"]
+    return {
+        "layer": trunk["layer"],
+        "weights": trunk["weights"],
+        "weights_sha256": trunk.get("weights_sha256") or "",
+        "precision": trunk.get("precision"),
+        "head": str(head.path or ""),
+        "head_settings": {k: v for k, v in head.meta["config"].items() if k not in ("features", "out")},
+        "train_features": str(head.meta["config"].get("features", "")),
+        "test_features": str(test.path or ""),
+        "test_fingerprint": test.meta.get("fingerprint", ""),
+    }
 
 
 def textbook_lines(ev: Evaluation) -> list[str]:
@@ -117,16 +139,67 @@ def confusion_lines(ev: Evaluation) -> list[str]:
     return ["Confusion matrix (rows: true class, columns: predicted)", head, *rows]
 
 
+class Mistake(NamedTuple):
+    """A misclassified test image."""
+
+    path: str
+    true: str
+    predicted: str
+    probability: float  # of the predicted class
+    p_true: float  # of the true class
+
+
+def mistakes(ev: Evaluation) -> list[Mistake]:
+    """The misclassified test images, most confident first."""
+    wrong = np.flatnonzero(ev.y_true != ev.y_pred)
+    out = [
+        Mistake(
+            ev.paths[i],
+            ev.classes[ev.y_true[i]],
+            ev.classes[ev.y_pred[i]],
+            float(ev.probs[i, ev.y_pred[i]]),
+            float(ev.probs[i, ev.y_true[i]]),
+        )  # fmt: skip
+        for i in wrong
+    ]
+    return sorted(out, key=lambda m: -m.probability)
+
+
+def confused_pairs(ev: Evaluation, k: int = 5) -> list[tuple[str, str, int]]:
+    """The ``k`` most frequent (true, predicted, count) confusions."""
+    cm = confusion(ev)
+    pairs = [(ev.classes[i], ev.classes[j], int(cm[i, j])) for i in range(len(cm)) for j in range(len(cm)) if i != j]
+    return sorted((p for p in pairs if p[2]), key=lambda p: -p[2])[:k]
+
+
+def confused_lines(ev: Evaluation) -> list[str]:
+    pairs = confused_pairs(ev)
+    if not pairs:
+        return ["No test image misclassified."]
+    width = max(len(f"{t} -> {p}") for t, p, _ in pairs)
+    return ["Most confused (true -> predicted):"] + [f"  {f'{t} -> {p}':<{width}}  {n}" for t, p, n in pairs]
+
+
+def write_errors(ev: Evaluation, path: Path) -> Path:
+    """One CSV row per misclassified test image: path, true, predicted, probability, p_true."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(Mistake._fields)
+        w.writerows((m.path, m.true, m.predicted, f"{m.probability:.6f}", f"{m.p_true:.6f}") for m in mistakes(ev))
+    return path
+
+
 def metrics(ev: Evaluation) -> dict:
-    """Everything the report shows, machine-readable."""
+    """Everything the report shows, machine-readable (``report --json``)."""
     from sklearn.metrics import precision_recall_fscore_support
 
     labels = list(range(len(ev.classes)))
     p, r, f, s = precision_recall_fscore_support(ev.y_true, ev.y_pred, labels=labels, zero_division=0)
     per_class = {}
     for i, name in enumerate(ev.classes):
-        total = int((ev.y_true == i).sum())
-        correct = int(((ev.y_true == i) & (ev.y_pred == i)).sum())
+        correct, total = ev.per_class[name]
         per_class[name] = {
             "accuracy": correct / total if total else None,
             "correct": correct,
@@ -136,60 +209,88 @@ def metrics(ev: Evaluation) -> dict:
             "f1": float(f[i]),
             "support": int(s[i]),
         }
-    correct = int((ev.y_true == ev.y_pred).sum())
+    averages = {}
+    for how in ("macro", "weighted"):
+        ap, ar, af, _ = precision_recall_fscore_support(
+            ev.y_true, ev.y_pred, labels=labels, average=how, zero_division=0
+        )
+        averages[f"{how} avg"] = {"precision": float(ap), "recall": float(ar), "f1": float(af), "support": ev.total}
     return {
         "loss": ev.loss,
-        "overall": {"accuracy": correct / max(len(ev.y_true), 1), "correct": correct, "total": len(ev.y_true)},
+        "overall": {"accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total},
         "per_class": per_class,
+        **averages,
         "classes": ev.classes,
         "confusion_matrix": confusion(ev).tolist(),
+        "most_confused": [{"true": t, "predicted": q, "count": n} for t, q, n in confused_pairs(ev)],
+        "misclassified": [m._asdict() for m in mistakes(ev)],
+        "provenance": ev.provenance,
     }
 
 
+# Okabe-Ito colours, told apart with any colour vision; a wrong prediction is also framed dashed and says "wrong"
+RIGHT, WRONG = "#0072B2", "#D55E00"
+
+
 def confusion_figure(ev: Evaluation):
-    """The confusion matrix as a matplotlib Figure (no pyplot, no backend: shows inline in Jupyter, saves anywhere)."""
+    """Counts and row-normalised shares (with a colour bar) side by side, as a matplotlib Figure (no pyplot, no
+    backend: shows inline in Jupyter, saves anywhere)."""
     from matplotlib.figure import Figure
 
     cm = confusion(ev)
-    fig = Figure(figsize=(1.2 * len(ev.classes) + 2, 1.2 * len(ev.classes) + 1.5), layout="tight")
-    ax = fig.add_subplot()
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(ev.classes)), ev.classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(ev.classes)), ev.classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            dark = cm[i, j] > cm.max() / 2
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if dark else "black")
-    ax.set_title(f"Test accuracy {ev.accuracy:.1%} ({ev.total} images)")
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)  # each true class's row sums to 1
+    n = len(ev.classes)
+    fig = Figure(figsize=(2.4 * n + 4, 1.2 * n + 1.8), layout="constrained")
+    for ax, values, title in zip(
+        fig.subplots(1, 2), (cm, share), ("counts", "share of each true class (rows sum to 100 %)")
+    ):
+        image = ax.imshow(values, cmap="Blues", vmin=0, vmax=values.max() if values is cm else 1)
+        ax.set_xticks(range(n), ev.classes, rotation=45, ha="right")
+        ax.set_yticks(range(n), ev.classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title, fontsize=10)
+        for i in range(n):
+            for j in range(n):
+                text = str(cm[i, j]) if values is cm else f"{100 * share[i, j]:.0f} %"
+                dark = values[i, j] > values.max() / 2
+                ax.text(j, i, text, ha="center", va="center", color="white" if dark else "black")
+        if values is share:
+            fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+    fig.suptitle(f"Test accuracy {ev.accuracy:.1%} ({ev.correct}/{ev.total} images)")
     return fig
 
 
 def samples_figure(ev: Evaluation, n_samples: int = 20, seed: int = 0):
-    """Test images with their predicted (true) label, green right / red wrong, as a Figure; None if none of the
-    images can be read any more."""
+    """Test images, the misclassified first (most confident first), then a seeded sample of the rest; each titled
+    with its prediction, probability, true class and file name. None if no image can be read any more."""
     from matplotlib.figure import Figure
 
     from flowerfeat.data import BadImage, load_image
 
-    rng = np.random.default_rng(seed)
+    wrong = [ev.paths.index(m.path) for m in mistakes(ev)]
+    right = [int(i) for i in np.random.default_rng(seed).permutation(ev.total) if ev.y_true[i] == ev.y_pred[i]]
     shown = []
-    for i in rng.permutation(len(ev.paths))[:n_samples]:
+    for i in (wrong + right)[: max(n_samples, 0)]:
         try:
             shown.append((load_image(Path(ev.data_root) / ev.paths[i]), i))
         except (BadImage, OSError):
             continue  # images moved or deleted since extraction: the grid shows what is still there
     if not shown:
         return None
-    cols = min(10, len(shown))
+    cols = min(5, len(shown))
     rows = (len(shown) + cols - 1) // cols
-    fig = Figure(figsize=(2.5 * cols, 2.8 * rows), layout="tight")
+    fig = Figure(figsize=(3.2 * cols, 3.6 * rows), layout="constrained")
     for k, (img, i) in enumerate(shown):
         ax = fig.add_subplot(rows, cols, k + 1, xticks=[], yticks=[])
         ax.imshow(np.asarray(img.resize((224, 224))))
         ok = ev.y_pred[i] == ev.y_true[i]
-        ax.set_title(f"{ev.classes[ev.y_pred[i]]} ({ev.classes[ev.y_true[i]]})", color="green" if ok else "red")
+        pred, prob = ev.classes[ev.y_pred[i]], ev.probs[i, ev.y_pred[i]]
+        verdict = "right" if ok else f"wrong: is {ev.classes[ev.y_true[i]]}"
+        name = Path(ev.paths[i]).name
+        ax.set_title(f"{pred} {prob:.0%} ({verdict})\n{name[:28]}", color=RIGHT if ok else WRONG, fontsize=9)
+        for spine in ax.spines.values():
+            spine.set(color=RIGHT if ok else WRONG, linewidth=1 if ok else 4, linestyle="-" if ok else "--")
     return fig
 
 
@@ -203,6 +304,10 @@ def write_figures(ev: Evaluation, out_dir: Path, n_samples: int = 20, seed: int 
         ("samples.png", samples_figure(ev, n_samples, seed), 80),
     ):
         if fig is not None:
-            fig.savefig(out_dir / name, dpi=dpi)
+            with warnings.catch_warnings():
+                # class names in scripts the font lacks (CJK, emoji) are drawn as boxes; one warning per glyph per
+                # draw would bury the report
+                warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
+                fig.savefig(out_dir / name, dpi=dpi)
             written.append(out_dir / name)
     return written

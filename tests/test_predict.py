@@ -1,4 +1,4 @@
-"""predict and export: the trained head used on new images, and the textbook's full VGG16 written out."""
+"""predict: the trained head used on new images, with the trunk that made its features."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import json
 
 import pytest
 import torch
-import torchvision
 from typer.testing import CliRunner
 
 from flowerfeat import backbone, train
 from flowerfeat.cli import app
 from flowerfeat.config import FitConfig
-from conftest import blobs, make_folder, make_image, write_features
+from conftest import blobs, make_folder, write_features
 
 runner = CliRunner()
 
@@ -30,33 +29,6 @@ def head_fc7(tmp_path_factory):
     res, meta = train.fit(cfg)
     train.Head.from_fit(res, meta, cfg).save(cfg.out)
     return cfg.out
-
-
-def test_export_round_trip_matches_trunk_plus_head(head_fc7, tmp_path):
-    r = runner.invoke(app, ["export", str(tmp_path / "vgg.pth"), "--head", str(head_fc7)])
-    assert r.exit_code == 0, r.output
-    side = json.loads((tmp_path / "vgg.json").read_text())
-    assert side["classes"] == ["daisy", "roses", "tulips"] and side["preprocessing"]["crop_size"] == [224]
-    model = torchvision.models.vgg16(num_classes=3)  # plain torchvision, no flowerfeat involved
-    model.load_state_dict(torch.load(tmp_path / "vgg.pth", weights_only=True))
-    model.eval()
-    ck = train.Head.load(head_fc7)
-    trunk = backbone.build_trunk(backbone.resolve_weights("none"), "fc7")
-    x = torch.stack([backbone.build_transform()(make_image(c, 0, (64, 48))) for c in range(3)])
-    with torch.inference_mode():
-        expected = trunk(x) @ ck.weight.T + ck.bias
-        got = model(x)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # same ops; only summation order may differ
-
-
-def test_export_refuses_non_fc7_heads(tmp_path):
-    x, y = blobs(10, dim=512)
-    path = write_features(tmp_path / "train.h5", x, y, layer="pool5-gap", preprocessing=backbone.preprocessing())
-    cfg = FitConfig(features=path, out=tmp_path / "head.pt")
-    res, meta = train.fit(cfg)
-    train.Head.from_fit(res, meta, cfg).save(cfg.out)
-    r = runner.invoke(app, ["export", str(tmp_path / "vgg.pth"), "--head", str(cfg.out)])
-    assert r.exit_code == 2 and "only an fc7 head is VGG16's classifier[6]" in r.output
 
 
 def test_predict_lines_and_files(head_fc7, tmp_path):

@@ -85,3 +85,56 @@ def test_head_and_features_from_different_classes_are_refused(case, tmp_path):
     other = write_features(tmp_path / "other.h5", X, Y, classes=("x", "y", "z"))
     with pytest.raises(FlowerfeatError, match="features do not match head"):
         report.evaluate(head, other)
+
+
+def test_error_analysis_names_the_misclassified_images(case, tmp_path):
+    test_file, head = case
+    ev = report.evaluate(head, test_file)
+    m = ev.to_dict()
+    assert m["macro avg"] == pytest.approx({"precision": (0.75 + 0.75 + 1) / 3, "recall": (0.75 + 1 + 0.5) / 3,
+                                            "f1": (0.75 + 6 / 7 + 2 / 3) / 3, "support": 9})  # fmt: skip
+    assert m["weighted avg"]["recall"] == pytest.approx(7 / 9)
+    wrong = m["misclassified"]
+    assert [(w["true"], w["predicted"]) for w in wrong] == [("a", "b"), ("c", "a")]
+    assert wrong[0]["path"] == ev.paths[3] and 0.98 < wrong[0]["probability"] < 1 and wrong[0]["p_true"] < 0.01
+    assert m["most_confused"] == [
+        {"true": "a", "predicted": "b", "count": 1},
+        {"true": "c", "predicted": "a", "count": 1},
+    ]
+    assert m["provenance"]["layer"] == "fc7" and m["provenance"]["test_features"] == str(test_file)
+    rows = (tmp_path / "e.csv").read_text().splitlines() if report.write_errors(ev, tmp_path / "e.csv") else []
+    assert rows[0] == "path,true,predicted,probability,p_true" and len(rows) == 3
+
+
+def test_report_text_keeps_the_textbook_lines_first_then_the_confusions(case):
+    from typer.testing import CliRunner
+
+    from flowerfeat.cli import app
+
+    test_file, head = case
+    r = CliRunner().invoke(app, ["report", "--features", str(test_file), "--head", str(head)])
+    ev = report.evaluate(head, test_file)
+    assert r.exit_code == 0 and r.output.startswith("\n".join(report.textbook_lines(ev)) + "\n")
+    assert "Most confused (true -> predicted):\n  a -> b  1\n  c -> a  1" in r.output
+
+
+def test_figures_show_errors_first_and_names_in_any_script_quietly(tmp_path, recwarn):
+    from PIL import Image
+
+    classes = ("雏菊", "玫瑰", "郁金香")  # glyphs DejaVu Sans lacks
+    test_file = write_features(tmp_path / "test.h5", X, Y, classes=classes)
+    head = train.Head.from_fit(
+        train.FitResult(torch.eye(3), torch.zeros(3), {}), store.read_meta(test_file), FitConfig()
+    )
+    ev = report.evaluate(head, test_file)
+    for i, p in enumerate(ev.paths):
+        (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 30), (40 * i % 255, 90, 160)).save(tmp_path / p)
+    ev.data_root = str(tmp_path)
+    fig = report.samples_figure(ev, n_samples=4)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0].startswith("玫瑰 ") and "wrong: is 雏菊" in titles[0] and "wrong: is 郁金香" in titles[1]
+    assert "(right)" in titles[2] and "%" in titles[0]
+    report.write_figures(ev, tmp_path / "fig")
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]
+    assert len(report.confusion_figure(ev).axes) == 3  # counts, shares, and the shares' colour bar

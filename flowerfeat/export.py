@@ -1,0 +1,162 @@
+"""Export a head with the trunk that made its features as a model that runs without flowerfeat: torchvision's VGG16
+state dict (fc7 heads), a ``torch.export`` program or ONNX (any layer), each with a JSON of classes and the
+preprocessing beside it."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flowerfeat import backbone, store
+from flowerfeat.errors import FlowerfeatError
+from flowerfeat.predict import weights_for
+from flowerfeat.train import Head
+
+FORMATS = {".pth": "torchvision", ".pt2": "pt2", ".onnx": "onnx"}  # suffix -> format
+ONNX_MODULES = ("onnx", "onnxscript")  # what torch.onnx.export needs; onnxruntime runs the result
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What ``export_model`` wrote: the model file and the JSON beside it."""
+
+    model: Path
+    sidecar: Path
+    format: str
+
+
+class ExportedClassifier(nn.Module):
+    """The trunk cut plus the trained layer, in eval mode: (B, 3, 224, 224) images, preprocessed as the JSON says,
+    -> (B, C) class probabilities."""
+
+    def __init__(self, trunk: nn.Module, head: Head):
+        super().__init__()
+        self.trunk = trunk
+        self.classifier = nn.Linear(head.weight.shape[1], head.weight.shape[0])  # the new classifier[6]
+        with torch.no_grad():
+            self.classifier.weight.copy_(head.weight)
+            self.classifier.bias.copy_(head.bias)
+        self.eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.classifier(self.trunk(x)), dim=1)  # (B, C)
+
+
+def choose_format(out: Path, fmt: str | None) -> str:
+    """``fmt``, or the one ``out``'s suffix names (.pth torchvision, .pt2 pt2, .onnx onnx)."""
+    if fmt in (None, "auto"):
+        fmt = FORMATS.get(Path(out).suffix.lower())
+        if fmt is None:
+            raise FlowerfeatError(
+                f"{out}: say which format with --format torchvision, pt2 or onnx (or name it .pth, .pt2, .onnx)"
+            )
+    if fmt not in FORMATS.values():
+        raise FlowerfeatError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS.values())}")
+    return fmt
+
+
+def check_exportable(head: Head, fmt: str) -> None:
+    """Refuse what cannot be exported before anything else is asked for (weights, time)."""
+    if fmt == "torchvision" and head.layer != "fc7":
+        raise FlowerfeatError(
+            f"the head was trained on {head.layer} features; only an fc7 head is VGG16's classifier[6] "
+            "(export it with --format pt2 or onnx, or re-extract with --layer fc7 and refit)"
+        )
+    missing = [m for m in ONNX_MODULES if fmt == "onnx" and importlib.util.find_spec(m) is None]
+    if missing:
+        raise FlowerfeatError(
+            f"ONNX export needs {' and '.join(missing)}; install the extra: pip install 'flowerfeat[onnx]'"
+        )
+
+
+def export_model(
+    head: Head | str | Path, out: str | Path, fmt: str | None = None, weights: str | None = None
+) -> Exported:
+    """Write ``head`` with its trunk to ``out`` as ``fmt`` (default: by the suffix), plus ``out`` with ``.json``.
+
+    Example::
+
+        flowerfeat.export_model("data/runs/pool5-gap-imagenet/head.pt", "flowers.pt2")
+        # elsewhere, without flowerfeat:
+        model = torch.export.load("flowers.pt2").module()
+        probabilities = model(images)  # (B, 3, 224, 224) preprocessed as flowers.json says
+    """
+    head = head if isinstance(head, Head) else Head.load(head)
+    out = Path(out)
+    fmt = choose_format(out, fmt)
+    check_exportable(head, fmt)
+    info, weights_arg = weights_for(head, weights)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "torchvision":
+        _write_torchvision(head, info, weights_arg, out)
+    else:
+        model = ExportedClassifier(backbone.build_trunk(info, head.layer, weights_arg), head)
+        (_write_pt2 if fmt == "pt2" else _write_onnx)(model, out)
+    sidecar = out.with_suffix(".json")
+    sidecar.write_text(json.dumps(_description(head, out, fmt), indent=2) + "\n")
+    return Exported(out, sidecar, fmt)
+
+
+def _example() -> tuple[torch.Tensor, dict]:
+    """A batch to trace with, and a batch size left free."""
+    return torch.zeros(2, 3, 224, 224), {"x": {0: torch.export.Dim.DYNAMIC}}
+
+
+def _write_torchvision(head: Head, info: backbone.WeightsInfo, weights_arg: str, out: Path) -> None:
+    state = backbone.load_vgg16(info, "fc7", weights_arg).state_dict()
+    state["classifier.6.weight"] = head.weight.detach().clone()  # (C, 4096)
+    state["classifier.6.bias"] = head.bias.detach().clone()  # (C,)
+    with store.atomic_path(out) as tmp:
+        torch.save(state, tmp)
+
+
+def _write_pt2(model: nn.Module, out: Path) -> None:
+    x, dynamic = _example()
+    with torch.no_grad():
+        program = torch.export.export(model, (x,), dynamic_shapes=dynamic)
+    with store.atomic_path(out) as tmp:
+        torch.export.save(program, tmp)
+
+
+def _write_onnx(model: nn.Module, out: Path) -> None:
+    x, dynamic = _example()
+    with store.atomic_path(out) as tmp, contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+        torch.onnx.export(
+            model,
+            (x,),
+            str(tmp),
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            input_names=["image"],
+            output_names=["probabilities"],
+            external_data=False,  # one file: VGG16 is well under ONNX's 2 GB limit
+        )
+
+
+def _description(head: Head, out: Path, fmt: str) -> dict:
+    """The JSON beside the model: what goes in, what comes out, how to load it, where it came from."""
+    load = {
+        "torchvision": f"m = torchvision.models.vgg16(num_classes={len(head.classes)}); "
+        f"m.load_state_dict(torch.load('{out.name}')); m.eval()  # outputs logits",
+        "pt2": f"m = torch.export.load('{out.name}').module()  # outputs probabilities",
+        "onnx": f"s = onnxruntime.InferenceSession('{out.name}'); s.run(None, {{'image': x}})  # probabilities",
+    }[fmt]
+    return {
+        "format": fmt,
+        "model": out.name,
+        "load": load,
+        "classes": head.classes,
+        "input": {"name": "image", "shape": ["batch", 3, 224, 224], "dtype": "float32"},
+        "output": {"shape": ["batch", len(head.classes)], "is": "logits" if fmt == "torchvision" else "probabilities"},
+        "preprocessing": head.meta["features"]["preprocessing"],
+        "layer": head.layer,
+        "weights": head.meta["features"]["weights"],
+        "metrics": head.metrics,
+    }
