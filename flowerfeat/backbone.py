@@ -245,3 +245,63 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FlowerfeatError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
     return torch.device(device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Engines: what runs the trunk. "torch" is the reference; "onnxruntime" runs the same graph, exported once per process,
+# on the CPU in fp32 (1.2x torch's oneDNN on the 2-core machine, features at cosine 0.9999999: docs/benchmarks.md).
+
+
+def engine_available(engine: str) -> bool:
+    import importlib.util
+
+    return engine == "torch" or all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx", "onnxscript"))
+
+
+def resolve_engine(engine: str, device: torch.device, precision: str, previous: str | None = None) -> str:
+    """The engine to run: as asked (refused with one line where it cannot run), or for "auto" the one an existing
+    cache was made with (so nothing is recomputed), else onnxruntime where it is installed and the run is on the CPU
+    in fp32, else torch."""
+    fits = device.type == "cpu" and precision == "fp32"
+    if engine == "auto":
+        if previous in ("torch", "onnxruntime") and (previous == "torch" or (fits and engine_available(previous))):
+            return previous
+        return "onnxruntime" if fits and engine_available("onnxruntime") else "torch"
+    if engine == "onnxruntime" and not fits:
+        raise FlowerfeatError(f"--engine onnxruntime runs on the CPU in fp32 (here: {device.type}, {precision})")
+    if not engine_available(engine):
+        raise FlowerfeatError(f"--engine {engine} needs onnxruntime; install the extra: pip install 'flowerfeat[onnx]'")
+    return engine
+
+
+class OnnxTrunk(nn.Module):
+    """A trunk run by ONNX Runtime: exported from the torch trunk once (free batch size), called like it."""
+
+    def __init__(self, trunk: nn.Module, threads: int | None = None):
+        import contextlib
+        import io
+        import tempfile
+
+        import onnxruntime
+
+        super().__init__()
+        example = torch.zeros(2, 3, 224, 224)
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+            path = f"{tmp}/trunk.onnx"
+            trunk = trunk.to(memory_format=torch.contiguous_format)
+            torch.onnx.export(
+                trunk, (example,), path, dynamo=True, dynamic_shapes={"x": {0: torch.export.Dim.DYNAMIC}},
+                input_names=["x"], output_names=["rows"], external_data=False,
+            )  # fmt: skip
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = threads or torch.get_num_threads()
+            self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous().numpy()  # ONNX Runtime takes NCHW float32
+        return torch.from_numpy(self.session.run(None, {"x": x})[0])
+
+
+def on_engine(trunk: nn.Module, engine: str) -> nn.Module:
+    """``trunk`` as ``engine`` runs it."""
+    return OnnxTrunk(trunk) if engine == "onnxruntime" else trunk

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from flowerfeat import backbone
-from flowerfeat.config import ExtractConfig, FitConfig
+from flowerfeat.config import ENGINES, ExtractConfig, FitConfig
 from flowerfeat.data import Split, UnitDataset, collate_units, scan_data
 
 
@@ -134,8 +134,7 @@ def _flowerfeat_run(cfg: ExtractConfig, train: Split, test: Split, fig: dict, lo
     with tempfile.TemporaryDirectory() as tmp:
         cfg = cfg.replace(out=Path(tmp))
         setup = resolve_setup(cfg)
-        trunk = setup.get_trunk()
-        fig["gflop_per_image"] = gflop_per_image(trunk)
+        fig["engine"] = setup.engine
         t0 = time.perf_counter()
         results = [extract_split(cfg, split, setup) for split in (train, test)]
         fig["extract_s"] = sum(r.seconds for r in results)
@@ -149,6 +148,37 @@ def _flowerfeat_run(cfg: ExtractConfig, train: Split, test: Split, fig: dict, lo
         fig["fit_s"] = t2 - t1
     fig["flowerfeat_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return lines[-1].strip()
+
+
+def engine_rows(cfg: ExtractConfig, train: Split, test: Split, log) -> dict:
+    """Each installed engine's extraction of the two subsets, side by side: images/s (trunk ready; preparing it
+    apart), and agreement with the torch engine's rows (min cosine, max abs difference over the largest value)."""
+    from flowerfeat.extraction import extract_split, resolve_setup
+    from flowerfeat.store import load_features
+
+    rows, ref = {}, None
+    n = len(train.items) + len(test.items)
+    for engine in (e for e in ENGINES if backbone.engine_available(e)):
+        with tempfile.TemporaryDirectory() as tmp:
+            c = cfg.replace(out=Path(tmp), engine=engine)
+            setup = resolve_setup(c)
+            t = time.perf_counter()
+            setup.get_trunk()
+            ready_s = time.perf_counter() - t
+            results = [extract_split(c, split, setup) for split in (train, test)]
+            x = np.concatenate([load_features(r.path).X for r in results])
+        seconds = sum(r.seconds for r in results)
+        ref = x if ref is None else ref  # torch comes first
+        cos = (x * ref).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(ref, axis=1) + 1e-30)
+        rows[engine] = {"images_per_s": n / seconds, "seconds": seconds, "prepare_s": ready_s}
+        rows[engine].update(min_cosine=float(cos.min()), max_abs_diff=float(np.abs(x - ref).max() / np.abs(ref).max()))
+        r = rows[engine]
+        log(
+            f"engine {engine}: {r['images_per_s']:.2f} images/s ({r['images_per_s'] / rows['torch']['images_per_s']:.2f}x "
+            f"torch; {ready_s:.1f} s to prepare), min cosine to torch {r['min_cosine']:.7f}, max |diff| "
+            f"{r['max_abs_diff']:.1e} of the largest value"
+        )
+    return rows
 
 
 def run_bench(cfg: ExtractConfig, limit: int, agreement_images: int, log: Callable[[str], None] = print) -> BenchResult:
@@ -171,6 +201,8 @@ def run_bench(cfg: ExtractConfig, limit: int, agreement_images: int, log: Callab
     fig["bf16_peak"] = matmul_peak(torch.bfloat16, device, n=1024 if not backbone.cpu_has_bf16() else 2048)
     log(f"matmul peak: fp32 {fig['fp32_peak']:.0f} GFLOP/s, bf16 {fig['bf16_peak']:.1f} GFLOP/s")
 
+    naive = backbone.build_trunk(info, cfg.layer, cfg.weights)
+    fig["gflop_per_image"] = gflop_per_image(naive)
     overall = _flowerfeat_run(cfg, train, test, fig, log)
     fig["extract_ips"] = n_images / fig["extract_s"]
     fig["flowerfeat_ips"] = n_images / fig["flowerfeat_s"]
@@ -179,10 +211,10 @@ def run_bench(cfg: ExtractConfig, limit: int, agreement_images: int, log: Callab
     log(
         f"(c) flowerfeat: {fig['flowerfeat_s']:.1f} s end to end ({fig['flowerfeat_ips']:.2f} images/s); extraction "
         f"{fig['extract_ips']:.2f} images/s = {achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the {prec} matmul peak; "
-        f"fit-head {fig['fit_s']:.2f} s; {overall}"
+        f"fit-head {fig['fit_s']:.2f} s; engine {fig['engine']}; {overall}"
     )
+    fig["engines"] = engine_rows(cfg, train, test, log)
 
-    naive = backbone.build_trunk(info, cfg.layer, cfg.weights)
     fig["naive_s"] = naive_loop(train, naive) + naive_loop(test, naive)
     fig["naive_ips"] = n_images / fig["naive_s"]
     log(f"(b) naive loop: {fig['naive_s']:.1f} s ({fig['naive_ips']:.2f} images/s)")

@@ -28,6 +28,10 @@ DATA_HELP = (
 )
 FEATURES_HELP = "A feature file, a cache folder, or the root of the caches (then the latest extraction, or --layer's)."
 HEAD_HELP = "A head checkpoint, or a folder of them (then the latest saved, or --layer's)."
+ENGINE_HELP = (
+    "What runs the trunk on a CPU: torch, onnxruntime (the [onnx] extra), or auto (the cache's engine, else "
+    "onnxruntime where installed, else torch)."
+)
 WEIGHTS_HELP = "imagenet (torchvision IMAGENET1K_V1), a local VGG16 state-dict PATH, or none (random init)."
 
 
@@ -142,6 +146,7 @@ def features(
         "--compile",
         help="torch.compile the trunk (1.7x on an H100; compiling costs ~14 s, so for large image sets).",
     ),
+    engine: str = typer.Option(ExtractConfig.engine, help=ENGINE_HELP),
 ):
     """Extract frozen VGG16 features for every split into HDF5 (resumable; a second run with nothing changed does nothing).
 
@@ -153,7 +158,7 @@ def features(
     options = dict(splits=tuple(split or ExtractConfig.splits), test_fraction=test_fraction)
     options.update(batch_size=batch_size, workers=workers)
     options.update(precision=precision, dtype=dtype, compression=compression, views=views, view_seed=view_seed)
-    options.update(device=device, decode=decode, strict=strict, compile=compile)
+    options.update(device=device, decode=decode, strict=strict, compile=compile, engine=engine)
     ExtractConfig(**options)  # every option checked before the reporter starts
     _sigterm_to_interrupt()
     reporter = _extraction_reporter(show=int(os.environ.get("RANK", "0")) == 0)
@@ -366,6 +371,7 @@ def predict(
     output: Optional[Path] = typer.Option(None, help="Also write the predictions to a .csv or .json file."),
     batch_size: int = typer.Option(16, help="Images per trunk batch."),
     device: str = typer.Option(ExtractConfig.device, help="auto, cpu, cuda or cuda:N."),
+    engine: str = typer.Option("auto", help="As for features; auto: the engine the head's features were made with."),
 ):
     """Classify new images with the trunk and the trained head: one line per image (path, class, probability).
 
@@ -379,7 +385,7 @@ def predict(
         _fail(f"--top-k must be >= 1, got {top_k}")
     if output is not None:
         prepare_output(output)
-    clf = flowerfeat.Classifier.load(find_head(head, _checked_layer(layer)), weights, device)
+    clf = flowerfeat.Classifier.load(find_head(head, _checked_layer(layer)), weights, device, engine)
     for p in (preds := clf.predict(list(paths), top_k, batch_size)):
         if p.error:
             typer.echo(f"warning: skipped {p.path}: {p.error}", err=True)
@@ -421,6 +427,7 @@ def bench(
     ),
     workers: Optional[int] = typer.Option(ExtractConfig.workers, help="flowerfeat's reader processes; default: auto."),
     precision: str = typer.Option(ExtractConfig.precision, help="flowerfeat's precision: auto, fp32 or bf16."),
+    engine: str = typer.Option(ExtractConfig.engine, help="flowerfeat's engine for (c); every installed one is timed."),
     agreement_images: int = typer.Option(8, help="Images for the bf16-vs-fp32 feature agreement (0 skips it)."),
 ):
     """Time the textbook loop, a naive extraction loop and flowerfeat on the same images; print the ratios.
@@ -429,9 +436,8 @@ def bench(
     """
     from flowerfeat.bench import run_bench
 
-    cfg = ExtractConfig(
-        data=data, weights=weights, layer=layer, batch_size=batch_size, workers=workers, precision=precision
-    )
+    cfg = ExtractConfig(data=data, weights=weights, layer=layer, batch_size=batch_size, workers=workers)
+    cfg = cfg.replace(precision=precision, engine=engine)
     if limit < 10:
         _fail(f"--limit must be >= 10, got {limit}")
     run_bench(cfg, limit, agreement_images, log=typer.echo)

@@ -11,6 +11,7 @@ from flowerfeat.errors import FlowerfeatError
 LAYERS = ("fc7", "fc6", "pool5", "pool5-gap")
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = ("float32", "float16")
+ENGINES = ("torch", "onnxruntime")
 OPTIMIZERS = ("adam", "sgd")
 SOLVERS = ("sgd", "lbfgs")
 # --batch-size 0 (auto) per device type: 16 measured best on 2 CPU cores, 256 on an H100 (docs/benchmarks.md)
@@ -65,6 +66,10 @@ class ExtractConfig:
     strict: bool = False  # exit non-zero when any image was skipped
     channels_last: bool = True
     compile: bool = False  # torch.compile the trunk: pays on CUDA for large sets (docs/benchmarks.md)
+    # What runs the trunk on a CPU: "torch" (oneDNN), "onnxruntime" (the [onnx] extra; faster on the CPUs measured,
+    # docs/benchmarks.md) or "auto": the engine of the existing cache if it has one, else onnxruntime where it is
+    # installed and the run is on the CPU in fp32, else torch.
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("layer", self.layer, LAYERS)
@@ -73,6 +78,7 @@ class ExtractConfig:
         _check_choice("compression", self.compression, ("none", "lzf", "gzip"))
         _check_positive("--batch-size", self.batch_size, allow_zero=True)
         _check_choice("decode", self.decode, ("auto", "cpu", "gpu", "hybrid"))
+        _check_choice("engine", self.engine, ("auto", *ENGINES))
         if self.workers is not None:
             _check_positive("--workers", self.workers, allow_zero=True)
         _check_positive("--views", self.views, allow_zero=True)

@@ -106,6 +106,7 @@ class Setup:
     folder: Path  # where the split files go: <out>/<layer>-<weights tag>
     feature_dim: int
     precision: str  # fp32 or bf16
+    engine: str  # what runs the trunk: torch or onnxruntime
     device: torch.device
     mode: str  # decode mode: cpu, gpu or hybrid
     decoder: str  # what makes the pixels: pil, nvjpeg or libjpeg
@@ -134,6 +135,9 @@ def resolve_setup(
     if dist.world > 1 and device.type == "cuda":
         device = torch.device("cuda", dist.rank % torch.cuda.device_count())
     mode, decoder = decode_plan(cfg.decode, device)
+    folder = store.cache_dir(cfg.out, cfg.layer, winfo.tag)
+    precision = backbone.resolve_precision(cfg.precision, device)
+    engine = backbone.resolve_engine(cfg.engine, device, precision, _engine_of(folder, cfg.splits))
     built: list[torch.nn.Module] = []
 
     def get_trunk() -> torch.nn.Module:
@@ -143,6 +147,9 @@ def resolve_setup(
                 what = "random init" if winfo.kind == "none" else winfo.name
                 with (reporter or Reporter()).stage(f"loading weights ({what})"):
                     t = backbone.build_trunk(winfo, cfg.layer, cfg.weights)
+            if engine != "torch":
+                with (reporter or Reporter()).stage(f"preparing the {engine} engine"):
+                    t = backbone.on_engine(t, engine)
             t = t.to(device)
             if cfg.channels_last:
                 t = t.to(memory_format=torch.channels_last)
@@ -153,9 +160,10 @@ def resolve_setup(
 
     return Setup(
         weights=winfo,
-        folder=store.cache_dir(cfg.out, cfg.layer, winfo.tag),
+        folder=folder,
         feature_dim=feature_dim,
-        precision=backbone.resolve_precision(cfg.precision, device),
+        precision=precision,
+        engine=engine,
         device=device,
         mode=mode,
         decoder=decoder,
@@ -167,17 +175,32 @@ def resolve_setup(
     )
 
 
-def library_versions() -> dict:
+def _engine_of(folder: Path, splits) -> str | None:
+    """The engine that made the cache in ``folder`` (None: no readable file yet); files from before engines: torch."""
+    for split in splits:
+        try:
+            return store.read_meta(folder / f"{split}.h5").get("engine", "torch")
+        except FlowerfeatError:
+            continue
+    return None
+
+
+def library_versions(engine: str = "torch") -> dict:
     import h5py
     import torchvision
 
-    return {
+    versions = {
         "flowerfeat": __version__,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "h5py": h5py.__version__,
         "numpy": np.__version__,
     }
+    if engine == "onnxruntime":
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    return versions
 
 
 def split_meta(cfg: ExtractConfig, split: Split, setup: Setup) -> dict:
@@ -194,6 +217,7 @@ def split_meta(cfg: ExtractConfig, split: Split, setup: Setup) -> dict:
         "weights_path": setup.weights.path,  # where the file was, so predict and export find it again
         "preprocessing": preprocessing(),
         "precision": setup.precision,
+        "engine": setup.engine,
         "decoder": setup.decoder,
         "dtype": cfg.dtype,
         "compression": cfg.compression,
@@ -203,7 +227,7 @@ def split_meta(cfg: ExtractConfig, split: Split, setup: Setup) -> dict:
         "layout": split.layout,
         "test_fraction": split.test_fraction,
         "data_root": str(Path(split.root).resolve()),
-        "library_versions": library_versions(),
+        "library_versions": library_versions(setup.engine),
         "extract_config": cfg.to_dict(),
     }
     meta["model_key"] = store.model_key(meta)

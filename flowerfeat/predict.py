@@ -112,16 +112,22 @@ class Classifier:
             print(p.path, p.label, p.probability)
     """
 
-    def __init__(self, head: Head, trunk_weights: tuple[backbone.WeightsInfo, str], device: torch.device):
-        self.head, self.trunk_weights, self.device = head, trunk_weights, device
+    def __init__(self, head: Head, trunk_weights: tuple[backbone.WeightsInfo, str], device: torch.device, engine: str):
+        self.head, self.trunk_weights, self.device, self.engine = head, trunk_weights, device, engine
         self._trunk: torch.nn.Module | None = None  # built on the first predict, after the inputs are checked
 
     @classmethod
-    def load(cls, head: str | Path | Head, weights: str | None = None, device: str = "auto") -> Classifier:
+    def load(
+        cls, head: str | Path | Head, weights: str | None = None, device: str = "auto", engine: str = "auto"
+    ) -> Classifier:
         """The head at ``head`` (or a loaded Head) and the trunk weights its features came from; ``weights`` names
-        them when they are not where the head's record says. Refuses other weights, layer or preprocessing."""
+        them when they are not where the head's record says. Refuses other weights, layer or preprocessing.
+        ``engine`` auto runs the trunk as the head's features were made, where that engine is installed."""
         head = head if isinstance(head, Head) else Head.load(head)
-        return cls(head, weights_for(head, weights), backbone.resolve_device(device))
+        dev = backbone.resolve_device(device)
+        made_with = head.meta["features"].get("engine") or "torch"
+        engine = backbone.resolve_engine(engine, dev, head.meta["features"]["precision"], previous=made_with)
+        return cls(head, weights_for(head, weights), dev, engine)
 
     @property
     def classes(self) -> list[str]:
@@ -131,8 +137,8 @@ class Classifier:
         """The frozen trunk on this classifier's device, channels-last; built once."""
         if self._trunk is None:
             info, weights_arg = self.trunk_weights
-            trunk = backbone.build_trunk(info, self.head.layer, weights_arg).to(self.device)
-            self._trunk = trunk.to(memory_format=torch.channels_last)
+            trunk = backbone.build_trunk(info, self.head.layer, weights_arg)
+            self._trunk = backbone.on_engine(trunk, self.engine).to(self.device).to(memory_format=torch.channels_last)
         return self._trunk
 
     def predict(self, images, top_k: int = 1, batch_size: int = 16) -> list[Prediction]:

@@ -33,13 +33,17 @@ MODEL_KEY_FIELDS = (
     "decoder",
     "precision",
     "dtype",
+    "engine",  # left out of the key for the torch engine, so caches made before engines existed stay valid
 )
 # Datasets of a finished file (all length N = rows, except `skipped`, which is (S, 2): path, reason).
 DATASETS = ("features", "labels", "paths", "views", "file_sizes", "file_mtimes_ns", "skipped")
 
 
 def model_key(meta: dict) -> str:
-    blob = json.dumps({k: meta[k] for k in MODEL_KEY_FIELDS}, sort_keys=True)
+    fields = {k: meta.get(k) for k in MODEL_KEY_FIELDS}
+    if fields["engine"] in (None, "torch"):
+        del fields["engine"]
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

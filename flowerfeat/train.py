@@ -34,6 +34,7 @@ FEATURE_KEYS = (
     "preprocessing",
     "decoder",
     "precision",
+    "engine",
     "dtype",
     "model_key",
     "fingerprint",
@@ -504,8 +505,9 @@ def find_head(path: Path, layer: str | None = None) -> Path:
 def check_compatible(ck: Head, feature_meta: dict, features_path) -> None:
     """Refuse a head and a feature file that were not made by the same trunk, layer, preprocessing and classes."""
     own = ck.meta["features"]
-    named = ("layer", "feature_dim", "weights", "preprocessing", "decoder", "precision", "dtype", "classes")
-    diffs = [k for k in named if own.get(k) != feature_meta.get(k)]
+    named = ("layer", "feature_dim", "weights", "preprocessing", "decoder", "precision", "engine", "dtype", "classes")
+    default = {"engine": "torch"}  # files and heads from before engines existed
+    diffs = [k for k in named if own.get(k, default.get(k)) != feature_meta.get(k, default.get(k))]
     if not diffs and own["model_key"] != feature_meta["model_key"]:
         diffs = ["model_key"]
     if diffs:

@@ -64,6 +64,15 @@ class TinyTrunk(nn.Module):
         return torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 2), 1)  # (B, 24)
 
 
+@pytest.fixture(autouse=True)
+def torch_engine_unless_asked(request, monkeypatch):
+    """Tests run the torch engine (exporting VGG16 to ONNX costs seconds a run) unless marked onnxruntime."""
+    if "onnxruntime" not in request.keywords:
+        from flowerfeat import backbone
+
+        monkeypatch.setattr(backbone, "engine_available", lambda engine: engine == "torch")
+
+
 @pytest.fixture
 def folder(tmp_path) -> Path:
     return make_folder(tmp_path / "flowers")

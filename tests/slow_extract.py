@@ -20,7 +20,7 @@ class SlowTrunk(TinyTrunk):
 
 if __name__ == "__main__":
     data, out = sys.argv[1], sys.argv[2]
-    cfg = ExtractConfig(data=Path(data), out=Path(out), weights="none", batch_size=2, workers=0)
+    cfg = ExtractConfig(data=Path(data), out=Path(out), weights="none", batch_size=2, workers=0, engine="torch")
     dist, shutdown = dist_from_env()  # torchrun: one shard per rank
     try:
         for r in run_extraction(cfg, trunk=SlowTrunk().eval(), dist=dist):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 from flowerfeat import backbone, bench
 from flowerfeat.config import ExtractConfig
 from conftest import make_folder
 
 
+@pytest.mark.onnxruntime
 def test_bench_runs_and_reports_ratios(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "matmul_peak", lambda dtype, device, n=2048, seconds=1.5: 100.0)  # keep it short
     data = make_folder(tmp_path / "flowers", {"train": 3, "test": 1})
@@ -19,6 +22,8 @@ def test_bench_runs_and_reports_ratios(tmp_path, monkeypatch):
     assert f["naive_over_flowerfeat_extract"] == f["naive_s"] / f["extract_s"] > 0
     assert f["textbook_over_flowerfeat"] == f["textbook_s"] / f["flowerfeat_s"] > 0
     assert 0.99 < f["bf16_cosine"] <= 1.0 + 1e-6
+    assert set(f["engines"]) == {"torch", "onnxruntime"} and f["engines"]["onnxruntime"]["min_cosine"] > 0.9999
+    assert any(s.startswith("engine onnxruntime: ") and "x torch" in s for s in lines)
     assert any(s.startswith("(a) textbook loop") for s in lines) and any("Test Accuracy (Overall)" in s for s in lines)
 
 
