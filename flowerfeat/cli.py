@@ -283,9 +283,18 @@ def fit_head(
     schedule: str = typer.Option(
         FitConfig.schedule, help="cosine (decays to 0 over the run) or constant (the textbook's)."
     ),
-    init: str = typer.Option(FitConfig.init, help="class-means (start at each class's mean feature) or random."),
+    init: str = typer.Option(
+        FitConfig.init,
+        help="ridge (start at the regularised least-squares fit), class-means, or random (the textbook).",
+    ),
     weight_decay: float = typer.Option(FitConfig.weight_decay, help="L2 weight decay."),
-    dropout: float = typer.Option(FitConfig.dropout, help="Dropout before the linear layer, as VGG16's classifier[5]."),
+    dropout: Optional[float] = typer.Option(
+        FitConfig.dropout,
+        help="Dropout before the layer; default: VGG16's own at that layer (0.5 at fc6/fc7, 0 at pool5).",
+    ),
+    average: int = typer.Option(
+        FitConfig.average, help="Runs averaged into the head, each over another shuffle (k times the training time)."
+    ),
     solver: str = typer.Option(
         FitConfig.solver, help="sgd (mini-batch, uses --optimizer) or lbfgs (full-batch logistic regression)."
     ),
@@ -307,7 +316,7 @@ def fit_head(
     from flowerfeat.train import default_head_path
 
     options = dict(batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, schedule=schedule)
-    options.update(init=init, weight_decay=weight_decay, dropout=dropout, solver=solver, C=c)
+    options.update(init=init, weight_decay=weight_decay, dropout=dropout, average=average, solver=solver, C=c)
     options.update(val_fraction=val_fraction, seed=seed, max_memory=max_memory)
     FitConfig(epochs=epochs, **options)  # every option checked before the features are read
     train_file = find_features(features, "train", _checked_layer(layer))

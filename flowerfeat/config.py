@@ -117,9 +117,13 @@ class FitConfig:
     lr: float = 0.0  # 0 = auto: 2.7 / (mean L1 norm of a training row), i.e. 7e-5 on flat pool5 features
     momentum: float = 0.0  # sgd only; the textbook uses plain SGD
     schedule: str = "cosine"  # learning rate over all steps: "cosine" decays to 0, "constant" is the textbook's
-    init: str = "class-means"  # "class-means": weights start along each class's mean feature; "random": nn.Linear's
+    # "ridge": start from the regularised least-squares fit (closed form); "class-means": each class's weights along
+    # its mean feature; "random": nn.Linear's (the textbook's)
+    init: str = "ridge"
     weight_decay: float = 0.0
-    dropout: float = 0.5  # mirrors VGG16's classifier[5]
+    # None = auto, from the layer the features were cut at (train.AUTO_DROPOUT): VGG16's own dropout there
+    dropout: float | None = None
+    average: int = 1  # runs averaged into the head, each its epochs over another shuffle (steadier, k times the time)
     solver: str = "sgd"  # "sgd" = mini-batch training with --optimizer; "lbfgs" = full-batch logistic regression
     C: float = 0.1  # inverse L2 strength for --solver lbfgs
     val_fraction: float = 0.0
@@ -131,7 +135,7 @@ class FitConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("solver", self.solver, SOLVERS)
         _check_choice("schedule", self.schedule, ("cosine", "constant"))
-        _check_choice("init", self.init, ("class-means", "random"))
+        _check_choice("init", self.init, ("ridge", "class-means", "random"))
         _check_positive("--epochs", self.epochs)
         _check_positive("--batch-size", self.batch_size)
         _check_positive("--lr", self.lr, allow_zero=True)
@@ -140,7 +144,8 @@ class FitConfig:
         _check_positive("--weight-decay", self.weight_decay, allow_zero=True)
         _check_positive("--max-memory", self.max_memory)
         _check_positive("--log-every", self.log_every)
-        if not 0 <= self.dropout < 1:
+        _check_positive("--average", self.average)
+        if self.dropout is not None and not 0 <= self.dropout < 1:
             raise FlowerfeatError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.val_fraction < 1:
             raise FlowerfeatError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")

@@ -24,6 +24,10 @@ WINDOW_BYTES = 256 << 20
 CHECKPOINT_VERSION = 1
 # --lr 0 (auto) sets Adam's lr to this over the mean L1 norm of a training row: 7e-5 on flat pool5 rows.
 AUTO_LOGIT_STEP = 2.7
+# --dropout auto: VGG16's own dropout on the layer's output (after fc6 and fc7, none after the convolutions); on the
+# shared photos dropout 0.5 cost pool5-gap 2.4 points (README, "Choosing the head's settings")
+AUTO_DROPOUT = {"fc7": 0.5, "fc6": 0.5, "pool5": 0.0, "pool5-gap": 0.0}
+
 # Feature-file attributes a head depends on; predict/report check them against the trunk or test file.
 FEATURE_KEYS = (
     "layer",
@@ -52,13 +56,13 @@ def window_rows(dim: int) -> int:
     return max(1, WINDOW_BYTES // (dim * 4))
 
 
-def epoch_windows(n: int, block: int, window: int, seed: int, epoch: int):
+def epoch_windows(n: int, block: int, window: int, seed, epoch: int):
     """Row order of one epoch, as windows: shuffle blocks of ``block`` rows, then rows within each window.
 
     Depends only on (n, block, window, seed, epoch), so in-memory and streamed training see the same batches.
     When ``window >= n`` (every data set that fits the window) it is a full random permutation.
     """
-    rng = np.random.default_rng([seed, epoch])
+    rng = np.random.default_rng([*np.atleast_1d(seed), epoch])  # seed: an int, or (seed, run) for averaged runs
     n_blocks = math.ceil(n / block)
     blocks = rng.permutation(n_blocks)
     per_window = max(1, window // block)
@@ -127,9 +131,9 @@ class Rows:
             rows = rows[mask[rows]]
             x, y = self.take(rows), self.labels[rows]
             l1 += float(np.abs(x).sum(dtype=np.float64))
-            for c in np.unique(y):
-                sums[c] += x[y == c].sum(0, dtype=np.float64)
-                counts[c] += (y == c).sum()
+            onehot = np.eye(n_classes, dtype=np.float32)[y]  # (B, C): per-class sums as one matmul
+            sums += onehot.T @ x
+            counts += onehot.sum(0)
         return sums / np.maximum(counts, 1)[:, None], l1 / max(counts.sum(), 1)
 
     def close(self):
@@ -233,39 +237,125 @@ def fit_head(
     return Head.from_fit(result, meta, cfg)
 
 
+@dataclass(frozen=True)
+class Chosen:
+    """The settings fit-head derives from the features where the options leave them to it, and why."""
+
+    dropout: float
+    average: int
+    lr: float
+    why: dict  # setting -> the reason, said in words (printed and recorded in the head)
+
+    def line(self) -> str:
+        return "Settings: " + "; ".join(
+            f"{k} {getattr(self, k):.3g} ({self.why[k]})" for k in ("dropout", "average", "lr")
+        )
+
+
+def choose(cfg: FitConfig, meta: dict, mean_l1: float, n_rows: int = 0) -> Chosen:
+    """Dropout from the layer, runs averaged, and the learning rate from the rows' scale (and, from a ridge start,
+    from how far the features outnumber the ``n_rows`` training rows), unless set by options."""
+    layer, why = meta.get("layer", ""), {}
+    if cfg.dropout is not None:
+        dropout, why["dropout"] = cfg.dropout, "as asked"
+    else:
+        dropout = AUTO_DROPOUT.get(layer, 0.0)
+        why["dropout"] = f"{layer} features: " + (
+            "VGG16 drops out its own fc6/fc7 outputs" if dropout else "VGG16 applies no dropout to conv features"
+        )
+    average = cfg.average
+    why["average"] = "one run" if average == 1 else f"{average} runs over other shuffles, weights averaged"
+    # an Adam step moves each weight by about lr, so a logit by about lr * |x|_1; fix that product (README) instead
+    # of lr itself, so 512-d and 25,088-d features both train
+    lr = cfg.lr or AUTO_LOGIT_STEP / max(mean_l1, 1e-12)
+    why["lr"] = "as asked" if cfg.lr else f"{AUTO_LOGIT_STEP:g} / mean L1 norm of a row {mean_l1:.4g}"
+    dim = int(meta.get("feature_dim", 0))
+    if not cfg.lr and cfg.init == "ridge" and n_rows and dim > n_rows:
+        # more features than rows: the least-squares start already separates the rows, and full Adam steps drift
+        # towards rare features (measured: 88.2 % from the start, 86.7 % after 2 full-step epochs, flat pool5)
+        lr *= n_rows / dim
+        why["lr"] += f" x {n_rows:,} rows / {dim:,} features (a ridge start, gently)"
+    return Chosen(dropout, average, lr, why)
+
+
 def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
+    """``average`` runs of ``epochs`` each (run 0 is the single run of earlier versions), weights averaged."""
+    n_classes = len(rows.meta["classes"])
+    means, mean_l1 = rows.stats(~val, n_classes)
+    chosen = choose(cfg, rows.meta, mean_l1, int((~val).sum()))
+    log(chosen.line())
+    start = None
+    if cfg.init == "ridge":
+        start = ridge_start(rows, ~val, n_classes, means)
+        log("Start: " + ("the ridge fit (regularised least squares)" if start else "class means (features streamed)"))
+    runs = []
+    for run in range(chosen.average):
+        say = (
+            log if run == 0 else (lambda s, r=run: log(f"run {r + 1}/{chosen.average}: {s}") if " done" in s else None)
+        )
+        runs.append(_sgd_run(cfg, chosen, rows, val, means, run, say, start))
+    weight = torch.stack([r.weight for r in runs]).mean(0)
+    bias = torch.stack([r.bias for r in runs]).mean(0)
+    metrics = {**runs[0].metrics, **_row_metrics(weight, bias, rows, val)}
+    metrics.update(lr=chosen.lr, dropout=chosen.dropout, average=chosen.average, chosen=chosen.why)
+    if chosen.average > 1:
+        log(f"Averaged {chosen.average} runs: train accuracy {metrics['train_acc']:.1%}" + (
+            f", validation accuracy {metrics['val_acc']:.1%}" if "val_acc" in metrics else ""))  # fmt: skip
+    return FitResult(weight, bias, metrics, [h for r in runs for h in r.history])
+
+
+def _row_metrics(weight, bias, rows: Rows, val: np.ndarray) -> dict:
+    """Loss and accuracy of a head on the training (and validation) rows, read window by window."""
+    sums = {"train": [0.0, 0, 0], "val": [0.0, 0, 0]}  # loss sum, correct, rows
+    for start in range(0, rows.n, window_rows(rows.dim)):
+        idx = np.arange(start, min(start + window_rows(rows.dim), rows.n))
+        for part, mask in (("train", ~val[idx]), ("val", val[idx])):
+            if mask.any():
+                y = rows.labels[idx[mask]]
+                loss, pred, _ = score(weight, bias, rows.take(idx[mask]), y)
+                acc = sums[part]
+                acc[0], acc[1], acc[2] = acc[0] + loss * len(y), acc[1] + int((pred == y).sum()), acc[2] + len(y)
+    out = {
+        "train_loss": sums["train"][0] / max(sums["train"][2], 1),
+        "train_acc": sums["train"][1] / max(sums["train"][2], 1),
+    }
+    if sums["val"][2]:
+        out.update(val_loss=sums["val"][0] / sums["val"][2], val_acc=sums["val"][1] / sums["val"][2])
+    return out
+
+
+def _sgd_run(cfg: FitConfig, chosen: Chosen, rows: Rows, val: np.ndarray, means, run: int, log, start=None):
+    """One run of ``epochs``; with a validation split, its best epoch. Run 0 draws what a single run always drew."""
     n_classes = len(rows.meta["classes"])
     history, best = [], None
     val_rows = np.flatnonzero(val)
     val_x = rows.take(val_rows) if len(val_rows) else None
+    stream = (cfg.seed, run) if run else cfg.seed  # run k > 0: its own shuffles and masks
     with torch.random.fork_rng(devices=[]):  # seeds the random init without touching the caller's RNG
-        torch.manual_seed(cfg.seed)
-        linear = make_head(rows.dim, n_classes, cfg.dropout)[1]
-        means, mean_l1 = rows.stats(~val, n_classes)
-        if cfg.init == "class-means":
+        torch.manual_seed(cfg.seed + 7919 * run)
+        linear = make_head(rows.dim, n_classes, chosen.dropout)[1]
+        if start is not None:
+            with torch.no_grad():
+                linear.weight.copy_(start[0])
+                linear.bias.copy_(start[1])
+        elif cfg.init in ("ridge", "class-means"):
             _init_from_class_means(linear, means)
-        # Auto: an Adam step moves each weight by about lr, so a logit by about lr * |x|_1; fix that product
-        # (measured best for flat pool5, README) instead of lr itself, so 512-d and 25,088-d features both train.
-        lr = cfg.lr if cfg.lr else AUTO_LOGIT_STEP / max(mean_l1, 1e-12)
-        auto = f" (auto: {AUTO_LOGIT_STEP:g} / mean L1 norm {mean_l1:.4g})" if not cfg.lr else ""
-        log(f"Learning rate {lr:.3g}{auto}")
-        opt, sched = _optimizer(cfg, linear, lr, _count_steps(cfg, rows, val))
-        mask_rng = np.random.default_rng([cfg.seed, 1])
+        opt, sched = _optimizer(cfg, linear, chosen.lr, _count_steps(cfg, rows, val))
+        mask_rng = np.random.default_rng([*np.atleast_1d(stream), 1])
         for epoch in range(1, cfg.epochs + 1):
-            entry = _train_epoch(cfg, rows, val, linear, opt, sched, mask_rng, epoch, log)
+            entry = _train_epoch(cfg, chosen.dropout, stream, rows, val, linear, opt, sched, mask_rng, epoch, log)
             weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
             if val_x is not None:
                 vloss, vpred, _ = score(weight, bias, val_x, rows.labels[val_rows])
                 entry.update(val_loss=vloss, val_acc=float((vpred == rows.labels[val_rows]).mean()))
                 if best is None or entry["val_acc"] > best[0]["val_acc"]:
                     best = (entry, weight, bias)
-            history.append(entry)
+            history.append({**entry, "run": run})
             log(_epoch_line(entry))
     entry, weight, bias = best if best is not None else (history[-1], weight, bias)
-    metrics = {"best_epoch": entry["epoch"], "lr": lr, **{k: v for k, v in entry.items() if k != "epoch"}}
     if val_x is not None:
         log(f"Kept epoch {entry['epoch']} (best validation accuracy {entry['val_acc']:.1%})")
-    return FitResult(weight, bias, metrics, history)
+    return FitResult(weight, bias, {"best_epoch": entry["epoch"]}, history)
 
 
 def _count_steps(cfg: FitConfig, rows: Rows, val: np.ndarray) -> int:
@@ -286,19 +376,21 @@ def _optimizer(cfg: FitConfig, linear: nn.Linear, lr: float, steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
 
 
-def _train_epoch(cfg: FitConfig, rows: Rows, val, linear, opt, sched, mask_rng, epoch: int, log) -> dict:
+def _train_epoch(
+    cfg: FitConfig, dropout: float, stream, rows: Rows, val, linear, opt, sched, mask_rng, epoch, log
+) -> dict:
     """One pass over the training rows in mini-batches; the textbook's running-loss lines; the epoch's figures."""
     t0 = time.perf_counter()
     criterion = nn.CrossEntropyLoss()
     labels = torch.from_numpy(rows.labels)
     running, total_loss, seen, correct, batch_i = 0.0, 0.0, 0, 0, 0
-    for window in epoch_windows(rows.n, rows.block, window_rows(rows.dim), cfg.seed, epoch):
+    for window in epoch_windows(rows.n, rows.block, window_rows(rows.dim), stream, epoch):
         window = window[~val[window]]
         x_win, y_win = torch.from_numpy(rows.take(window)), labels[window]
         for s in range(0, len(window), cfg.batch_size):
             x, y = x_win[s : s + cfg.batch_size], y_win[s : s + cfg.batch_size]
             opt.zero_grad(set_to_none=True)
-            out = linear(_dropout(x, cfg.dropout, mask_rng))  # (B, C)
+            out = linear(_dropout(x, dropout, mask_rng))  # (B, C)
             loss = criterion(out, y)
             loss.backward()
             opt.step()
@@ -327,6 +419,39 @@ def _dropout(x: torch.Tensor, p: float, rng: np.random.Generator) -> torch.Tenso
         return x
     keep = torch.from_numpy(rng.random(tuple(x.shape), dtype=np.float32) >= p)
     return x * keep * (1.0 / (1.0 - p))
+
+
+RIDGE_LAMBDA = 0.3  # x mean squared norm of a centred row; 88.2 % on flat pool5 from the start alone (README)
+
+
+def ridge_start(rows: Rows, mask: np.ndarray, n_classes: int, means: np.ndarray, margin: float = 4.0):
+    """(weight, bias) of the ridge fit of centred one-hot labels on the ``mask`` rows, scaled so the class means get
+    logit margins of about ``margin``: in primal form (D x D) when D <= N, read window by window; in dual form
+    (N x N) when the features outnumber the rows and sit in memory; None otherwise (streamed and D > N)."""
+    idx = np.flatnonzero(mask)
+    n, dim = len(idx), rows.dim
+    y = torch.nn.functional.one_hot(torch.from_numpy(rows.labels[idx]), n_classes).double()
+    y -= y.mean(0)
+    mu = torch.from_numpy(means.T @ np.bincount(rows.labels[idx], minlength=n_classes) / n)  # (D,) the rows' mean
+    if dim <= n:
+        gram, xty = torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, n_classes, dtype=torch.float64)
+        for start in range(0, n, window_rows(dim)):
+            x = torch.from_numpy(rows.take(idx[start : start + window_rows(dim)])).double() - mu
+            gram += x.T @ x
+            xty += x.T @ y[start : start + len(x)]
+        gram.diagonal().add_(RIDGE_LAMBDA * gram.trace() / n)
+        weight = torch.linalg.solve(gram, xty).T  # (C, D)
+    elif rows.data is not None:
+        xc = torch.from_numpy(rows.data[idx]) - mu.float()
+        k = (xc @ xc.T).double()  # (N, N)
+        k.diagonal().add_(RIDGE_LAMBDA * k.trace() / n)
+        weight = (torch.linalg.solve(k, y).float().T @ xc).double()  # (C, D)
+    else:
+        return None
+    bias = -(weight @ mu)
+    logits = torch.from_numpy(means) @ weight.T + bias  # (C, C): each class mean's logits
+    scale = margin / max(float((logits.diagonal() - logits.mean(1)).mean()), 1e-12)
+    return (weight * scale).float(), (bias * scale).float()
 
 
 def _init_from_class_means(linear: nn.Linear, means: np.ndarray, margin: float = 4.0) -> None:
@@ -507,7 +632,10 @@ def check_compatible(ck: Head, feature_meta: dict, features_path) -> None:
     own = ck.meta["features"]
     named = ("layer", "feature_dim", "weights", "preprocessing", "decoder", "precision", "engine", "dtype", "classes")
     default = {"engine": "torch"}  # files and heads from before engines existed
-    diffs = [k for k in named if own.get(k, default.get(k)) != feature_meta.get(k, default.get(k))]
+    def value(meta: dict, k: str):
+        return meta.get(k) if meta.get(k) is not None else default.get(k)
+
+    diffs = [k for k in named if value(own, k) != value(feature_meta, k)]
     if not diffs and own["model_key"] != feature_meta["model_key"]:
         diffs = ["model_key"]
     if diffs:

@@ -27,8 +27,9 @@ def test_head_learns_well_above_chance(tmp_path):
     _, pred, _ = train.score(result.weight, result.bias, x2, y2)
     assert (pred == y2).mean() > 0.8  # chance is 1/3
     # 900 rows / 20 = 45 batches per epoch: running-loss lines at batches 20 and 40, then the summary
-    assert lines[0].startswith("Learning rate ") and "auto" in lines[0]
-    assert [s[:20] for s in lines[1:4]] == ["Epoch 1, Batch 20 lo", "Epoch 1, Batch 40 lo", "Epoch 1 done: train "]
+    assert lines[0].startswith("Settings: dropout 0.5 (fc7 features: VGG16 drops out") and "mean L1 norm" in lines[0]
+    assert lines[1] == "Start: the ridge fit (regularised least squares)"
+    assert [s[:20] for s in lines[2:5]] == ["Epoch 1, Batch 20 lo", "Epoch 1, Batch 40 lo", "Epoch 1 done: train "]
 
 
 def test_running_loss_lines_use_the_textbook_format(train_file):
@@ -50,7 +51,8 @@ def test_same_seed_bit_identical_other_seed_differs(train_file):
 def test_textbook_sgd_is_reachable_and_slower_to_converge(tmp_path):
     x, y = blobs(300, dim=64, spread=3.0)
     path = write_features(tmp_path / "t.h5", 0.05 * x, y)  # small features: SGD's steps scale with them, Adam's don't
-    sgd, _ = train.fit(FitConfig(features=path, optimizer="sgd", lr=0.001, schedule="constant", init="random"))
+    textbook = dict(optimizer="sgd", lr=0.001, schedule="constant", init="random", dropout=0.5, average=1)
+    sgd, _ = train.fit(FitConfig(features=path, **textbook))
     adam, _ = train.fit(FitConfig(features=path))
     assert sgd.metrics["train_loss"] > adam.metrics["train_loss"] + 0.2  # SGD barely leaves ln(3)
 
@@ -91,7 +93,7 @@ def test_lbfgs_solver_and_validation_split(train_file):
 
 def test_validation_keeps_the_best_epoch(train_file):
     lines = []
-    res, _ = train.fit(FitConfig(features=train_file, epochs=4, val_fraction=0.25), log=lines.append)
+    res, _ = train.fit(FitConfig(features=train_file, epochs=4, val_fraction=0.25, average=1), log=lines.append)
     accs = [h["val_acc"] for h in res.history]
     assert res.metrics["best_epoch"] == 1 + int(np.argmax(accs)) and res.metrics["val_acc"] == max(accs)
     assert any(s.startswith("Kept epoch") for s in lines)
@@ -179,3 +181,68 @@ def test_streamed_training_memory_stays_flat_as_n_grows(tmp_path, monkeypatch):
     # memory ~ one window + one HDF5 chunk (1 MiB), whatever N: 4x the rows, about the same peak
     assert sizes[2] > 3.9 * sizes[1]
     assert peaks[2] < 1.3 * peaks[1] and peaks[2] < sizes[2] / 4, (peaks, sizes)
+
+
+@pytest.mark.parametrize("layer, dropout", [("fc7", 0.5), ("fc6", 0.5), ("pool5", 0.0), ("pool5-gap", 0.0)])
+def test_the_settings_follow_the_features_and_are_recorded(tmp_path, layer, dropout):
+    x, y = blobs(20, dim=64)
+    path = write_features(tmp_path / "t.h5", np.abs(x), y, layer=layer)
+    lines = []
+    head = train.fit_head(path, epochs=1, log=lines.append)
+    chosen = head.metrics["chosen"]
+    assert head.metrics["dropout"] == dropout and head.metrics["average"] == 1
+    assert chosen["dropout"].startswith(f"{layer} features: VGG16 ") and "mean L1 norm" in chosen["lr"]
+    assert (
+        lines[0] == train.choose(FitConfig(), {"layer": layer, "feature_dim": 64}, np.abs(x).sum(1).mean(), 60).line()
+    )
+    asked = train.fit_head(path, epochs=1, dropout=0.2, average=2)
+    assert asked.metrics["chosen"]["dropout"] == "as asked" and asked.metrics["dropout"] == 0.2
+    assert len(asked.meta["history"]) == 2 and asked.metrics["chosen"]["average"].startswith("2 runs")
+
+
+def test_features_that_outnumber_the_rows_start_from_the_ridge_fit_and_step_gently(tmp_path):
+    # 60 rows of 400 sparse dims (the flat pool5 case) vs 600 rows of 16 dense dims (pool5-gap's)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    sparse = np.maximum(rng.normal(0, 1, (60, 400)) + 0.8 * (np.arange(400) % 3 == y[:, None]), 0) * (
+        rng.random((60, 400)) < 0.3
+    )
+    wide = train.fit_head(write_features(tmp_path / "w.h5", sparse.astype(np.float32), y, layer="pool5"), epochs=2)
+    x, y2 = blobs(200, dim=16)
+    narrow = train.fit_head(write_features(tmp_path / "n.h5", np.abs(x), y2, layer="pool5-gap"), epochs=2)
+    l1 = np.abs(sparse).sum(1).mean()
+    assert wide.metrics["lr"] == pytest.approx(train.AUTO_LOGIT_STEP / l1 * 60 / 400, rel=1e-4)
+    assert "60 rows / 400 features" in wide.metrics["chosen"]["lr"] and wide.metrics["train_acc"] == 1.0
+    assert narrow.metrics["lr"] == pytest.approx(train.AUTO_LOGIT_STEP / np.abs(x).sum(1).mean(), rel=1e-4)
+    assert "rows /" not in narrow.metrics["chosen"]["lr"] and narrow.metrics["dropout"] == 0.0
+
+
+def test_the_ridge_start_is_the_least_squares_fit_in_either_form(tmp_path):
+    x, y = blobs(30, dim=40)
+    rows = train.Rows(write_features(tmp_path / "t.h5", x, y), 4.0)
+    mask = np.ones(rows.n, bool)
+    means, _ = rows.stats(mask, 3)
+    primal = train.ridge_start(rows, mask, 3, means)  # 90 rows >= 40 dims
+    rows.dim = 10**6  # pretend the features outnumber the rows: the dual (N x N) form
+    dual = train.ridge_start(rows, mask, 3, means)
+    rows.close()
+    torch.testing.assert_close(dual[0], primal[0], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(dual[1], primal[1], rtol=1e-3, atol=1e-4)
+    assert (torch.from_numpy(x) @ primal[0].T + primal[1]).argmax(1).eq(torch.from_numpy(y)).float().mean() > 0.95
+
+
+def test_an_averaged_head_is_the_mean_of_its_runs_and_run_0_is_the_single_run(train_file):
+    one = train.fit_head(train_file, average=1, dropout=0.5)
+    three = train.fit_head(train_file, average=3, dropout=0.5)
+    assert [h["run"] for h in three.meta["history"]] == [0, 0, 1, 1, 2, 2]
+    cfg = FitConfig(features=train_file, dropout=0.5, average=3)
+    rows = train.Rows(train_file, cfg.max_memory)
+    val = np.zeros(rows.n, bool)
+    means, mean_l1 = rows.stats(~val, 3)
+    chosen = train.choose(cfg, rows.meta, mean_l1, rows.n)
+    start = train.ridge_start(rows, ~val, 3, means)
+    runs = [train._sgd_run(cfg, chosen, rows, val, means, run, lambda s: None, start) for run in range(3)]
+    rows.close()
+    assert torch.equal(runs[0].weight, one.weight)  # run 0 draws what a single run draws
+    assert not torch.equal(runs[1].weight, runs[0].weight)  # the others shuffle differently
+    torch.testing.assert_close(three.weight, torch.stack([r.weight for r in runs]).mean(0), rtol=0, atol=0)
