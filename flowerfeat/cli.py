@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -320,12 +321,14 @@ def fit_head(
     options.update(val_fraction=val_fraction, seed=seed, max_memory=max_memory)
     FitConfig(epochs=epochs, **options)  # every option checked before the features are read
     train_file = find_features(features, "train", _checked_layer(layer))
-    head = flowerfeat.fit_head(train_file, epochs, log=typer.echo, **options)
+    fit = flowerfeat.fit_head  # imported before the clock starts
+    t = time.perf_counter()
+    head = fit(train_file, epochs, log=typer.echo, **options)
+    seconds = time.perf_counter() - t  # all of it: reading, the start, the epochs
     out = head.save(out or default_head_path(train_file))
-    seconds = sum(h["seconds"] for h in head.meta["history"])
     typer.echo(
         f"Saved head to {out} ({head.layer}, {head.weight.shape[1]}-d, {len(head.classes)} classes, fitted on "
-        f"{train_file}; trained in {seconds:.2f} s)"
+        f"{train_file} in {seconds:.2f} s)"
     )
 
 

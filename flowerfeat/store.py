@@ -267,7 +267,7 @@ class ShardLog:
 def atomic_path(path: Path):
     """A temporary name beside ``path``; once written, it is fsynced and renamed over ``path`` in one step,
     so readers see the old file or the finished new one, never a half-written one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # same suffix: some writers check it
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
