@@ -381,7 +381,7 @@ def predict(
     weights: Optional[str] = typer.Option(None, help="Trunk weights (default: those the head's features came from)."),
     top_k: int = typer.Option(1, help="Classes to show per image."),
     output: Optional[Path] = typer.Option(None, help="Also write the predictions to a .csv or .json file."),
-    batch_size: int = typer.Option(16, help="Images per trunk batch."),
+    batch_size: int = typer.Option(ExtractConfig.batch_size, help="Images per trunk batch; 0 = auto, as for features."),
     device: str = typer.Option(ExtractConfig.device, help="auto, cpu, cuda or cuda:N."),
     engine: str = typer.Option("auto", help="As for features; auto: the engine the head's features were made with."),
 ):

@@ -16,6 +16,11 @@ OPTIMIZERS = ("adam", "sgd")
 SOLVERS = ("sgd", "lbfgs")
 # --batch-size 0 (auto) per device type: 16 measured best on 2 CPU cores, 256 on an H100 (docs/benchmarks.md)
 AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 256}
+
+
+def batch_size_for(device_type: str, batch_size: int) -> int:
+    """``batch_size``, or the auto size for ``device_type`` ("cpu", "cuda") when it is 0."""
+    return batch_size or AUTO_BATCH_SIZE["cuda" if device_type == "cuda" else "cpu"]
 # Heads go to RUNS_DIR/<the features' folder name>/head.pt unless told otherwise
 RUNS_DIR = Path("data/runs")
 

@@ -27,7 +27,7 @@ import torch
 
 from flowerfeat import FORMAT_VERSION, __version__, store
 from flowerfeat.backbone import FEATURE_DIMS, Augment, WeightsInfo, preprocessing, trunk_rows
-from flowerfeat.config import AUTO_BATCH_SIZE, ExtractConfig
+from flowerfeat.config import ExtractConfig, batch_size_for
 from flowerfeat.data import Split, UnitDataset, collate_units, scan_data
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.progress import LineReporter, Progress, Reporter
@@ -167,7 +167,7 @@ def resolve_setup(
         device=device,
         mode=mode,
         decoder=decoder,
-        batch_size=cfg.batch_size or AUTO_BATCH_SIZE["cuda" if device.type == "cuda" else "cpu"],
+        batch_size=batch_size_for(device.type, cfg.batch_size),
         workers=cfg.workers if cfg.workers is not None else default_workers(mode, device),
         transform=backbone.build_transform(),
         augment=backbone.Augment(),

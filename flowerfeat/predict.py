@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps
 
 from flowerfeat import backbone
-
+from flowerfeat.config import batch_size_for
 from flowerfeat.data import IMAGE_EXTENSIONS, BadImage, to_rgb, load_image
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.train import Head
@@ -141,11 +141,15 @@ class Classifier:
             self._trunk = backbone.on_engine(trunk, self.engine).to(self.device).to(memory_format=torch.channels_last)
         return self._trunk
 
-    def predict(self, images, top_k: int = 1, batch_size: int = 16) -> list[Prediction]:
+    def predict(self, images, top_k: int = 1, batch_size: int = 0) -> list[Prediction]:
         """Classify image files, folders of them, PIL images or (H, W, 3) uint8 arrays (one or a list); unreadable
-        ones come back with ``error`` set. Results follow the input order (a folder's files sorted)."""
+        ones come back with ``error`` set. Results follow the input order (a folder's files sorted). ``batch_size``
+        0 is the device's auto size, as for extraction."""
         if top_k < 1:
             raise FlowerfeatError(f"--top-k must be >= 1, got {top_k}")
+        if batch_size < 0:
+            raise FlowerfeatError(f"--batch-size must be >= 0, got {batch_size}")
+        batch_size = batch_size_for(self.device.type, batch_size)
         inputs = _expand(images)
         k = min(top_k, len(self.classes))
         results: list[Prediction] = []

@@ -632,6 +632,7 @@ def check_compatible(ck: Head, feature_meta: dict, features_path) -> None:
     own = ck.meta["features"]
     named = ("layer", "feature_dim", "weights", "preprocessing", "decoder", "precision", "engine", "dtype", "classes")
     default = {"engine": "torch"}  # files and heads from before engines existed
+
     def value(meta: dict, k: str):
         return meta.get(k) if meta.get(k) is not None else default.get(k)
 

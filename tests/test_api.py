@@ -140,6 +140,17 @@ def test_classifier_takes_paths_pil_images_and_arrays(vgg_head):
     assert bad.label is None and "uint8" in bad.error
 
 
+def test_classifier_batch_size_changes_speed_not_answers(vgg_head):
+    _, te, path = vgg_head
+    files = [Path(te.meta["data_root"]) / p for p in te.paths]
+    clf = flowerfeat.Classifier.load(path)
+    auto, ones = clf.predict(files), clf.predict(files, batch_size=1)
+    assert [p.label for p in auto] == [p.label for p in ones]
+    np.testing.assert_allclose([p.probability for p in auto], [p.probability for p in ones], atol=1e-5)
+    with pytest.raises(flowerfeat.FlowerfeatError, match="--batch-size must be >= 0"):
+        clf.predict(files, batch_size=-1)
+
+
 def test_the_notebook_runs_top_to_bottom(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     from nbclient import NotebookClient
