@@ -124,7 +124,7 @@ class BenchResult:
     figures: dict
 
 
-def _flowerfeat_run(cfg: ExtractConfig, train: Split, test: Split, fig: dict, log) -> str:
+def _flowerfeat_run(cfg: ExtractConfig, train: Split, test: Split, fig: dict) -> str:
     """(c) flowerfeat end to end on the two subsets: features, fit-head --epochs 2, report; returns the overall line."""
     from flowerfeat.extraction import extract_split, resolve_setup
     from flowerfeat.report import Evaluation, textbook_lines
@@ -203,7 +203,7 @@ def run_bench(cfg: ExtractConfig, limit: int, agreement_images: int, log: Callab
 
     naive = backbone.build_trunk(info, cfg.layer, cfg.weights)
     fig["gflop_per_image"] = gflop_per_image(naive)
-    overall = _flowerfeat_run(cfg, train, test, fig, log)
+    overall = _flowerfeat_run(cfg, train, test, fig)
     fig["extract_ips"] = n_images / fig["extract_s"]
     fig["flowerfeat_ips"] = n_images / fig["flowerfeat_s"]
     achieved = fig["extract_ips"] * fig["gflop_per_image"]

@@ -16,13 +16,13 @@ OPTIMIZERS = ("adam", "sgd")
 SOLVERS = ("sgd", "lbfgs")
 # --batch-size 0 (auto) per device type: 16 measured best on 2 CPU cores, 256 on an H100 (docs/benchmarks.md)
 AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 256}
+# Heads go to RUNS_DIR/<the features' folder name>/head.pt unless told otherwise
+RUNS_DIR = Path("data/runs")
 
 
 def batch_size_for(device_type: str, batch_size: int) -> int:
     """``batch_size``, or the auto size for ``device_type`` ("cpu", "cuda") when it is 0."""
     return batch_size or AUTO_BATCH_SIZE["cuda" if device_type == "cuda" else "cpu"]
-# Heads go to RUNS_DIR/<the features' folder name>/head.pt unless told otherwise
-RUNS_DIR = Path("data/runs")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -115,11 +115,13 @@ class FitConfig:
     out: Path | None = None  # None: RUNS_DIR/<the features' folder name>/head.pt
     epochs: int = 2
     batch_size: int = 20  # the textbook's
-    # Adam with a cosine decay, started from the class means, at a learning rate scaled to the features, gets
-    # within about 2 points of a converged probe in 2 epochs (README, "Choosing the optimizer");
-    # `--optimizer sgd --lr 0.001 --schedule constant --init random` is the textbook's.
+    # Adam with a cosine decay from the ridge start, at a learning rate set from the features, gets within 1 point
+    # of a converged probe in 2 epochs (README, "Choosing the head's settings");
+    # `--optimizer sgd --lr 0.001 --schedule constant --init random --dropout 0.5` is the textbook's.
     optimizer: str = "adam"
-    lr: float = 0.0  # 0 = auto: 2.7 / (mean L1 norm of a training row), i.e. 7e-5 on flat pool5 features
+    # 0 = auto (train.choose): 2.7 / (mean L1 norm of a training row), times rows / features when the features
+    # outnumber the rows
+    lr: float = 0.0
     momentum: float = 0.0  # sgd only; the textbook uses plain SGD
     schedule: str = "cosine"  # learning rate over all steps: "cosine" decays to 0, "constant" is the textbook's
     # "ridge": start from the regularised least-squares fit (closed form); "class-means": each class's weights along

@@ -137,7 +137,7 @@ def resolve_setup(
     mode, decoder = decode_plan(cfg.decode, device)
     folder = store.cache_dir(cfg.out, cfg.layer, winfo.tag)
     precision = backbone.resolve_precision(cfg.precision, device)
-    engine = backbone.resolve_engine(cfg.engine, device, precision, _engine_of(folder, cfg.splits))
+    engine = backbone.resolve_engine(cfg.engine, device, precision, _cache_engine(folder, cfg.splits))
     built: list[torch.nn.Module] = []
 
     def get_trunk() -> torch.nn.Module:
@@ -175,11 +175,11 @@ def resolve_setup(
     )
 
 
-def _engine_of(folder: Path, splits) -> str | None:
-    """The engine that made the cache in ``folder`` (None: no readable file yet); files from before engines: torch."""
+def _cache_engine(folder: Path, splits) -> str | None:
+    """The engine that made the cache in ``folder`` (None: no readable file yet)."""
     for split in splits:
         try:
-            return store.read_meta(folder / f"{split}.h5").get("engine", "torch")
+            return store.engine_of(store.read_meta(folder / f"{split}.h5"))
         except FlowerfeatError:
             continue
     return None

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from flowerfeat import backbone
+from flowerfeat import backbone, store
 from flowerfeat.config import batch_size_for
 from flowerfeat.data import IMAGE_EXTENSIONS, BadImage, to_rgb, load_image
 from flowerfeat.errors import FlowerfeatError
@@ -71,14 +71,6 @@ def _image_files(p: Path) -> list[Path]:
     raise FlowerfeatError(f"{p}: no such file or folder; pass image files or folders of images")
 
 
-def list_images(paths: list[Path]) -> list[Path]:
-    """Files as given, folders searched recursively for image files (sorted); missing paths refused."""
-    out = [f for p in paths for f in _image_files(p)]
-    if not out:
-        raise FlowerfeatError(f"{', '.join(map(str, paths))}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
-    return out
-
-
 @dataclass
 class Prediction:
     """One image's result: its best class and probability, the top-k, or why it was skipped.
@@ -115,6 +107,7 @@ class Classifier:
     def __init__(self, head: Head, trunk_weights: tuple[backbone.WeightsInfo, str], device: torch.device, engine: str):
         self.head, self.trunk_weights, self.device, self.engine = head, trunk_weights, device, engine
         self._trunk: torch.nn.Module | None = None  # built on the first predict, after the inputs are checked
+        self._transform = backbone.build_transform()  # the weights' own preprocessing, as at extraction
 
     @classmethod
     def load(
@@ -125,7 +118,7 @@ class Classifier:
         ``engine`` auto runs the trunk as the head's features were made, where that engine is installed."""
         head = head if isinstance(head, Head) else Head.load(head)
         dev = backbone.resolve_device(device)
-        made_with = head.meta["features"].get("engine") or "torch"
+        made_with = store.engine_of(head.meta["features"])
         engine = backbone.resolve_engine(engine, dev, head.meta["features"]["precision"], previous=made_with)
         return cls(head, weights_for(head, weights), dev, engine)
 
@@ -158,12 +151,11 @@ class Classifier:
         return results
 
     def _batch(self, inputs: list[tuple[str, object]], k: int) -> list[Prediction]:
-        transform = backbone.build_transform()
         preds, tensors = [], []
         for name, image in inputs:
             preds.append(Prediction(name, []))
             try:
-                tensors.append(transform(_as_rgb(image)))
+                tensors.append(self._transform(_as_rgb(image)))
             except BadImage as e:
                 preds[-1].error = str(e)
         good = [p for p in preds if not p.error]

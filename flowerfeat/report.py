@@ -149,10 +149,15 @@ class Mistake(NamedTuple):
     p_true: float  # of the true class
 
 
+def _wrong_rows(ev: Evaluation) -> list[int]:
+    """Rows of the misclassified test images, the most confident prediction first."""
+    wrong = np.flatnonzero(ev.y_true != ev.y_pred).tolist()
+    return sorted(wrong, key=lambda i: -float(ev.probs[i, ev.y_pred[i]]))
+
+
 def mistakes(ev: Evaluation) -> list[Mistake]:
     """The misclassified test images, most confident first."""
-    wrong = np.flatnonzero(ev.y_true != ev.y_pred)
-    out = [
+    return [
         Mistake(
             ev.paths[i],
             ev.classes[ev.y_true[i]],
@@ -160,9 +165,8 @@ def mistakes(ev: Evaluation) -> list[Mistake]:
             float(ev.probs[i, ev.y_pred[i]]),
             float(ev.probs[i, ev.y_true[i]]),
         )  # fmt: skip
-        for i in wrong
+        for i in _wrong_rows(ev)
     ]
-    return sorted(out, key=lambda m: -m.probability)
 
 
 def confused_pairs(ev: Evaluation, k: int = 5) -> list[tuple[str, str, int]]:
@@ -197,9 +201,9 @@ def metrics(ev: Evaluation) -> dict:
 
     labels = list(range(len(ev.classes)))
     p, r, f, s = precision_recall_fscore_support(ev.y_true, ev.y_pred, labels=labels, zero_division=0)
-    per_class = {}
+    per_class, counts = {}, ev.per_class
     for i, name in enumerate(ev.classes):
-        correct, total = ev.per_class[name]
+        correct, total = counts[name]
         per_class[name] = {
             "accuracy": correct / total if total else None,
             "correct": correct,
@@ -268,7 +272,7 @@ def samples_figure(ev: Evaluation, n_samples: int = 20, seed: int = 0):
 
     from flowerfeat.data import BadImage, load_image
 
-    wrong = [ev.paths.index(m.path) for m in mistakes(ev)]
+    wrong = _wrong_rows(ev)
     right = [int(i) for i in np.random.default_rng(seed).permutation(ev.total) if ev.y_true[i] == ev.y_pred[i]]
     shown = []
     for i in (wrong + right)[: max(n_samples, 0)]:

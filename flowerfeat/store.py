@@ -39,9 +39,14 @@ MODEL_KEY_FIELDS = (
 DATASETS = ("features", "labels", "paths", "views", "file_sizes", "file_mtimes_ns", "skipped")
 
 
+def engine_of(meta: dict) -> str:
+    """The engine that made a feature file (or a head's features): files from before engines record none: torch."""
+    return meta.get("engine") or "torch"
+
+
 def model_key(meta: dict) -> str:
     fields = {k: meta.get(k) for k in MODEL_KEY_FIELDS}
-    if fields["engine"] in (None, "torch"):
+    if engine_of(meta) == "torch":
         del fields["engine"]
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -279,7 +279,7 @@ def choose(cfg: FitConfig, meta: dict, mean_l1: float, n_rows: int = 0) -> Chose
 
 
 def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
-    """``average`` runs of ``epochs`` each (run 0 is the single run of earlier versions), weights averaged."""
+    """``average`` runs of ``epochs`` each (run 0 is what a single run does), weights averaged."""
     n_classes = len(rows.meta["classes"])
     means, mean_l1 = rows.stats(~val, n_classes)
     chosen = choose(cfg, rows.meta, mean_l1, int((~val).sum()))
@@ -342,8 +342,9 @@ def _sgd_run(cfg: FitConfig, chosen: Chosen, rows: Rows, val: np.ndarray, means,
             _init_from_class_means(linear, means)
         opt, sched = _optimizer(cfg, linear, chosen.lr, _count_steps(cfg, rows, val))
         mask_rng = np.random.default_rng([*np.atleast_1d(stream), 1])
+        steps = _Steps(cfg, rows, val, chosen.dropout, stream, linear, opt, sched, mask_rng, log)
         for epoch in range(1, cfg.epochs + 1):
-            entry = _train_epoch(cfg, chosen.dropout, stream, rows, val, linear, opt, sched, mask_rng, epoch, log)
+            entry = steps.epoch(epoch)
             weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
             if val_x is not None:
                 vloss, vpred, _ = score(weight, bias, val_x, rows.labels[val_rows])
@@ -376,40 +377,54 @@ def _optimizer(cfg: FitConfig, linear: nn.Linear, lr: float, steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
 
 
-def _train_epoch(
-    cfg: FitConfig, dropout: float, stream, rows: Rows, val, linear, opt, sched, mask_rng, epoch, log
-) -> dict:
-    """One pass over the training rows in mini-batches; the textbook's running-loss lines; the epoch's figures."""
-    t0 = time.perf_counter()
-    criterion = nn.CrossEntropyLoss()
-    labels = torch.from_numpy(rows.labels)
-    running, total_loss, seen, correct, batch_i = 0.0, 0.0, 0, 0, 0
-    for window in epoch_windows(rows.n, rows.block, window_rows(rows.dim), stream, epoch):
-        window = window[~val[window]]
-        x_win, y_win = torch.from_numpy(rows.take(window)), labels[window]
-        for s in range(0, len(window), cfg.batch_size):
-            x, y = x_win[s : s + cfg.batch_size], y_win[s : s + cfg.batch_size]
-            opt.zero_grad(set_to_none=True)
-            out = linear(_dropout(x, dropout, mask_rng))  # (B, C)
-            loss = criterion(out, y)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            batch_i += 1
-            running += loss.item()
-            total_loss += loss.item() * len(y)
-            seen += len(y)
-            correct += int((out.argmax(1) == y).sum())
-            if batch_i % cfg.log_every == 0:
-                log(f"Epoch {epoch}, Batch {batch_i} loss: {running / cfg.log_every:.16f}")
-                running = 0.0
-    return {
-        "epoch": epoch,
-        "train_loss": total_loss / max(seen, 1),
-        "train_acc": correct / max(seen, 1),
-        "seconds": time.perf_counter() - t0,
-    }
+@dataclass
+class _Steps:
+    """What one run's mini-batch steps need: the rows, the layer and its optimizer, the shuffles' and masks' seeds."""
+
+    cfg: FitConfig
+    rows: Rows
+    val: np.ndarray  # (N,) bool: validation rows, left out
+    dropout: float
+    stream: object  # seed of the shuffles: cfg.seed, or (seed, run) for averaged runs
+    linear: nn.Linear
+    opt: torch.optim.Optimizer
+    sched: object  # an lr scheduler, or None
+    mask_rng: np.random.Generator  # dropout masks
+    log: Callable[[str], None]
+
+    def epoch(self, epoch: int) -> dict:
+        """One pass over the training rows in mini-batches; the textbook's running-loss lines; the epoch's figures."""
+        cfg, rows = self.cfg, self.rows
+        t0 = time.perf_counter()
+        criterion = nn.CrossEntropyLoss()
+        labels = torch.from_numpy(rows.labels)
+        running, total_loss, seen, correct, batch_i = 0.0, 0.0, 0, 0, 0
+        for window in epoch_windows(rows.n, rows.block, window_rows(rows.dim), self.stream, epoch):
+            window = window[~self.val[window]]
+            x_win, y_win = torch.from_numpy(rows.take(window)), labels[window]
+            for s in range(0, len(window), cfg.batch_size):
+                x, y = x_win[s : s + cfg.batch_size], y_win[s : s + cfg.batch_size]
+                self.opt.zero_grad(set_to_none=True)
+                out = self.linear(_dropout(x, self.dropout, self.mask_rng))  # (B, C)
+                loss = criterion(out, y)
+                loss.backward()
+                self.opt.step()
+                if self.sched is not None:
+                    self.sched.step()
+                batch_i += 1
+                running += loss.item()
+                total_loss += loss.item() * len(y)
+                seen += len(y)
+                correct += int((out.argmax(1) == y).sum())
+                if batch_i % cfg.log_every == 0:
+                    self.log(f"Epoch {epoch}, Batch {batch_i} loss: {running / cfg.log_every:.16f}")
+                    running = 0.0
+        return {
+            "epoch": epoch,
+            "train_loss": total_loss / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "seconds": time.perf_counter() - t0,
+        }
 
 
 def _dropout(x: torch.Tensor, p: float, rng: np.random.Generator) -> torch.Tensor:
@@ -618,9 +633,10 @@ def find_head(path: Path, layer: str | None = None) -> Path:
     heads = sorted(path.glob("*/head.pt")) + ([path / "head.pt"] if (path / "head.pt").is_file() else [])
     if not heads:
         raise FlowerfeatError(f"{path}: no head.pt here; run `flowerfeat fit-head` first (or pass --head FILE)")
-    kept = [h for h in heads if layer is None or Head.load(h).layer == layer]
+    layers = {h: Head.load(h).layer for h in heads} if layer is not None else {}
+    kept = [h for h in heads if layer is None or layers[h] == layer]
     if not kept:
-        there = ", ".join(f"{h.parent.name} ({Head.load(h).layer})" for h in heads)
+        there = ", ".join(f"{h.parent.name} ({layers[h]})" for h in heads)
         raise FlowerfeatError(
             f"{path}: no head fitted on {layer} features (there are: {there}); run `flowerfeat fit-head --layer {layer}`"
         )
@@ -631,10 +647,9 @@ def check_compatible(ck: Head, feature_meta: dict, features_path) -> None:
     """Refuse a head and a feature file that were not made by the same trunk, layer, preprocessing and classes."""
     own = ck.meta["features"]
     named = ("layer", "feature_dim", "weights", "preprocessing", "decoder", "precision", "engine", "dtype", "classes")
-    default = {"engine": "torch"}  # files and heads from before engines existed
 
     def value(meta: dict, k: str):
-        return meta.get(k) if meta.get(k) is not None else default.get(k)
+        return store.engine_of(meta) if k == "engine" else meta.get(k)
 
     diffs = [k for k in named if value(own, k) != value(feature_meta, k)]
     if not diffs and own["model_key"] != feature_meta["model_key"]:
