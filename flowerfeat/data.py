@@ -188,6 +188,12 @@ def carve(pool: Split, splits, test_fraction: float) -> dict[str, Split]:
     return {s: replace(pool, name=s, items=parts[s], test_fraction=test_fraction) for s in splits}
 
 
+def _is_header(row: list[str], base: Path) -> bool:
+    """A header names the columns: its first cell is neither a file nor an image name (a missing image's row is
+    data, kept and then skipped with its reason)."""
+    return not row[0].lower().endswith(IMAGE_EXTENSIONS) and not (base / row[0]).exists()
+
+
 def _scan_csv(path: Path) -> dict[str, Split]:
     """Rows ``path,label[,split]`` of a CSV, as one pool ("all") or by its split column."""
     try:
@@ -197,7 +203,7 @@ def _scan_csv(path: Path) -> dict[str, Split]:
         raise FlowerfeatError(f"{path}: not a readable CSV ({e}); write one path,label row per image") from None
     base = path.parent
     first = 1
-    if rows and not (base / rows[0][0]).exists():  # a header names the columns, not a file
+    if rows and _is_header(rows[0], base):
         rows, first = rows[1:], 2
     bad = next((k for k, r in enumerate(rows) if len(r) < 2 or not r[0] or not r[1]), None)
     if not rows or bad is not None:

@@ -138,6 +138,9 @@ def test_a_csv_of_paths_and_labels(tmp_path):
     (tmp_path / "split.csv").write_text("\n".join(with_split) + "\n")  # no header this time
     by_column = scan_data(tmp_path / "split.csv")
     assert [len(by_column[s].items) for s in ("train", "test")] == [4, 2]
+    (tmp_path / "gone_first.csv").write_text("\n".join(["imgs/gone.jpg,roses", *rows]) + "\n")  # no header
+    first_gone = scan_data(tmp_path / "gone_first.csv", ("train",))["train"]
+    assert len(first_gone.items) == 7 and "imgs/gone.jpg" in [i.relpath for i in first_gone.items]
     (tmp_path / "bad.csv").write_text("path,label\nimgs/daisy/daisy_0.jpg\n")
     with pytest.raises(FlowerfeatError, match="bad.csv: row 2: each row needs path,label"):
         scan_data(tmp_path / "bad.csv", ("train",))
