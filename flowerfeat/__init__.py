@@ -1,4 +1,4 @@
-"""flowerfeat: transfer learning on cached VGG16 features (extract once, fit the head in a second).
+"""flowerfeat: transfer learning on cached features of a frozen trunk (extract once, fit the head in a second).
 
 The library is the product; ``flowerfeat`` on the command line is one client of it::
 
@@ -19,9 +19,9 @@ import importlib
 from flowerfeat.config import ExtractConfig, FitConfig
 from flowerfeat.errors import FlowerfeatError
 
-__version__ = "0.1.0"
-# Bumped whenever the HDF5 layout changes; part of every feature fingerprint.
-FORMAT_VERSION = 1
+__version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it)
+# Bumped whenever the HDF5 layout changes; part of every feature fingerprint. 2: the model is recorded and keyed.
+FORMAT_VERSION = 2
 
 # public name -> module that defines it
 _LAZY = {
@@ -30,7 +30,7 @@ _LAZY = {
     "load_features": "flowerfeat.store",
     "Features": "flowerfeat.store",
     "fit_head": "flowerfeat.train",
-    "Head": "flowerfeat.train",
+    "Head": "flowerfeat.heads",
     "evaluate": "flowerfeat.report",
     "Evaluation": "flowerfeat.report",
     "Classifier": "flowerfeat.predict",

@@ -1,4 +1,4 @@
-"""Benchmark: the textbook loop vs a naive extraction loop vs flowerfeat, on the same images, in one run."""
+"""Benchmark: the textbook loop vs a naive extraction loop vs flowerfeat, and models side by side, in one run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowerfeat import backbone
+from flowerfeat import runtime
+from flowerfeat.backbones import get_backbone, gflops_text
 from flowerfeat.config import ENGINES, ExtractConfig, FitConfig
 from flowerfeat.data import Split, UnitDataset, collate_units, scan_data
 
@@ -35,13 +36,13 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds
     return best
 
 
-def gflop_per_image(trunk: nn.Module) -> float:
-    """Counted, not hand-copied: torch's FlopCounterMode over one 224x224 image."""
+def gflop_per_image(trunk: nn.Module, input_shape=(3, 224, 224)) -> float:
+    """Counted, not hand-copied: torch's FlopCounterMode over one image (FLOPs: 2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
-        trunk(torch.zeros(1, 3, 224, 224))
+        trunk(torch.zeros(1, *input_shape))
     return counter.get_total_flops() / 1e9
 
 
@@ -53,14 +54,14 @@ def subset(split: Split, n: int) -> Split:
     return replace(split, items=tuple(split.items[i] for i in idx))
 
 
-def _loader(split: Split, batch_size: int, workers: int):
+def _loader(split: Split, batch_size: int, workers: int, transform):
     from torch.utils.data import DataLoader
 
-    ds = UnitDataset(split, 0, backbone.build_transform(), None, 0)
+    ds = UnitDataset(split, 0, transform, None, 0)
     return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_units)
 
 
-def textbook_loop(train: Split, test: Split, vgg: nn.Module, epochs: int = 2, batch_size: int = 20) -> float:
+def textbook_loop(train: Split, test: Split, vgg: nn.Module, transform, epochs: int = 2, batch_size: int = 20) -> float:
     """The textbook: full VGG16 fp32 in train mode, classifier[6] replaced and trained with SGD, every epoch
     through the whole network; then a test pass. Returns seconds."""
     n_classes = len(train.classes)
@@ -72,7 +73,7 @@ def textbook_loop(train: Split, test: Split, vgg: nn.Module, epochs: int = 2, ba
     t = time.perf_counter()
     vgg.train()
     for _ in range(epochs):
-        for x, ids, _bad in _loader(train, batch_size, 0):
+        for x, ids, _bad in _loader(train, batch_size, 0, transform):
             y = torch.tensor([train.items[i].label for i in ids])
             opt.zero_grad()
             loss = criterion(vgg(x), y)
@@ -80,41 +81,47 @@ def textbook_loop(train: Split, test: Split, vgg: nn.Module, epochs: int = 2, ba
             opt.step()
     vgg.eval()
     with torch.no_grad():
-        for x, ids, _bad in _loader(test, batch_size, 0):
+        for x, ids, _bad in _loader(test, batch_size, 0, transform):
             vgg(x)
     return time.perf_counter() - t
 
 
-def naive_loop(split: Split, trunk: nn.Module, batch_size: int = 20) -> float:
+def naive_loop(split: Split, trunk: nn.Module, transform, batch_size: int = 20) -> float:
     """Extraction with no tricks: fp32, NCHW, no_grad, decoding in the main process. Returns seconds."""
     t = time.perf_counter()
     with torch.no_grad():
-        for x, _ids, _bad in _loader(split, batch_size, 0):
+        for x, _ids, _bad in _loader(split, batch_size, 0, transform):
             trunk(x)
     return time.perf_counter() - t
 
 
-def cosine_agreement(trunk: nn.Module, split: Split, n: int) -> float:
+def row_cosines(a, b) -> np.ndarray:
+    """(N,) cosine similarity of each row of ``a`` with the same row of ``b`` (any shape (N, ...), as float64)."""
+    a, b = (np.asarray(v, np.float64).reshape(len(v), -1) for v in (a, b))
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+
+
+def cosine_agreement(trunk: nn.Module, split: Split, n: int, transform) -> float:
     """Mean cosine similarity of bf16-autocast vs fp32 features over ``n`` images."""
     sub = subset(split, n)
-    ds = UnitDataset(sub, 0, backbone.build_transform(), None, 0)
+    ds = UnitDataset(sub, 0, transform, None, 0)
     x, _ids, _ = collate_units([ds[i] for i in range(len(ds))])
     x = x.contiguous(memory_format=torch.channels_last)
-    a, b = backbone.trunk_rows(trunk, x, "fp32"), backbone.trunk_rows(trunk, x, "bf16")
-    return float(nn.functional.cosine_similarity(a, b, dim=1).mean())
+    a, b = runtime.trunk_rows(trunk, x, "fp32"), runtime.trunk_rows(trunk, x, "bf16")
+    return float(row_cosines(a.numpy(), b.numpy()).mean())
 
 
 def fit_timing(n: int, dim: int, n_classes: int) -> float:
-    """Seconds for fit-head's default 2 epochs on an n x dim feature file (training only, file in memory)."""
-    from flowerfeat import store
+    """Seconds for fit-head's default 2 epochs on n x dim synthetic fc7-like rows (training only, in memory)."""
+    from flowerfeat.store import Features
     from flowerfeat.train import fit
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, n_classes, n)
     x = np.maximum(rng.normal(0, 1, (n, dim)) + y[:, None] * 0.1, 0).astype(np.float32)  # ReLU-like features
-    with tempfile.TemporaryDirectory() as tmp:
-        path = store.write_arrays(Path(tmp) / "train.h5", x, y, [str(c) for c in range(n_classes)])
-        result, _ = fit(FitConfig(features=path, epochs=2))
+    meta = {"classes": [str(c) for c in range(n_classes)], "feature_dim": dim, "layer": "fc7", "cut_dropout": 0.5}
+    rows = Features(x, y, meta["classes"], [f"{i}.jpg" for i in range(n)], np.zeros(n, np.int8), [], meta)
+    result, _ = fit(FitConfig(epochs=2), train=rows)
     return sum(h["seconds"] for h in result.history)
 
 
@@ -126,23 +133,22 @@ class BenchResult:
 
 def _flowerfeat_run(cfg: ExtractConfig, train: Split, test: Split, fig: dict) -> str:
     """(c) flowerfeat end to end on the two subsets: features, fit-head --epochs 2, report; returns the overall line."""
-    from flowerfeat.extraction import extract_split, resolve_setup
+    from flowerfeat.extraction import run_extraction
+    from flowerfeat.heads import LinearHead, score
     from flowerfeat.report import Evaluation, textbook_lines
     from flowerfeat.store import load_features
-    from flowerfeat.train import fit, score
+    from flowerfeat.train import fit
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = cfg.replace(out=Path(tmp))
-        setup = resolve_setup(cfg)
-        fig["engine"] = setup.engine
         t0 = time.perf_counter()
-        results = [extract_split(cfg, split, setup) for split in (train, test)]
+        results = run_extraction(cfg.replace(out=Path(tmp)), splits={"train": train, "test": test})
+        fig["engine"] = load_features(results[1].path).meta["engine"]
         fig["extract_s"] = sum(r.seconds for r in results)
         t1 = time.perf_counter()
         result, _ = fit(FitConfig(features=results[0].path, epochs=2))
         t2 = time.perf_counter()
         fs = load_features(results[1].path)
-        loss, pred, probs = score(result.weight, result.bias, fs.X, fs.y)
+        loss, pred, probs = score(LinearHead.of(result.weight, result.bias), fs.X, fs.y)
         lines = textbook_lines(Evaluation(fs.classes, fs.y, pred, probs, loss, fs.paths, ""))
         fig["flowerfeat_s"] = time.perf_counter() - t0
         fig["fit_s"] = t2 - t1
@@ -153,56 +159,68 @@ def _flowerfeat_run(cfg: ExtractConfig, train: Split, test: Split, fig: dict) ->
 def engine_rows(cfg: ExtractConfig, train: Split, test: Split, log) -> dict:
     """Each installed engine's extraction of the two subsets, side by side: images/s (trunk ready; preparing it
     apart), and agreement with the torch engine's rows (min cosine, max abs difference over the largest value)."""
-    from flowerfeat.extraction import extract_split, resolve_setup
+    from flowerfeat.extraction import run_extraction
     from flowerfeat.store import load_features
 
     rows, ref = {}, None
     n = len(train.items) + len(test.items)
-    for engine in (e for e in ENGINES if backbone.engine_available(e)):
-        with tempfile.TemporaryDirectory() as tmp:
-            c = cfg.replace(out=Path(tmp), engine=engine)
-            setup = resolve_setup(c)
-            t = time.perf_counter()
-            setup.get_trunk()
-            ready_s = time.perf_counter() - t
-            results = [extract_split(c, split, setup) for split in (train, test)]
+    for engine in (e for e in ENGINES if runtime.engine_available(e)):
+        with tempfile.TemporaryDirectory() as tmp:  # onnxruntime runs fp32 only; torch at the asked precision
+            c = cfg.replace(out=Path(tmp), engine=engine, precision="fp32" if engine != "torch" else cfg.precision)
+            results = run_extraction(c, splits={"train": train, "test": test})
             x = np.concatenate([load_features(r.path).X for r in results])
-        seconds = sum(r.seconds for r in results)
+        ready_s = sum(r.trunk_s for r in results)
+        seconds = sum(r.seconds for r in results) - ready_s  # images/s with the trunk ready
         ref = x if ref is None else ref  # torch comes first
-        cos = (x * ref).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(ref, axis=1) + 1e-30)
-        rows[engine] = {"images_per_s": n / seconds, "seconds": seconds, "prepare_s": ready_s}
+        cos = row_cosines(x, ref)
+        rows[engine] = {"images_per_s": n / seconds, "seconds": seconds, "prepare_s": ready_s, "precision": c.precision}
         rows[engine].update(min_cosine=float(cos.min()), max_abs_diff=float(np.abs(x - ref).max() / np.abs(ref).max()))
         r = rows[engine]
         log(
-            f"engine {engine}: {r['images_per_s']:.2f} images/s ({r['images_per_s'] / rows['torch']['images_per_s']:.2f}x "
-            f"torch; {ready_s:.1f} s to prepare), min cosine to torch {r['min_cosine']:.7f}, max |diff| "
+            f"engine {engine} ({c.precision}): {r['images_per_s']:.2f} images/s "
+            f"({r['images_per_s'] / rows['torch']['images_per_s']:.2f}x torch; {ready_s:.1f} s to prepare), "
+            f"min cosine to torch {r['min_cosine']:.7f}, max |diff| "
             f"{r['max_abs_diff']:.1e} of the largest value"
         )
     return rows
 
 
-def run_bench(cfg: ExtractConfig, limit: int, agreement_images: int, log: Callable[[str], None] = print) -> BenchResult:
-    """Time (a) the textbook loop, (b) a naive extraction loop and (c) flowerfeat on the same ``limit`` images of
-    ``cfg.data`` (80 % train, 20 % test), extracting with ``cfg``'s settings, on the CPU."""
+def bench_images(cfg: ExtractConfig, limit: int) -> tuple[Split, Split]:
+    """``limit`` images of ``cfg.data`` spread over the classes, 80 % train and 20 % test."""
     splits = scan_data(Path(cfg.data), ("train", "test"), cfg.test_fraction)
     n_test = max(len(splits["train"].classes), round(limit * 0.2))
-    train, test = subset(splits["train"], limit - n_test), subset(splits["test"], n_test)
+    return subset(splits["train"], limit - n_test), subset(splits["test"], n_test)
+
+
+def run_bench(
+    cfg: ExtractConfig,
+    limit: int,
+    agreement_images: int,
+    log: Callable[[str], None] = print,
+    others: tuple[ExtractConfig, ...] = (),
+) -> BenchResult:
+    """Time (a) the textbook loop, (b) a naive extraction loop and (c) flowerfeat on the same ``limit`` images of
+    ``cfg.data`` (80 % train, 20 % test), extracting with ``cfg``'s settings, on the CPU; then the ``others``
+    models' engines on the same images, side by side."""
+    train, test = bench_images(cfg, limit)
     n_images = len(train.items) + len(test.items)
     device = torch.device("cpu")
-    cfg = cfg.replace(device="cpu", precision=backbone.resolve_precision(cfg.precision, device))
-    prec, info = cfg.precision, backbone.resolve_weights(cfg.weights)
+    cfg = cfg.replace(device="cpu", precision=runtime.resolve_precision(cfg.precision, device))
+    backbone = get_backbone(cfg.model)
+    prec, info, cut = cfg.precision, backbone.resolve_weights(cfg.weights), backbone.cut(cfg.layer).name
+    pre = backbone.preprocessing(info)
     fig = {"train_images": len(train.items), "test_images": len(test.items), "threads": torch.get_num_threads()}
-    fig.update(precision=prec, layer=cfg.layer, batch_size=cfg.batch_size, workers=cfg.workers)
+    fig.update(precision=prec, model=backbone.name, layer=cut, batch_size=cfg.batch_size, workers=cfg.workers)
     log(
-        f"{len(train.items)} train + {len(test.items)} test images; layer {cfg.layer}; precision {prec}; "
+        f"{len(train.items)} train + {len(test.items)} test images; model {backbone.name} at {cut}; precision {prec}; "
         f"{torch.get_num_threads()} threads"
     )
     fig["fp32_peak"] = matmul_peak(torch.float32, device)
-    fig["bf16_peak"] = matmul_peak(torch.bfloat16, device, n=1024 if not backbone.cpu_has_bf16() else 2048)
+    fig["bf16_peak"] = matmul_peak(torch.bfloat16, device, n=1024 if not runtime.cpu_has_bf16() else 2048)
     log(f"matmul peak: fp32 {fig['fp32_peak']:.0f} GFLOP/s, bf16 {fig['bf16_peak']:.1f} GFLOP/s")
 
-    naive = backbone.build_trunk(info, cfg.layer, cfg.weights)
-    fig["gflop_per_image"] = gflop_per_image(naive)
+    naive = backbone.build(info, cut)
+    fig["gflop_per_image"] = gflop_per_image(naive, pre.input_shape)
     overall = _flowerfeat_run(cfg, train, test, fig)
     fig["extract_ips"] = n_images / fig["extract_s"]
     fig["flowerfeat_ips"] = n_images / fig["flowerfeat_s"]
@@ -214,30 +232,63 @@ def run_bench(cfg: ExtractConfig, limit: int, agreement_images: int, log: Callab
         f"fit-head {fig['fit_s']:.2f} s; engine {fig['engine']}; {overall}"
     )
     fig["engines"] = engine_rows(cfg, train, test, log)
-
-    fig["naive_s"] = naive_loop(train, naive) + naive_loop(test, naive)
+    transform = pre.transform()
+    fig["naive_s"] = naive_loop(train, naive, transform) + naive_loop(test, naive, transform)
     fig["naive_ips"] = n_images / fig["naive_s"]
     log(f"(b) naive loop: {fig['naive_s']:.1f} s ({fig['naive_ips']:.2f} images/s)")
-
-    # the textbook's whole VGG16; offline the conv weights alone (pool5) are what a local file holds
-    vgg = backbone.load_vgg16(info, "pool5" if info.kind != "torchvision" else "fc7", cfg.weights)
-    fig["textbook_s"] = textbook_loop(train, test, vgg)
-    fig["textbook_ips"] = n_images / fig["textbook_s"]
-    log(f"(a) textbook loop: {fig['textbook_s']:.1f} s ({fig['textbook_ips']:.2f} images/s over the image set)")
-
+    _textbook_row(backbone, info, train, test, transform, fig, log)
     fig["fit_2600x4096_s"] = fit_timing(2600, 4096, len(train.classes))
     log(f"fit-head --epochs 2 on 2,600 x 4,096 synthetic rows: {fig['fit_2600x4096_s']:.3f} s")
     if agreement_images:
-        fig["bf16_cosine"] = cosine_agreement(naive, test, agreement_images)
+        fig["bf16_cosine"] = cosine_agreement(naive, test, agreement_images, transform)
+        n = min(agreement_images, len(test.items))
+        log(f"bf16 vs fp32 features: mean cosine {fig['bf16_cosine']:.5f} over {n} images")
+    summary = _summary(fig, achieved, peak, len(train.items), log)
+    if others:
+        fig["models"] = models_side_by_side(cfg, others, train, test, fig["engines"], log)
+    return BenchResult(summary, fig)
+
+
+def _textbook_row(backbone, info, train: Split, test: Split, transform, fig: dict, log) -> None:
+    """(a) The textbook's loop: its whole VGG16 (offline, the conv weights alone are what a local file holds)."""
+    if backbone.name != "vgg16":
+        log("(a) textbook loop: the textbook's model is vgg16; not timed for " + backbone.name)
+        fig["textbook_s"] = fig["textbook_ips"] = float("nan")
+        return
+    vgg = backbone.load_vgg16(info, "pool5" if info.kind != "hub" else "fc7")
+    fig["textbook_s"] = textbook_loop(train, test, vgg, transform)
+    fig["textbook_ips"] = (len(train.items) + len(test.items)) / fig["textbook_s"]
+    log(f"(a) textbook loop: {fig['textbook_s']:.1f} s ({fig['textbook_ips']:.2f} images/s over the image set)")
+
+
+def models_side_by_side(first: ExtractConfig, others, train: Split, test: Split, first_rows: dict, log) -> list[dict]:
+    """Each model's engines on the same images (the first model's rows already measured), then one table: model,
+    cut, dimension, GFLOPs (multiply-adds) per image, images/s of its fastest engine and the ratio to the first."""
+    table = []
+    for cfg, rows in [(first, first_rows)] + [(c, None) for c in others]:
+        backbone = get_backbone(cfg.model)
+        cut = backbone.cut(cfg.layer)
+        if rows is None:
+            log(f"--- {backbone.name} at {cut.name} ---")
+            precision = runtime.resolve_precision(cfg.precision, torch.device("cpu"))
+            rows = engine_rows(cfg.replace(device="cpu", precision=precision), train, test, log)
+        best = max(rows, key=lambda e: rows[e]["images_per_s"])
+        gflops = backbone.describe().get("gflops")
+        table.append({"model": backbone.name, "layer": cut.name, "dim": cut.dim, "gflops": gflops})
+        table[-1].update(engine=best, images_per_s=rows[best]["images_per_s"], engines=rows)
+    log("models side by side (fastest engine of each, same images, this run):")
+    for row in table:
+        ratio = row["images_per_s"] / table[0]["images_per_s"]
         log(
-            f"bf16 vs fp32 features: mean cosine {fig['bf16_cosine']:.5f} over {min(agreement_images, len(test.items))} images"
+            f"  {row['model']:<28} {row['layer']:<10} {row['dim']:>6}-d  {gflops_text(row['gflops']):>6} GFLOPs  "
+            f"{row['images_per_s']:7.2f} images/s ({row['engine']})  {ratio:5.2f}x {table[0]['model']}"
         )
-    return BenchResult(_summary(fig, achieved, peak, len(train.items), log), fig)
+    return table
 
 
 def _summary(fig: dict, achieved: float, peak: float, n_train: int, log) -> list[str]:
     fig["naive_over_flowerfeat_extract"] = fig["naive_s"] / fig["extract_s"]
-    fig["textbook_over_flowerfeat"] = fig["textbook_s"] / fig["flowerfeat_s"]
+    fig["textbook_over_flowerfeat"] = fig["textbook_s"] / fig["flowerfeat_s"]  # nan: not timed
     summary = [
         f"extraction speed-up over the naive loop (b)/(c): {fig['naive_over_flowerfeat_extract']:.2f}x",
         f"end-to-end speed-up over the textbook (a)/(c): {fig['textbook_over_flowerfeat']:.2f}x",

@@ -9,20 +9,30 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
+from flowerfeat import config as choices  # the choices of each option, declared once there
 from flowerfeat.config import AUTO_BATCH_SIZE, RUNS_DIR, ExtractConfig, FitConfig  # dataclasses: no torch
 
 app = typer.Typer(
-    help="Transfer learning on cached VGG16 features: extract once, fit the head in a second, report.",
+    help="Transfer learning on cached features of a frozen trunk (VGG16 by default): extract once, fit the head in "
+    "a second, report.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
 
-LAYER_HELP = "fc7 (4096-d), fc6 (4096-d), pool5 (25088-d) or pool5-gap (512-d global average)."
+MODEL_HELP = (
+    "vgg16 (the textbook's), any torchvision classification model (resnet50, efficientnet_b0, convnext_tiny, "
+    "vit_b_16, ...) or timm:<name> (the [timm] extra); `flowerfeat models` lists them."
+)
+LAYER_HELP = (
+    "Where the model is cut (default: its first cut): vgg16 fc7 (4096-d), fc6 (4096-d), pool5 (25088-d) or "
+    "pool5-gap (512-d); other models pre-logits (and pool for some CNNs)."
+)
+PICK_HELP = "Pick the {} of this {} (default: the latest)."
 DATA_HELP = (
     "Images: a folder with train/<class>/ and test/<class>/, a folder of <class>/ folders (with --test-fraction), "
     "or a CSV of path,label rows (paths relative to the CSV)."
@@ -33,7 +43,10 @@ ENGINE_HELP = (
     "What runs the trunk on a CPU: torch, onnxruntime (the [onnx] extra), or auto (the cache's engine, else "
     "onnxruntime where installed, else torch)."
 )
-WEIGHTS_HELP = "imagenet (torchvision IMAGENET1K_V1), a local VGG16 state-dict PATH, or none (random init)."
+WEIGHTS_HELP = (
+    "imagenet (the model's published weights; VGG16: torchvision IMAGENET1K_V1), a local state-dict PATH in the "
+    "model's own key names, or none (random init)."
+)
 
 
 def _fail(message: str, code: int = 2):
@@ -82,7 +95,7 @@ def download(
     out: Path = typer.Option(Path("data/flower_photos"), help="Where the train/test ImageFolder goes."),
     url: str = typer.Option(None, help="Archive URL (default: TensorFlow's flower_photos.tgz)."),
 ):
-    """Download TensorFlow's flower_photos and split it into train/ and test/ (about 15% test, by file-name hash).
+    """Download TensorFlow's flower_photos and split it into train/ and test/ (15% of each class test, by file-name hash).
 
     Example: flowerfeat download --out data/flower_photos
     """
@@ -106,8 +119,9 @@ def download(
 @command(resumable=True)
 def features(
     data: Path = typer.Option(ExtractConfig.data, help=DATA_HELP),
-    out: Path = typer.Option(ExtractConfig.out, help="Root of the caches: <out>/<layer>-<weights>/<split>.h5."),
-    layer: str = typer.Option(ExtractConfig.layer, help=LAYER_HELP),
+    out: Path = typer.Option(ExtractConfig.out, help="Root of the caches: <out>/<model>-<layer>-<weights>/<split>.h5."),
+    model: str = typer.Option(ExtractConfig.model, metavar="MODEL", help=MODEL_HELP),
+    layer: Optional[str] = typer.Option(ExtractConfig.layer, metavar="LAYER", help=LAYER_HELP),
     weights: str = typer.Option(ExtractConfig.weights, help=WEIGHTS_HELP),
     split: Optional[List[str]] = typer.Option(
         None, help=f"Split(s) to extract (repeatable); default {' and '.join(ExtractConfig.splits)}."
@@ -124,16 +138,16 @@ def features(
     workers: Optional[int] = typer.Option(
         ExtractConfig.workers, help="Reader processes beside the trunk; default: auto (README, section GPUs)."
     ),
-    decode: str = typer.Option(
+    decode: Literal[choices.DECODES] = typer.Option(
         ExtractConfig.decode,
         help="auto (gpu on CUDA, else cpu), cpu (PIL in the workers), gpu (nvjpeg: batched JPEG decode on the device) "
         "or hybrid (JPEG decode in the workers, PIL's pixels; resize on the device).",
     ),
-    precision: str = typer.Option(
+    precision: Literal[choices.PRECISIONS] = typer.Option(
         ExtractConfig.precision, help="auto, fp32 or bf16 (auto: bf16 on CUDA or CPUs with native bf16)."
     ),
-    dtype: str = typer.Option(ExtractConfig.dtype, help="Storage dtype of the features: float32 or float16."),
-    compression: str = typer.Option(
+    dtype: Literal[choices.DTYPES] = typer.Option(ExtractConfig.dtype, help="Storage dtype of the features: float32 or float16."),
+    compression: Literal[choices.COMPRESSIONS] = typer.Option(
         ExtractConfig.compression, help="HDF5 filter for the features: none, lzf or gzip (pays for sparse pool5)."
     ),
     views: int = typer.Option(
@@ -141,28 +155,30 @@ def features(
     ),
     view_seed: int = typer.Option(ExtractConfig.view_seed, help="Seed of the augmented views."),
     device: str = typer.Option(ExtractConfig.device, help="auto, cpu, cuda or cuda:N."),
-    strict: bool = typer.Option(ExtractConfig.strict, help="Exit 1 when any image was skipped as unreadable."),
+    strict: bool = typer.Option(ExtractConfig.strict, "--strict", metavar="", help="Exit 1 when any image was skipped as unreadable."),
     compile: bool = typer.Option(
         ExtractConfig.compile,
-        "--compile",
-        help="torch.compile the trunk (1.7x on an H100; compiling costs ~14 s, so for large image sets).",
+        "--compile", metavar="",
+        help="torch.compile the trunk (compiling costs seconds, so for large image sets on CUDA).",
     ),
-    engine: str = typer.Option(ExtractConfig.engine, help=ENGINE_HELP),
+    engine: Literal[choices.ENGINE_CHOICES] = typer.Option(ExtractConfig.engine, help=ENGINE_HELP),
 ):
-    """Extract frozen VGG16 features for every split into HDF5 (resumable; a second run with nothing changed does nothing).
+    """Extract frozen-trunk features for every split into HDF5 (resumable; a second run with nothing changed does nothing).
 
     Example: flowerfeat features --data my_photos --weights vgg16.pth --layer pool5
+    Another model: flowerfeat features --data my_photos --model timm:tf_efficientnet_lite0
     Many GPUs: torchrun --nproc-per-node 8 -m flowerfeat features ...
     """
     import flowerfeat
 
-    options = dict(splits=tuple(split or ExtractConfig.splits), test_fraction=test_fraction)
+    options = dict(model=model, splits=tuple(split or ExtractConfig.splits), test_fraction=test_fraction)
     options.update(batch_size=batch_size, workers=workers)
     options.update(precision=precision, dtype=dtype, compression=compression, views=views, view_seed=view_seed)
     options.update(device=device, decode=decode, strict=strict, compile=compile, engine=engine)
     ExtractConfig(**options)  # every option checked before the reporter starts
     _sigterm_to_interrupt()
-    reporter = _extraction_reporter(show=int(os.environ.get("RANK", "0")) == 0)
+    show = int(os.environ.get("RANK", "0")) == 0
+    reporter = _extraction_reporter(show)
     try:
         with reporter:
             files = flowerfeat.extract(data, out, layer, weights, progress=reporter, **options)
@@ -170,66 +186,18 @@ def features(
         p = reporter.last
         where = f"{p.split} at {p.done}/{p.total} images" if p else "before the first batch"
         _fail(f"interrupted in {where}; finished batches are saved, rerun the same command to resume", 130)
-    if reporter.show:
+    if show:
         _print_results(files.results.values(), strict)
 
 
 def _extraction_reporter(show: bool):
     """Progress for this process: a Rich bar on a terminal, plain lines in a log (stderr not a terminal), nothing on
-    torchrun's other ranks. A context manager: the bar is drawn while it is entered."""
-    from flowerfeat.progress import LineReporter, Reporter, duration
+    torchrun's other ranks."""
+    from flowerfeat.progress import BarReporter, LineReporter, Reporter
 
-    class Quiet(Reporter):
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    class Lines(LineReporter, Quiet):
-        pass
-
-    class Bar(Quiet):
-        def __init__(self):
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-            columns = [
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-            ]
-            self.bar = Progress(*columns, console=Console(stderr=True), transient=True)
-            self.tasks: dict[str, int] = {}
-            self.step = None  # the task showing the step under way
-
-        def __enter__(self):
-            self.bar.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.bar.__exit__(*exc)
-
-        def begin(self, doing):
-            self.step = self.bar.add_task(doing, total=None, rate="")
-
-        def status(self, message):
-            if self.step is not None:
-                self.bar.remove_task(self.step)
-                self.step = None
-            self.bar.console.print(message, highlight=False)
-
-        def update(self, p):
-            super().update(p)
-            if p.split not in self.tasks:
-                self.tasks[p.split] = self.bar.add_task(p.split, total=p.total, rate="")
-            rate = f"{p.rate:.2f} images/s, ETA {duration(p.eta_s)}" if p.rate else "starting"
-            self.bar.update(self.tasks[p.split], completed=p.done, rate=rate)
-
-    reporter = (Bar() if sys.stderr.isatty() else Lines()) if show else Quiet()
-    reporter.show = show
-    return reporter
+    if not show:
+        return Reporter()
+    return BarReporter() if sys.stderr.isatty() else LineReporter()
 
 
 def _print_results(results, strict: bool) -> None:
@@ -270,21 +238,22 @@ def _result_line(r) -> str:
 @command("fit-head")
 def fit_head(
     features: Path = typer.Option(FitConfig.features, help=FEATURES_HELP),
-    layer: Optional[str] = typer.Option(None, help="Pick the training features of this layer: " + LAYER_HELP),
+    model: Optional[str] = typer.Option(None, help=PICK_HELP.format("training features", "model")),
+    layer: Optional[str] = typer.Option(None, help=PICK_HELP.format("training features", "cut")),
     out: Optional[Path] = typer.Option(
         FitConfig.out, help=f"Where the head goes; default {RUNS_DIR}/<the features' folder>/head.pt."
     ),
     epochs: int = typer.Option(FitConfig.epochs, help="Passes over the training features."),
     batch_size: int = typer.Option(FitConfig.batch_size, help="Mini-batch size (the textbook's 20)."),
-    optimizer: str = typer.Option(FitConfig.optimizer, help="adam or sgd (the textbook's, with --lr 0.001)."),
+    optimizer: Literal[choices.OPTIMIZERS] = typer.Option(FitConfig.optimizer, help="adam or sgd (the textbook's, with --lr 0.001)."),
     lr: float = typer.Option(
         FitConfig.lr, help="Learning rate (peak with --schedule cosine); 0 = auto from the features' scale."
     ),
     momentum: float = typer.Option(FitConfig.momentum, help="SGD momentum (the textbook: 0)."),
-    schedule: str = typer.Option(
+    schedule: Literal[choices.SCHEDULES] = typer.Option(
         FitConfig.schedule, help="cosine (decays to 0 over the run) or constant (the textbook's)."
     ),
-    init: str = typer.Option(
+    init: Literal[choices.INITS] = typer.Option(
         FitConfig.init,
         help="ridge (start at the regularised least-squares fit), class-means, or random (the textbook).",
     ),
@@ -296,7 +265,7 @@ def fit_head(
     average: int = typer.Option(
         FitConfig.average, help="Runs averaged into the head, each over another shuffle (k times the training time)."
     ),
-    solver: str = typer.Option(
+    solver: Literal[choices.SOLVERS] = typer.Option(
         FitConfig.solver, help="sgd (mini-batch, uses --optimizer) or lbfgs (full-batch logistic regression)."
     ),
     c: float = typer.Option(FitConfig.C, "--C", help="Inverse L2 strength for --solver lbfgs."),
@@ -314,30 +283,22 @@ def fit_head(
     """
     import flowerfeat
     from flowerfeat.store import find_features
-    from flowerfeat.train import default_head_path
+    from flowerfeat.heads import default_head_path
 
     options = dict(batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, schedule=schedule)
     options.update(init=init, weight_decay=weight_decay, dropout=dropout, average=average, solver=solver, C=c)
     options.update(val_fraction=val_fraction, seed=seed, max_memory=max_memory)
     FitConfig(epochs=epochs, **options)  # every option checked before the features are read
-    train_file = find_features(features, "train", _checked_layer(layer))
+    train_file = find_features(features, "train", layer, model)
     fit = flowerfeat.fit_head  # imported before the clock starts
     t = time.perf_counter()
     head = fit(train_file, epochs, log=typer.echo, **options)
     seconds = time.perf_counter() - t  # all of it: reading, the start, the epochs
     out = head.save(out or default_head_path(train_file))
     typer.echo(
-        f"Saved head to {out} ({head.layer}, {head.weight.shape[1]}-d, {len(head.classes)} classes, fitted on "
+        f"Saved head to {out} ({head.model} {head.layer}, {head.weight.shape[1]}-d, {len(head.classes)} classes, fitted on "
         f"{train_file} in {seconds:.2f} s)"
     )
-
-
-def _checked_layer(layer: str | None) -> str | None:
-    from flowerfeat.config import LAYERS
-
-    if layer is not None and layer not in LAYERS:
-        _fail(f"unknown layer {layer!r}; choose one of: {', '.join(LAYERS)}")
-    return layer
 
 
 @command()
@@ -346,11 +307,12 @@ def report(
         None, help="Test features (file or folder); default: the test.h5 beside the head's training features."
     ),
     head: Path = typer.Option(RUNS_DIR, help=HEAD_HELP),
-    layer: Optional[str] = typer.Option(None, help="Pick the head fitted on this layer: " + LAYER_HELP),
+    model: Optional[str] = typer.Option(None, help=PICK_HELP.format("head fitted on features", "model")),
+    layer: Optional[str] = typer.Option(None, help=PICK_HELP.format("head fitted on features", "cut")),
     figures: Optional[Path] = typer.Option(None, help="Write confusion_matrix.png and samples.png here."),
     errors: Optional[Path] = typer.Option(None, help="Write the misclassified test images to this CSV."),
     as_json: bool = typer.Option(
-        False, "--json", help="Print the metrics as JSON (with averages, provenance, misclassified images)."
+        False, "--json", metavar="", help="Print the metrics as JSON (with averages, provenance, misclassified images)."
     ),
 ):
     """Per-class and overall test accuracy in the textbook's format, then a confusion matrix.
@@ -359,9 +321,9 @@ def report(
     """
     import flowerfeat
     from flowerfeat import report as rep
-    from flowerfeat.train import find_head
+    from flowerfeat.heads import find_head
 
-    ev = flowerfeat.evaluate(find_head(head, _checked_layer(layer)), features)
+    ev = flowerfeat.evaluate(find_head(head, layer, model), features)
     if as_json:
         typer.echo(json.dumps(ev.to_dict(), indent=2))
     else:
@@ -377,13 +339,17 @@ def report(
 def predict(
     paths: List[Path] = typer.Argument(..., help="Image files or folders of images."),
     head: Path = typer.Option(RUNS_DIR, help=HEAD_HELP),
-    layer: Optional[str] = typer.Option(None, help="Pick the head fitted on this layer: " + LAYER_HELP),
+    model: Optional[str] = typer.Option(None, help=PICK_HELP.format("head fitted on features", "model")),
+    layer: Optional[str] = typer.Option(None, help=PICK_HELP.format("head fitted on features", "cut")),
     weights: Optional[str] = typer.Option(None, help="Trunk weights (default: those the head's features came from)."),
     top_k: int = typer.Option(1, help="Classes to show per image."),
     output: Optional[Path] = typer.Option(None, help="Also write the predictions to a .csv or .json file."),
     batch_size: int = typer.Option(ExtractConfig.batch_size, help="Images per trunk batch; 0 = auto, as for features."),
     device: str = typer.Option(ExtractConfig.device, help="auto, cpu, cuda or cuda:N."),
-    engine: str = typer.Option("auto", help="As for features; auto: the engine the head's features were made with."),
+    engine: Literal[choices.ENGINE_CHOICES] = typer.Option("auto", help="As for features; auto: the engine the head's features were made with."),
+    precision: Literal[choices.PRECISIONS] = typer.Option(
+        "auto", help="auto (as the head's features were made), fp32 (as exported models compute) or bf16."
+    ),
 ):
     """Classify new images with the trunk and the trained head: one line per image (path, class, probability).
 
@@ -391,13 +357,13 @@ def predict(
     """
     import flowerfeat
     from flowerfeat.predict import prepare_output, write_predictions
-    from flowerfeat.train import find_head
+    from flowerfeat.heads import find_head
 
     if top_k < 1:
         _fail(f"--top-k must be >= 1, got {top_k}")
     if output is not None:
         prepare_output(output)
-    clf = flowerfeat.Classifier.load(find_head(head, _checked_layer(layer)), weights, device, engine)
+    clf = flowerfeat.Classifier.load(find_head(head, layer, model), weights, device, engine, precision)
     for p in (preds := clf.predict(list(paths), top_k, batch_size)):
         if p.error:
             typer.echo(f"warning: skipped {p.path}: {p.error}", err=True)
@@ -411,9 +377,10 @@ def predict(
 @command()
 def export(
     out: Path = typer.Argument(..., help="Output file: .pth (torchvision), .pt2 (torch.export) or .onnx."),
-    format: str = typer.Option("auto", help="auto (by OUT's suffix), torchvision (fc7 heads), pt2 or onnx."),
+    format: Literal[choices.EXPORT_FORMATS] = typer.Option("auto", help="auto (by OUT's suffix), torchvision (fc7 heads), pt2 or onnx."),
     head: Path = typer.Option(RUNS_DIR, help=HEAD_HELP),
-    layer: Optional[str] = typer.Option(None, help="Pick the head fitted on this layer: " + LAYER_HELP),
+    model: Optional[str] = typer.Option(None, help=PICK_HELP.format("head fitted on features", "model")),
+    layer: Optional[str] = typer.Option(None, help=PICK_HELP.format("head fitted on features", "cut")),
     weights: Optional[str] = typer.Option(None, help="Trunk weights (default: those the head's features came from)."),
 ):
     """Export the trunk and the trained layer as one model that runs without flowerfeat, plus OUT.json (classes,
@@ -422,37 +389,82 @@ def export(
     Example: flowerfeat export data/runs/flowers.pt2 --layer pool5-gap
     """
     from flowerfeat.export import export_model
-    from flowerfeat.train import find_head
+    from flowerfeat.heads import find_head
 
-    done = export_model(find_head(head, _checked_layer(layer)), out, format, weights)
+    done = export_model(find_head(head, layer, model), out, format, weights)
     typer.echo(f"wrote {done.model} ({done.format}) and {done.sidecar}")
 
 
 @command()
 def bench(
     data: Path = typer.Option(ExtractConfig.data, help="ImageFolder to time on."),
-    weights: str = typer.Option(ExtractConfig.weights, help=WEIGHTS_HELP),
-    layer: str = typer.Option(ExtractConfig.layer, help=LAYER_HELP),
+    model: Optional[List[str]] = typer.Option(
+        None, help="MODEL or MODEL@LAYER (repeatable): the first gets the whole bench, the others their engines "
+        f"side by side; default {ExtractConfig.model}.",
+    ),
+    weights: Optional[List[str]] = typer.Option(
+        None, help="Weights for every model (" + WEIGHTS_HELP.rstrip(".") + "), or MODEL=PATH per model (repeatable)."
+    ),
+    layer: Optional[str] = typer.Option(None, help="The first model's layer (or say MODEL@LAYER)."),
     limit: int = typer.Option(64, help="Images to use (80% train, 20% test, spread over the classes)."),
     batch_size: int = typer.Option(
         ExtractConfig.batch_size, help="flowerfeat's batch size; 0 = auto (the naive and textbook loops use 20)."
     ),
     workers: Optional[int] = typer.Option(ExtractConfig.workers, help="flowerfeat's reader processes; default: auto."),
-    precision: str = typer.Option(ExtractConfig.precision, help="flowerfeat's precision: auto, fp32 or bf16."),
-    engine: str = typer.Option(ExtractConfig.engine, help="flowerfeat's engine for (c); every installed one is timed."),
+    precision: Literal[choices.PRECISIONS] = typer.Option(ExtractConfig.precision, help="flowerfeat's precision: auto, fp32 or bf16."),
+    engine: Literal[choices.ENGINE_CHOICES] = typer.Option(ExtractConfig.engine, help="flowerfeat's engine for (c); every installed one is timed."),
     agreement_images: int = typer.Option(8, help="Images for the bf16-vs-fp32 feature agreement (0 skips it)."),
 ):
-    """Time the textbook loop, a naive extraction loop and flowerfeat on the same images; print the ratios.
+    """Time the textbook loop, a naive extraction loop and flowerfeat on the same images, then other models side by
+    side; print the ratios.
 
-    Example: flowerfeat bench --data my_photos --weights vgg16.pth --layer pool5 --limit 200
+    Example: flowerfeat bench --data my_photos --model vgg16@pool5 --model timm:tf_efficientnet_lite0 --limit 200
     """
     from flowerfeat.bench import run_bench
 
-    cfg = ExtractConfig(data=data, weights=weights, layer=layer, batch_size=batch_size, workers=workers)
-    cfg = cfg.replace(precision=precision, engine=engine)
     if limit < 10:
         _fail(f"--limit must be >= 10, got {limit}")
-    run_bench(cfg, limit, agreement_images, log=typer.echo)
+    base = ExtractConfig(data=data, batch_size=batch_size, workers=workers, precision=precision, engine=engine)
+    cfgs = model_configs(base, model or [ExtractConfig.model], weights or [], layer)
+    run_bench(cfgs[0], limit, agreement_images, log=typer.echo, others=tuple(cfgs[1:]))
+
+
+def model_configs(base: ExtractConfig, choices: list[str], weights: list[str], layer: str | None = None):
+    """One ExtractConfig per ``MODEL[@LAYER]``, with its weights from ``MODEL=PATH`` (or one value for all)."""
+    from flowerfeat.backbones import parse_choice
+
+    per_model, common = {}, ExtractConfig.weights
+    for w in weights:
+        name, sep, path = w.partition("=")
+        if sep:
+            per_model[name] = path
+        else:
+            common = w
+    cfgs = []
+    for k, choice in enumerate(choices):
+        name, cut = parse_choice(choice)
+        cfgs.append(base.replace(model=name, layer=cut or (layer if k == 0 else None), weights=per_model.get(name, common)))
+    unknown = sorted(set(per_model) - {c.model for c in cfgs})
+    if unknown:
+        _fail(f"--weights {unknown[0]}=...: no --model {unknown[0]} to give them to")
+    return cfgs
+
+
+@command()
+def models(
+    pattern: Optional[str] = typer.Argument(None, help="Only names matching this shell pattern, e.g. 'resnet*'."),
+    timm: bool = typer.Option(False, "--timm", metavar="", help="List timm's models (with PATTERN: those it matches)."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the list as JSON."),
+):
+    """List the models --model takes: each one's cuts (name and dimension), GFLOPs (multiply-adds per image), ImageNet
+    top-1 where the weights' metadata give it, and whether its weights load offline.
+
+    Example: flowerfeat models 'efficientnet*'; flowerfeat models --timm '*lite*'
+    """
+    from flowerfeat.catalogue import catalogue, catalogue_lines
+
+    rows = catalogue(pattern, timm=timm)
+    typer.echo(json.dumps(rows, indent=2) if as_json else "\n".join(catalogue_lines(rows)))
 
 
 def _print_version(value: bool):
@@ -466,10 +478,11 @@ def _print_version(value: bool):
 @app.callback()
 def _main(
     version: bool = typer.Option(
-        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        False, "--version", metavar="", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
 ):
-    """Transfer learning on cached VGG16 features: extract once, fit the head in a second, report."""
+    """Transfer learning on cached features of a frozen trunk (VGG16 by default): extract once, fit the head in a
+    second, report."""
 
 
 def main():

@@ -8,13 +8,19 @@ from pathlib import Path
 
 from flowerfeat.errors import FlowerfeatError
 
-LAYERS = ("fc7", "fc6", "pool5", "pool5-gap")
+DEFAULT_MODEL = "vgg16"  # the textbook's; `flowerfeat models` lists the others
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = ("float32", "float16")
 ENGINES = ("torch", "onnxruntime")
+ENGINE_CHOICES = ("auto", *ENGINES)
+DECODES = ("auto", "cpu", "gpu", "hybrid")
+COMPRESSIONS = ("none", "lzf", "gzip")
 OPTIMIZERS = ("adam", "sgd")
 SOLVERS = ("sgd", "lbfgs")
-# --batch-size 0 (auto) per device type: 16 measured best on 2 CPU cores, 256 on an H100 (docs/benchmarks.md)
+SCHEDULES = ("cosine", "constant")
+INITS = ("ridge", "class-means", "random")
+EXPORT_FORMATS = ("auto", "torchvision", "pt2", "onnx")
+# --batch-size 0 (auto) per device type: the fastest size measured on each (docs/benchmarks.md has the figures)
 AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 256}
 # Heads go to RUNS_DIR/<the features' folder name>/head.pt unless told otherwise
 RUNS_DIR = Path("data/runs")
@@ -25,14 +31,24 @@ def batch_size_for(device_type: str, batch_size: int) -> int:
     return batch_size or AUTO_BATCH_SIZE["cuda" if device_type == "cuda" else "cpu"]
 
 
+def field_name(name: str) -> str:
+    """A field as both of its readers know it: ``batch_size (--batch-size)``."""
+    return f"{name} (--{name.replace('_', '-')})"
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise FlowerfeatError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+        raise FlowerfeatError(f"unknown {field_name(name)} {value!r}; choose one of: {', '.join(choices)}")
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
-        raise FlowerfeatError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+        raise FlowerfeatError(f"{field_name(name)} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_range(name: str, value: float) -> None:
+    if not 0 <= value < 1:
+        raise FlowerfeatError(f"{field_name(name)} must be in [0, 1), got {value}")
 
 
 @dataclass(frozen=True)
@@ -47,8 +63,10 @@ class ExtractConfig:
 
     data: Path = Path("data/flower_photos")
     out: Path = Path("data/features")
-    layer: str = "fc7"
-    # "imagenet" = torchvision's VGG16_Weights.IMAGENET1K_V1; "none" = seeded random init; else a state-dict path.
+    # vgg16, any torchvision classification model (resnet50, vit_b_16, ...) or timm:<name> (the [timm] extra)
+    model: str = DEFAULT_MODEL
+    layer: str | None = None  # the model's cut; None = its default (vgg16: fc7; others: pre-logits)
+    # "imagenet" = the model's published weights (VGG16: IMAGENET1K_V1); "none" = seeded random init; else a path.
     weights: str = "imagenet"
     splits: tuple[str, ...] = ("train", "test")
     # > 0: carve a test split of this fraction out of a folder without one (flat <class>/ folders, train/ alone, a
@@ -58,8 +76,8 @@ class ExtractConfig:
     workers: int | None = None  # reader processes beside the trunk; None = auto (extraction.default_workers)
     precision: str = "auto"
     dtype: str = "float32"  # storage dtype of the features dataset
-    # HDF5 filter on the features. pool5 rows are ~90 % zeros: lzf stores them 7x smaller for a 30 % slower full
-    # read (docs/benchmarks.md); dense fc6/fc7 rows gain little, so the default is none.
+    # HDF5 filter on the features. Sparse rows (pool5, after a ReLU) compress well at the cost of a slower full
+    # read; dense rows gain little, so the default is none (docs/benchmarks.md has the figures).
     compression: str = "none"
     views: int = 0  # extra augmented views per training image (test splits always get the centre crop only)
     view_seed: int = 0
@@ -70,25 +88,23 @@ class ExtractConfig:
     decode: str = "auto"
     strict: bool = False  # exit non-zero when any image was skipped
     channels_last: bool = True
-    compile: bool = False  # torch.compile the trunk: pays on CUDA for large sets (docs/benchmarks.md)
-    # What runs the trunk on a CPU: "torch" (oneDNN), "onnxruntime" (the [onnx] extra; faster on the CPUs measured,
+    compile: bool = False  # torch.compile the trunk: compiling costs seconds, so it pays on CUDA for large sets
+    # What runs the trunk on a CPU: "torch" (oneDNN), "onnxruntime" (the [onnx] extra; see docs/benchmarks.md,
     # docs/benchmarks.md) or "auto": the engine of the existing cache if it has one, else onnxruntime where it is
     # installed and the run is on the CPU in fp32, else torch.
     engine: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_choice("layer", self.layer, LAYERS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("compression", self.compression, ("none", "lzf", "gzip"))
-        _check_positive("--batch-size", self.batch_size, allow_zero=True)
-        _check_choice("decode", self.decode, ("auto", "cpu", "gpu", "hybrid"))
-        _check_choice("engine", self.engine, ("auto", *ENGINES))
+        _check_choice("compression", self.compression, COMPRESSIONS)
+        _check_positive("batch_size", self.batch_size, allow_zero=True)
+        _check_choice("decode", self.decode, DECODES)
+        _check_choice("engine", self.engine, ENGINE_CHOICES)
         if self.workers is not None:
-            _check_positive("--workers", self.workers, allow_zero=True)
-        _check_positive("--views", self.views, allow_zero=True)
-        if not 0 <= self.test_fraction < 1:
-            raise FlowerfeatError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+            _check_positive("workers", self.workers, allow_zero=True)
+        _check_positive("views", self.views, allow_zero=True)
+        _check_range("test_fraction", self.test_fraction)
         if not self.splits:
             raise FlowerfeatError("no split to extract; pass --split train (or test)")
 
@@ -128,7 +144,7 @@ class FitConfig:
     # its mean feature; "random": nn.Linear's (the textbook's)
     init: str = "ridge"
     weight_decay: float = 0.0
-    # None = auto, from the layer the features were cut at (train.AUTO_DROPOUT): VGG16's own dropout there
+    # None = auto: the dropout the model's own classifier applies at the cut (backbones.Cut.dropout: VGG16 fc7 0.5)
     dropout: float | None = None
     average: int = 1  # runs averaged into the head, each its epochs over another shuffle (steadier, k times the time)
     solver: str = "sgd"  # "sgd" = mini-batch training with --optimizer; "lbfgs" = full-batch logistic regression
@@ -141,21 +157,20 @@ class FitConfig:
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("solver", self.solver, SOLVERS)
-        _check_choice("schedule", self.schedule, ("cosine", "constant"))
-        _check_choice("init", self.init, ("ridge", "class-means", "random"))
-        _check_positive("--epochs", self.epochs)
-        _check_positive("--batch-size", self.batch_size)
-        _check_positive("--lr", self.lr, allow_zero=True)
-        _check_positive("--C", self.C)
-        _check_positive("--momentum", self.momentum, allow_zero=True)
-        _check_positive("--weight-decay", self.weight_decay, allow_zero=True)
-        _check_positive("--max-memory", self.max_memory)
-        _check_positive("--log-every", self.log_every)
-        _check_positive("--average", self.average)
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise FlowerfeatError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.val_fraction < 1:
-            raise FlowerfeatError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("init", self.init, INITS)
+        _check_positive("epochs", self.epochs)
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("lr", self.lr, allow_zero=True)
+        _check_positive("C", self.C)
+        _check_positive("momentum", self.momentum, allow_zero=True)
+        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("max_memory", self.max_memory)
+        _check_positive("log_every", self.log_every)
+        _check_positive("average", self.average)
+        if self.dropout is not None:
+            _check_range("dropout", self.dropout)
+        _check_range("val_fraction", self.val_fraction)
 
     def replace(self, **changes) -> "FitConfig":
         return dataclasses.replace(self, **changes)

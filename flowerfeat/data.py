@@ -164,20 +164,26 @@ def _pick(by_split: dict[str, Split], root: Path, splits, test_fraction: float, 
 
 
 def _name_rank(relpath: str) -> tuple[bytes, str]:
-    """Where a file falls in its class's deterministic order: a hash of its name alone (as `flowerfeat download`
-    splits), so the split does not depend on the folder's location, the machine, or the other files' names."""
+    """Where a file falls in its class's deterministic order: a hash of its name alone, so the split does not depend
+    on the folder's location, the machine, or the other files' names."""
     name = relpath.rsplit("/", 1)[-1]
     return hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest(), relpath
 
 
+def held_out(relpaths: list[str], test_fraction: float) -> set[str]:
+    """The one split rule (``--test-fraction`` and ``flowerfeat download``): of one class's files, the
+    round(test_fraction x n) first by ``_name_rank`` go to test (stratified, repeatable; adding files moves few)."""
+    ranked = sorted(relpaths, key=_name_rank)
+    return set(ranked[: round(test_fraction * len(ranked))])
+
+
 def carve(pool: Split, splits, test_fraction: float) -> dict[str, Split]:
-    """Split ``pool`` into train and test: in every class, round(test_fraction x images) go to test, chosen by
-    ``_name_rank`` (stratified and deterministic; adding images moves few others)."""
+    """Split ``pool`` into train and test, class by class, by ``held_out``."""
     test: set[int] = set()
     for label in range(len(pool.classes)):
         members = [i for i, it in enumerate(pool.items) if it.label == label]
-        members.sort(key=lambda i: _name_rank(pool.items[i].relpath))
-        test.update(members[: round(test_fraction * len(members))])
+        chosen = held_out([pool.items[i].relpath for i in members], test_fraction)
+        test.update(i for i in members if pool.items[i].relpath in chosen)
     parts = {
         "train": tuple(it for i, it in enumerate(pool.items) if i not in test),
         "test": tuple(it for i, it in enumerate(pool.items) if i in test),
@@ -265,6 +271,28 @@ def view_seed(seed: int, relpath: str, view: int) -> int:
     """Seed of one augmented view: depends on the file, not its position, so cached rows stay valid."""
     h = hashlib.sha256(f"{seed}\0{relpath}\0{view}".encode()).digest()
     return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class Augment:
+    """Seeded RandomResizedCrop + horizontal flip on a PIL image (picklable for DataLoader workers)."""
+
+    def __init__(self, crop_size, resize_size):
+        self.crop_size, self.resize_size = list(crop_size), list(resize_size)  # the eval transform's
+
+    def __call__(self, img, seed: int):
+        import torch
+        from torchvision.transforms import RandomResizedCrop
+        from torchvision.transforms import functional as F
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            i, j, h, w = RandomResizedCrop.get_params(img, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+            flip = bool(torch.rand(1) < 0.5)
+        img = F.resized_crop(img, i, j, h, w, self.crop_size)
+        # Brought to the eval transform's resize size, so its resize is a no-op and its centre crop keeps the
+        # middle of the augmented view.
+        img = F.resize(img, self.resize_size)
+        return F.hflip(img) if flip else img
 
 
 class UnitDataset:

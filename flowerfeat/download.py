@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import shutil
 import tarfile
@@ -12,58 +10,55 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
+from flowerfeat.data import held_out
 from flowerfeat.errors import FlowerfeatError
 
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 FLOWERS_BYTES = 228_813_984
-TEST_FRACTION = 0.15  # about 550 of 3,670 images, close to the textbook's 540
-
-
-def is_test(file_name: str, fraction: float = TEST_FRACTION) -> bool:
-    """Deterministic split by a hash of the file name alone: independent of order, machine and Python's hash seed."""
-    h = int.from_bytes(hashlib.sha256(file_name.encode("utf-8", "surrogateescape")).digest()[:8], "big")
-    return h / 2**64 < fraction
+TEST_FRACTION = 0.15  # 550 of 3,670 images, close to the textbook's 540
 
 
 def fetch(url: str, dest: Path, expected_bytes: int | None, on_bytes: Callable[[int, int], None] = lambda d, t: None):
-    """Download ``url`` to ``dest`` (via a temporary file), checking the size when one is expected."""
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or expected_bytes or 0)
-            done = 0
-            while block := r.read(1 << 20):
-                f.write(block)
-                done += len(block)
-                on_bytes(done, total)
-    except OSError as e:  # URLError, timeouts, refused connections: all "offline" to the user
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise FlowerfeatError(
-            f"could not download {url} ({getattr(e, 'reason', e)}); offline, put an ImageFolder with "
-            "train/<class>/ and test/<class>/ in place by hand and pass --data DIR"
-        ) from None
-    if expected_bytes is not None and done != expected_bytes:
-        tmp.unlink()
-        raise FlowerfeatError(
-            f"{url}: got {done:,} bytes, expected {expected_bytes:,}; the download was cut short, retry"
-        )
-    os.replace(tmp, dest)
+    """Download ``url`` to ``dest`` (under a temporary name until complete), checking the size when one is expected."""
+    from flowerfeat.store import atomic_path
+
+    with atomic_path(dest) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                total = int(r.headers.get("Content-Length") or expected_bytes or 0)
+                done = 0
+                while block := r.read(1 << 20):
+                    f.write(block)
+                    done += len(block)
+                    on_bytes(done, total)
+        except OSError as e:  # URLError, timeouts, refused connections: all "offline" to the user
+            raise FlowerfeatError(
+                f"could not download {url} ({getattr(e, 'reason', e)}); offline, put an ImageFolder with "
+                "train/<class>/ and test/<class>/ in place by hand and pass --data DIR"
+            ) from None
+        if expected_bytes is not None and done != expected_bytes:
+            raise FlowerfeatError(
+                f"{url}: got {done:,} bytes, expected {expected_bytes:,}; the download was cut short, retry"
+            )
+
+
+def _inside(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's "data" filter (nothing outside ``dest``, no links out, no devices), which would strip a leading '/'
+    and extract the member anyway: an absolute name is refused too."""
+    if member.name.startswith(("/", os.sep)):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, dest)
 
 
 def safe_extract(archive: Path, target: Path) -> None:
-    """Unpack a .tgz, refusing any member that would land outside ``target`` (absolute paths, '..', links)."""
-    target = target.resolve()
+    """Unpack a .tgz, refusing any member that would land outside ``target`` (absolute paths, '..', links out)."""
     try:
         with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            for m in members:
-                dest = (target / m.name).resolve()
-                if not dest.is_relative_to(target) or m.issym() or m.islnk() or not (m.isfile() or m.isdir()):
-                    raise FlowerfeatError(
-                        f"{archive}: unsafe archive member {m.name!r} refused; the archive is not the flowers set"
-                    )
-            tar.extractall(target, members=members, filter="data")
+            tar.extractall(target, filter=_inside)
+    except tarfile.FilterError as e:
+        raise FlowerfeatError(
+            f"{archive}: unsafe archive member {e.tarinfo.name!r} refused; the archive is not the flowers set"
+        ) from None
     except tarfile.TarError as e:
         raise FlowerfeatError(
             f"{archive}: not a readable .tgz ({e}); delete it and rerun `flowerfeat download`"
@@ -77,10 +72,10 @@ def layout(extracted: Path, out: Path, fraction: float = TEST_FRACTION) -> dict[
     if not classes:
         raise FlowerfeatError(f"{extracted}: archive holds no class folders")
     for cls in classes:
-        for f in sorted((extracted / cls).iterdir()):
-            if not f.is_file():
-                continue
-            split = "test" if is_test(f.name, fraction) else "train"
+        files = sorted(f for f in (extracted / cls).iterdir() if f.is_file())
+        test = held_out([f.name for f in files], fraction)
+        for f in files:
+            split = "test" if f.name in test else "train"
             (out / split / cls).mkdir(parents=True, exist_ok=True)
             os.replace(f, out / split / cls / f.name)
             counts[split] += 1

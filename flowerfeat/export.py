@@ -1,6 +1,6 @@
-"""Export a head with the trunk that made its features as a model that runs without flowerfeat: torchvision's VGG16
-state dict (fc7 heads), a ``torch.export`` program or ONNX (any layer), each with a JSON of classes and the
-preprocessing beside it."""
+"""Export a head with the trunk that made its features as a model that runs without flowerfeat: a torchvision state
+dict (heads on a torchvision model's last-layer input: VGG16 fc7, any model's pre-logits), a ``torch.export`` program
+or ONNX (any model and layer), each with a JSON of classes and the preprocessing beside it."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flowerfeat import backbone, store
+from flowerfeat import store
+from flowerfeat.backbones import get_backbone
 from flowerfeat.errors import FlowerfeatError
-from flowerfeat.predict import weights_for
-from flowerfeat.train import Head
+from flowerfeat.heads import Head, LinearHead
+from flowerfeat.predict import TrunkSpec, weights_for
 
 FORMATS = {".pth": "torchvision", ".pt2": "pt2", ".onnx": "onnx"}  # suffix -> format
 ONNX_MODULES = ("onnx", "onnxscript")  # what torch.onnx.export needs; onnxruntime runs the result
@@ -33,16 +34,13 @@ class Exported:
 
 
 class ExportedClassifier(nn.Module):
-    """The trunk cut plus the trained layer, in eval mode: (B, 3, 224, 224) images, preprocessed as the JSON says,
+    """The trunk cut plus the trained head, in eval mode: (B, 3, H, W) images, preprocessed as the JSON says,
     -> (B, C) class probabilities."""
 
-    def __init__(self, trunk: nn.Module, head: Head):
+    def __init__(self, trunk: nn.Module, head: LinearHead):
         super().__init__()
         self.trunk = trunk
-        self.classifier = nn.Linear(head.weight.shape[1], head.weight.shape[0])  # the new classifier[6]
-        with torch.no_grad():
-            self.classifier.weight.copy_(head.weight)
-            self.classifier.bias.copy_(head.bias)
+        self.classifier = head  # the new last layer (for VGG16 fc7, classifier[6])
         self.eval().requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,10 +62,12 @@ def choose_format(out: Path, fmt: str | None) -> str:
 
 def check_exportable(head: Head, fmt: str) -> None:
     """Refuse what cannot be exported before anything else is asked for (weights, time)."""
-    if fmt == "torchvision" and head.layer != "fc7":
+    backbone = get_backbone(head.model)
+    whole = {"vgg16": "fc7"}.get(head.model, "pre-logits")  # the cut whose head is the model's own last layer
+    if fmt == "torchvision" and (backbone.family != "torchvision" or head.layer != whole):
         raise FlowerfeatError(
-            f"the head was trained on {head.layer} features; only an fc7 head is VGG16's classifier[6] "
-            "(export it with --format pt2 or onnx, or re-extract with --layer fc7 and refit)"
+            f"the head was trained on {head.model} {head.layer} features; a torchvision state dict holds heads on a "
+            f"torchvision model's last-layer input (vgg16 fc7, others pre-logits): export it with --format pt2 or onnx"
         )
     missing = [m for m in ONNX_MODULES if fmt == "onnx" and importlib.util.find_spec(m) is None]
     if missing:
@@ -83,50 +83,48 @@ def export_model(
 
     Example::
 
-        flowerfeat.export_model("data/runs/pool5-gap-imagenet/head.pt", "flowers.pt2")
+        flowerfeat.export_model("data/runs/vgg16-pool5-gap-imagenet/head.pt", "flowers.pt2")
         # elsewhere, without flowerfeat:
         model = torch.export.load("flowers.pt2").module()
-        probabilities = model(images)  # (B, 3, 224, 224) preprocessed as flowers.json says
+        probabilities = model(images)  # (B, 3, H, W) preprocessed as flowers.json says
     """
     head = head if isinstance(head, Head) else Head.load(head)
     out = Path(out)
     fmt = choose_format(out, fmt)
     check_exportable(head, fmt)
-    info, weights_arg = weights_for(head, weights)
+    spec = weights_for(head, weights)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "torchvision":
-        _write_torchvision(head, info, weights_arg, out)
+        _write_torchvision(head, spec, out)
     else:
-        model = ExportedClassifier(backbone.build_trunk(info, head.layer, weights_arg), head)
-        (_write_pt2 if fmt == "pt2" else _write_onnx)(model, out)
+        model = ExportedClassifier(spec.build(), head.module)
+        (_write_pt2 if fmt == "pt2" else _write_onnx)(model, out, spec.input_shape)
     sidecar = out.with_suffix(".json")
-    sidecar.write_text(json.dumps(_description(head, out, fmt), indent=2) + "\n")
+    sidecar.write_text(json.dumps(_description(head, out, fmt, spec.input_shape), indent=2) + "\n")
     return Exported(out, sidecar, fmt)
 
 
-def _example() -> tuple[torch.Tensor, dict]:
+def _example(input_shape: tuple[int, int, int]) -> tuple[torch.Tensor, dict]:
     """A batch to trace with, and a batch size left free."""
-    return torch.zeros(2, 3, 224, 224), {"x": {0: torch.export.Dim.DYNAMIC}}
+    return torch.zeros(2, *input_shape), {"x": {0: torch.export.Dim.DYNAMIC}}
 
 
-def _write_torchvision(head: Head, info: backbone.WeightsInfo, weights_arg: str, out: Path) -> None:
-    state = backbone.load_vgg16(info, "fc7", weights_arg).state_dict()
-    state["classifier.6.weight"] = head.weight.detach().clone()  # (C, 4096)
-    state["classifier.6.bias"] = head.bias.detach().clone()  # (C,)
+def _write_torchvision(head: Head, spec: TrunkSpec, out: Path) -> None:
+    state = spec.backbone.torchvision_state(spec.weights, spec.cut, head)
     with store.atomic_path(out) as tmp:
         torch.save(state, tmp)
 
 
-def _write_pt2(model: nn.Module, out: Path) -> None:
-    x, dynamic = _example()
+def _write_pt2(model: nn.Module, out: Path, input_shape) -> None:
+    x, dynamic = _example(input_shape)
     with torch.no_grad():
         program = torch.export.export(model, (x,), dynamic_shapes=dynamic)
     with store.atomic_path(out) as tmp:
         torch.export.save(program, tmp)
 
 
-def _write_onnx(model: nn.Module, out: Path) -> None:
-    x, dynamic = _example()
+def _write_onnx(model: nn.Module, out: Path, input_shape) -> None:
+    x, dynamic = _example(input_shape)
     with store.atomic_path(out) as tmp, contextlib.redirect_stdout(io.StringIO()):  # its progress lines
         torch.onnx.export(
             model,
@@ -136,14 +134,14 @@ def _write_onnx(model: nn.Module, out: Path) -> None:
             dynamic_shapes=dynamic,
             input_names=["image"],
             output_names=["probabilities"],
-            external_data=False,  # one file: VGG16 is well under ONNX's 2 GB limit
+            external_data=False,  # one file: ONNX's limit is 2 GB (VGG16 is 0.5 GB)
         )
 
 
-def _description(head: Head, out: Path, fmt: str) -> dict:
+def _description(head: Head, out: Path, fmt: str, input_shape) -> dict:
     """The JSON beside the model: what goes in, what comes out, how to load it, where it came from."""
     load = {
-        "torchvision": f"m = torchvision.models.vgg16(num_classes={len(head.classes)}); "
+        "torchvision": f"m = torchvision.models.get_model('{head.model}', num_classes={len(head.classes)}); "
         f"m.load_state_dict(torch.load('{out.name}')); m.eval()  # outputs logits",
         "pt2": f"m = torch.export.load('{out.name}').module()  # outputs probabilities",
         "onnx": f"s = onnxruntime.InferenceSession('{out.name}'); s.run(None, {{'image': x}})  # probabilities",
@@ -153,9 +151,10 @@ def _description(head: Head, out: Path, fmt: str) -> dict:
         "model": out.name,
         "load": load,
         "classes": head.classes,
-        "input": {"name": "image", "shape": ["batch", 3, 224, 224], "dtype": "float32"},
+        "input": {"name": "image", "shape": ["batch", *input_shape], "dtype": "float32"},
         "output": {"shape": ["batch", len(head.classes)], "is": "logits" if fmt == "torchvision" else "probabilities"},
         "preprocessing": head.meta["features"]["preprocessing"],
+        "model": head.model,
         "layer": head.layer,
         "weights": head.meta["features"]["weights"],
         "metrics": head.metrics,

@@ -25,14 +25,16 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from flowerfeat import FORMAT_VERSION, __version__, store
-from flowerfeat.backbone import FEATURE_DIMS, Augment, WeightsInfo, preprocessing, trunk_rows
+from flowerfeat import FORMAT_VERSION, __version__, runtime, store
+from flowerfeat.backbones import Backbone, Cut, Preprocessing, get_backbone
 from flowerfeat.config import ExtractConfig, batch_size_for
-from flowerfeat.data import Split, UnitDataset, collate_units, scan_data
+from flowerfeat.data import Augment, Split, UnitDataset, collate_units, scan_data
+from flowerfeat.runtime import trunk_rows
+from flowerfeat.weights import WeightsInfo
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.progress import LineReporter, Progress, Reporter
 
-PREP_THREADS = 2  # threads preparing GPU-decoded batches: 12 % faster than 1 alone, 3-4 no faster (docs/benchmarks.md)
+PREP_THREADS = 2  # threads preparing GPU-decoded batches: the fastest count measured (docs/benchmarks.md)
 
 
 def decode_plan(decode: str, device: torch.device) -> tuple[str, str]:
@@ -71,6 +73,7 @@ class SplitResult:
     read_s: float = 0.0
     compute_s: float = 0.0
     write_s: float = 0.0
+    trunk_s: float = 0.0  # building the trunk (weights, engine), when this split was the first to need it
     loop_s: float = 0.0  # the extraction loop, workers' start included
     finish_s: float = 0.0  # merging the shard log into the finished file
 
@@ -102,8 +105,11 @@ def dist_from_env() -> tuple[Dist, Callable[[], None]]:
 class Setup:
     """What an extraction works out once for all its splits: whose features, and how the trunk runs."""
 
+    backbone: Backbone
+    cut: Cut
     weights: WeightsInfo
-    folder: Path  # where the split files go: <out>/<layer>-<weights tag>
+    preprocessing: Preprocessing  # the weights' own
+    folder: Path  # where the split files go: <out>/<model>-<cut>-<weights tag>
     feature_dim: int
     precision: str  # fp32 or bf16
     engine: str  # what runs the trunk: torch or onnxruntime
@@ -112,7 +118,7 @@ class Setup:
     decoder: str  # what makes the pixels: pil, nvjpeg or libjpeg
     batch_size: int
     workers: int
-    transform: Callable  # PIL image -> normalised (3, 224, 224) tensor, the weights' own
+    transform: Callable  # PIL image -> normalised (3, H, W) tensor, the weights' own
     augment: Augment
     get_trunk: Callable[[], torch.nn.Module]  # built on first use, so an up-to-date run never loads weights
 
@@ -120,24 +126,26 @@ class Setup:
 def resolve_setup(
     cfg: ExtractConfig, dist: Dist = Dist(), trunk: torch.nn.Module | None = None, reporter: Reporter | None = None
 ) -> Setup:
-    """Resolve weights, device, precision, decoder, batch size and readers for ``cfg``; nothing is loaded yet.
+    """Resolve the model, its cut, weights, device, precision, decoder, batch size and readers for ``cfg``; nothing
+    is loaded yet (an unknown model, cut or weights file is refused here, before anything is written).
 
-    ``trunk`` replaces the VGG16 trunk (tests hand in a small network); it must carry ``feature_dim`` and an
+    ``trunk`` replaces the model's trunk (tests hand in a small network); it must carry ``feature_dim`` and an
     ``identity`` string, which stands in for the weights' identity in the fingerprint.
     """
-    from flowerfeat import backbone
-
+    backbone = get_backbone(cfg.model)
+    cut = backbone.cut(cfg.layer)
     if trunk is None:
-        winfo, feature_dim = backbone.resolve_weights(cfg.weights), FEATURE_DIMS[cfg.layer]
+        winfo, feature_dim = backbone.resolve_weights(cfg.weights), cut.dim
     else:
-        winfo, feature_dim = WeightsInfo("custom", trunk.identity, ""), int(trunk.feature_dim)
-    device = backbone.resolve_device(cfg.device)
+        winfo, feature_dim = WeightsInfo("custom", trunk.identity), int(trunk.feature_dim)
+    pre = backbone.preprocessing(winfo)
+    device = runtime.resolve_device(cfg.device)
     if dist.world > 1 and device.type == "cuda":
         device = torch.device("cuda", dist.rank % torch.cuda.device_count())
     mode, decoder = decode_plan(cfg.decode, device)
-    folder = store.cache_dir(cfg.out, cfg.layer, winfo.tag)
-    precision = backbone.resolve_precision(cfg.precision, device)
-    engine = backbone.resolve_engine(cfg.engine, device, precision, _cache_engine(folder, cfg.splits))
+    folder = store.cache_dir(cfg.out, backbone.folder_name, cut.name, winfo.tag)
+    precision = runtime.resolve_precision(cfg.precision, device)
+    engine = runtime.resolve_engine(cfg.engine, device, precision, _cache_engine(folder, cfg.splits))
     built: list[torch.nn.Module] = []
 
     def get_trunk() -> torch.nn.Module:
@@ -145,21 +153,16 @@ def resolve_setup(
             t = trunk
             if t is None:
                 what = "random init" if winfo.kind == "none" else winfo.name
-                with (reporter or Reporter()).stage(f"loading weights ({what})"):
-                    t = backbone.build_trunk(winfo, cfg.layer, cfg.weights)
-            if engine != "torch":
-                with (reporter or Reporter()).stage(f"preparing the {engine} engine"):
-                    t = backbone.on_engine(t, engine)
-            t = t.to(device)
-            if cfg.channels_last:
-                t = t.to(memory_format=torch.channels_last)
-            if cfg.compile:  # 1.7x on the trunk alone on an H100; compiles on the first batch (docs/benchmarks.md)
-                t = torch.compile(t)
-            built.append(t)
+                with (reporter or Reporter()).stage(f"loading {backbone.name} weights ({what})"):
+                    t = backbone.build(winfo, cut.name)
+            built.append(_on_device(t, cfg, engine, device, pre, reporter))
         return built[0]
 
     return Setup(
+        backbone=backbone,
+        cut=cut,
         weights=winfo,
+        preprocessing=pre,
         folder=folder,
         feature_dim=feature_dim,
         precision=precision,
@@ -169,10 +172,23 @@ def resolve_setup(
         decoder=decoder,
         batch_size=batch_size_for(device.type, cfg.batch_size),
         workers=cfg.workers if cfg.workers is not None else default_workers(mode, device),
-        transform=backbone.build_transform(),
-        augment=backbone.Augment(),
+        transform=pre.transform(),
+        augment=Augment(pre.crop_size, pre.resize_size),
         get_trunk=get_trunk,
     )
+
+
+def _on_device(t, cfg: ExtractConfig, engine: str, device, pre: Preprocessing, reporter) -> torch.nn.Module:
+    """The trunk as ``engine`` runs it on ``device``: channels-last and compiled where asked."""
+    if engine != "torch":
+        with (reporter or Reporter()).stage(f"preparing the {engine} engine"):
+            t = runtime.on_engine(t, engine, pre.input_shape)
+    t = t.to(device)
+    if cfg.channels_last:
+        t = t.to(memory_format=torch.channels_last)
+    if cfg.compile:  # pays on CUDA for large sets; compiles on the first batch (docs/benchmarks.md)
+        t = torch.compile(t)
+    return t
 
 
 def _cache_engine(folder: Path, splits) -> str | None:
@@ -210,12 +226,14 @@ def split_meta(cfg: ExtractConfig, split: Split, setup: Setup) -> dict:
         "format_version": FORMAT_VERSION,
         "split": split.name,
         "classes": list(split.classes),
-        "layer": cfg.layer,
+        "model": setup.backbone.name,
+        "layer": setup.cut.name,
         "feature_dim": setup.feature_dim,
+        "cut_dropout": setup.cut.dropout,
         "weights": setup.weights.identity,
         "weights_sha256": setup.weights.sha256,
         "weights_path": setup.weights.path,  # where the file was, so predict and export find it again
-        "preprocessing": preprocessing(),
+        "preprocessing": setup.preprocessing.to_dict(),
         "precision": setup.precision,
         "engine": setup.engine,
         "decoder": setup.decoder,
@@ -223,7 +241,6 @@ def split_meta(cfg: ExtractConfig, split: Split, setup: Setup) -> dict:
         "compression": cfg.compression,
         "views": n_views,
         "view_seed": cfg.view_seed if n_views else 0,
-        "num_images": len(split.items),
         "layout": split.layout,
         "test_fraction": split.test_fraction,
         "data_root": str(Path(split.root).resolve()),
@@ -237,21 +254,19 @@ def split_meta(cfg: ExtractConfig, split: Split, setup: Setup) -> dict:
 
 @dataclass(frozen=True)
 class Previous:
-    """The finished file a split's rows may be reused from: this folder's, or where an earlier version kept it."""
+    """The finished file a split's rows may be reused from."""
 
     path: Path | None
-    meta: dict | None  # None: no file, or one that cannot be used (corrupt, unfinished): rebuilt
-    moved: bool = False  # the file sits in the single-folder layout of earlier versions (<out>/<split>.h5)
+    meta: dict | None  # None: no file, or one that cannot be used (corrupt, unfinished, older format): rebuilt
 
     @classmethod
-    def find(cls, final: Path, legacy: Path) -> Previous:
-        for path, moved in ((final, False), (legacy, True)):
-            if path.is_file():
-                try:
-                    return cls(path, store.read_meta(path), moved)
-                except FlowerfeatError:
-                    return cls(path, None, moved)
-        return cls(None, None)
+    def find(cls, final: Path) -> Previous:
+        if not final.is_file():
+            return cls(None, None)
+        try:
+            return cls(final, store.read_meta(final))
+        except FlowerfeatError:
+            return cls(final, None)
 
 
 def _reusable_rows(prev: Previous, meta: dict, split: Split) -> tuple[dict[int, int], str, int]:
@@ -449,21 +464,21 @@ def extract_split(
     t_start = time.perf_counter()
     final = setup.folder / f"{split.name}.h5"
     meta = split_meta(cfg, split, setup)
-    prev = Previous.find(final, legacy=Path(cfg.out) / f"{split.name}.h5")
-    if not prev.moved and prev.meta is not None and prev.meta.get("fingerprint") == meta["fingerprint"]:
+    prev = Previous.find(final)
+    if prev.meta is not None and prev.meta.get("fingerprint") == meta["fingerprint"]:
         return SplitResult(
             split=split.name,
             path=final,
             status="up to date",
             reason="fingerprint matches",
-            rows=int(prev.meta["num_rows"]),
+            rows=store.count_rows(final),
             computed=0,
             skipped=store.read_skipped(final),
         )
     reuse, reason, removed = _reusable_rows(prev, meta, split)
-    if prev.moved and reuse:
-        reason = f"copied the rows of {prev.path} into {setup.folder.name}/"
+    t_trunk = time.perf_counter()
     setup.get_trunk()  # built (and its weights checked) before anything is written
+    t_trunk = time.perf_counter() - t_trunk
     n_units = len(split.items) * (1 + meta["views"])
     partial_root = final.with_name(final.name + ".partial")
     header = _shard_header(meta, setup.batch_size, n_units - len(reuse), dist)
@@ -474,6 +489,7 @@ def extract_split(
         reason += f"; discarded {log.discarded}"
     result = SplitResult(split=split.name, path=final, status=status, reason=reason, rows=0, computed=plan.computed)
     result.reused, result.removed, result.done_before = len(reuse), removed, plan.done_before - len(reuse)
+    result.trunk_s = t_trunk
     reporter = reporter or Reporter()
     if plan.resume_at or reuse:
         reporter.status(f"{split.name}: {plan.done_before:,} of {plan.total:,} images already done ({reason})")
@@ -580,7 +596,7 @@ def _finish(final: Path, previous, meta: dict, split: Split, reuse: dict, partia
     ]
     old = h5py.File(previous, "r") if reuse else None
     try:
-        meta = {**meta, "num_rows": len(order), "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+        meta = {**meta, "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}
         blocks = _row_blocks([sources[u] for u in order], shards, old, meta)
         store.write_feature_file(final, meta, len(order), blocks, columns, skipped)
     finally:
@@ -613,16 +629,19 @@ def run_extraction(
     reporter: Reporter | None = None,
     dist: Dist = Dist(),
     trunk: torch.nn.Module | None = None,
+    splits: dict[str, Split] | None = None,
 ) -> list[SplitResult]:
-    """Extract every split of ``cfg``; ``trunk`` replaces the VGG16 trunk (see ``resolve_setup``)."""
+    """Extract every split of ``cfg`` (or the ``splits`` given, already scanned: a subset, for benchmarks);
+    ``trunk`` replaces the model's trunk (see ``resolve_setup``)."""
     reporter = reporter or Reporter()
     out = Path(cfg.out)
     store.check_writable(out)
-    with reporter.stage(f"scanning {cfg.data}") as found:
-        splits = scan_data(Path(cfg.data), cfg.splits, cfg.test_fraction)  # structural errors stop here
-        found.append(" + ".join(f"{len(s.items):,} {name}" for name, s in splits.items()) + " images")
-        found.append(f"{len(splits[cfg.splits[0]].classes)} classes")
-    setup = resolve_setup(cfg, dist, trunk, reporter)
+    setup = resolve_setup(cfg, dist, trunk, reporter)  # an unknown model, cut or weights file stops here
+    if splits is None:
+        with reporter.stage(f"scanning {cfg.data}") as found:
+            splits = scan_data(Path(cfg.data), cfg.splits, cfg.test_fraction)  # structural errors stop here
+            found.append(" + ".join(f"{len(s.items):,} {name}" for name, s in splits.items()) + " images")
+            found.append(f"{len(splits[cfg.splits[0]].classes)} classes")
     if setup.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest convolutions
     setup.folder.mkdir(parents=True, exist_ok=True)
@@ -669,18 +688,20 @@ def extract(
     trunk: torch.nn.Module | None = None,
     **options,
 ) -> Extraction:
-    """Run the frozen VGG16 trunk once over every split of ``data`` and cache the features in HDF5.
+    """Run a frozen trunk (``model``, VGG16 by default, cut at ``layer``) once over every split of ``data`` and cache
+    the features in HDF5.
 
-    ``options`` are ``ExtractConfig``'s other fields (``splits``, ``batch_size``, ``views``, ``dtype``,
+    ``options`` are ``ExtractConfig``'s other fields (``model``, ``splits``, ``batch_size``, ``views``, ``dtype``,
     ``device``, ...). Resumable and fingerprinted as ``flowerfeat features``: a second call with nothing changed
     does nothing, an interrupted one (Ctrl-C, a kernel interrupt) resumes at its last committed batch, unreadable
     images are skipped and recorded. ``progress=True`` prints plain progress lines to stderr; a ``Reporter`` gets
-    every event. ``trunk`` stands in for VGG16 (tests hand in a tiny network). Under torchrun each rank takes its
+    every event. ``trunk`` stands in for the model's trunk (tests hand in a tiny network). Under torchrun each rank takes its
     share. Raises ``FlowerfeatError`` with a one-line message for bad input.
 
     Example::
 
         files = flowerfeat.extract("data/flower_photos", layer="pool5-gap", weights="vgg16_features.pth")
+        files = flowerfeat.extract("data/flower_photos", model="resnet50")   # its pooled pre-logits
         tr = flowerfeat.load_features(files["train"])
     """
     fields = {f.name for f in dataclasses.fields(ExtractConfig)}

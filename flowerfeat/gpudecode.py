@@ -202,7 +202,7 @@ def collate_raw(batch: list[Sample]) -> RawBatch:
 
 
 class GpuPreprocess:
-    """Turn a RawBatch into (normalised (B, 3, 224, 224) tensor on ``device``, unit ids, skipped), as transforms()
+    """Turn a RawBatch into (normalised (B, 3, H, W) tensor on ``device``, unit ids, skipped), as transforms()
     would: from libjpeg's pixels (hybrid) PIL's images up to PIL's fixed-point resize weights; nvjpeg's pixels
     differ slightly from libjpeg's (scripts/gpu_check.sh measures the agreement with the PIL path).
 
@@ -220,6 +220,9 @@ class GpuPreprocess:
         self.std = torch.tensor(transform.std, device=device).view(1, 3, 1, 1) * 255
         if len(self.resize) != 1:  # transforms() resizes the shorter side to one size
             raise ValueError(f"expected one resize size, got {self.resize}")
+        self.mode = transform.interpolation.value  # the model's own: bilinear (VGG16) or bicubic (EfficientNets)
+        if self.mode not in ("bilinear", "bicubic"):  # torch's antialiased kernels match PIL's for these two
+            raise ValueError(f"no device resize for {self.mode} interpolation; use --decode cpu")
         self.chunk_pixels = chunk_pixels
         self._local = threading.local()  # each preparing thread's CUDA stream
 
@@ -309,7 +312,7 @@ class GpuPreprocess:
         return t.pin_memory().to(self.device, non_blocking=True)
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
-        """(g, 3, H, W) uint8 images of one size -> (g, 3, 224, 224) floats in 0..255: transforms()'s resize of the
+        """(g, 3, H, W) uint8 images of one size -> (g, 3, crop) floats in 0..255: transforms()'s resize of the
         shorter side and centre crop as PIL does them, the horizontal pass then the vertical, each rounded to 8 bits
         (rounding the float result once left a quarter of a grey level on every value: cosine 0.995 at pool5 on
         some real photos, docs/benchmarks.md)."""
@@ -319,7 +322,7 @@ class GpuPreprocess:
         x = x.float()
         for size in ((h, nw), (nh, nw)):  # at an unchanged size PIL skips the pass (bilinear would be the identity)
             if size != tuple(x.shape[-2:]):
-                x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+                x = torch.nn.functional.interpolate(x, size=size, mode=self.mode, antialias=True, align_corners=False)
                 x = (x + 0.5).floor_().clamp_(0, 255)  # PIL's rounding: half up, clipped to 8 bits
         (ch, cw) = self.crop
         top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))

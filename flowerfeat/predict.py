@@ -11,18 +11,37 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from flowerfeat import backbone, store
+from flowerfeat import runtime, store
+from flowerfeat.backbones import Backbone, get_backbone
 from flowerfeat.config import batch_size_for
-from flowerfeat.data import IMAGE_EXTENSIONS, BadImage, to_rgb, load_image
+from flowerfeat.data import IMAGE_EXTENSIONS, BadImage, load_image, to_rgb
 from flowerfeat.errors import FlowerfeatError
-from flowerfeat.train import Head
+from flowerfeat.heads import Head
+from flowerfeat.weights import WeightsInfo, sha256_file
 
 
-def weights_for(ck: Head, weights: str | None) -> tuple[backbone.WeightsInfo, str]:
-    """The trunk weights the head's features came from: ``weights`` when given, else found from the head's record
-    (torchvision's own for imagenet; a file at its recorded path with its recorded sha256). Other weights are
-    refused with one line, before anything is loaded."""
+@dataclass(frozen=True)
+class TrunkSpec:
+    """The trunk a head's features came from: the model, its cut, the weights found for it."""
+
+    backbone: Backbone
+    cut: str
+    weights: WeightsInfo
+
+    def build(self) -> torch.nn.Module:
+        return self.backbone.build(self.weights, self.cut)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.backbone.preprocessing(self.weights).input_shape
+
+
+def weights_for(ck: Head, weights: str | None) -> TrunkSpec:
+    """The trunk the head's features came from: its model and cut from the head's record, ``weights`` when given,
+    else found from the record (the model's published ones for imagenet; a file at its recorded path with its
+    recorded sha256). Other weights or preprocessing are refused with one line, before anything is loaded."""
     record = ck.meta["features"]
+    backbone = get_backbone(record["model"])
     want = record["weights"]
     if weights is None:
         weights = _remembered_weights(record)
@@ -33,21 +52,21 @@ def weights_for(ck: Head, weights: str | None) -> tuple[backbone.WeightsInfo, st
             f"--weights {weights} is {info.identity[:70]}, but the head was trained on features from {want[:70]}; "
             "pass the same weights"
         )
-    if record["preprocessing"] != backbone.preprocessing():
+    if record["preprocessing"] != backbone.preprocessing(info).to_dict():
         raise FlowerfeatError("the head was trained on features with other preprocessing; re-extract and refit it")
-    return info, weights
+    return TrunkSpec(backbone, record["layer"], info)
 
 
 def _remembered_weights(record: dict) -> str:
     """The --weights value that reproduces the head's trunk, from its record; a one-line error when the file moved."""
     want = record["weights"]
-    if want.startswith("torchvision:"):
+    if want.startswith(("torchvision:", "timm:")):
         return "imagenet"
     if want.startswith("none:"):
         return "none"
     name, sha, path = want.split(":")[1], record.get("weights_sha256") or "", record.get("weights_path") or ""
     if path and Path(path).is_file():
-        if backbone.sha256_file(Path(path)) == sha:
+        if sha256_file(Path(path)) == sha:
             return path
         where = f"; {path} has changed since"
     else:
@@ -99,28 +118,38 @@ class Classifier:
 
     Example::
 
-        clf = flowerfeat.Classifier.load("data/runs/fc7-imagenet/head.pt")
+        clf = flowerfeat.Classifier.load("data/runs/vgg16-fc7-imagenet/head.pt")
         for p in clf.predict(["rose.jpg", "daisy.jpg"], top_k=2):
             print(p.path, p.label, p.probability)
     """
 
-    def __init__(self, head: Head, trunk_weights: tuple[backbone.WeightsInfo, str], device: torch.device, engine: str):
-        self.head, self.trunk_weights, self.device, self.engine = head, trunk_weights, device, engine
+    def __init__(self, head: Head, spec: TrunkSpec, device: torch.device, engine: str, precision: str):
+        self.head, self.spec, self.device, self.engine, self.precision = head, spec, device, engine, precision
         self._trunk: torch.nn.Module | None = None  # built on the first predict, after the inputs are checked
-        self._transform = backbone.build_transform()  # the weights' own preprocessing, as at extraction
+        self._transform = spec.backbone.preprocessing(spec.weights).transform()  # as at extraction
+        self._head = head.module.to(device).eval()
 
     @classmethod
     def load(
-        cls, head: str | Path | Head, weights: str | None = None, device: str = "auto", engine: str = "auto"
+        cls,
+        head: str | Path | Head,
+        weights: str | None = None,
+        device: str = "auto",
+        engine: str = "auto",
+        precision: str = "auto",
     ) -> Classifier:
         """The head at ``head`` (or a loaded Head) and the trunk weights its features came from; ``weights`` names
         them when they are not where the head's record says. Refuses other weights, layer or preprocessing.
-        ``engine`` auto runs the trunk as the head's features were made, where that engine is installed."""
+        ``engine`` and ``precision`` auto run the trunk as the head's features were made (the engine where it is
+        installed); ``precision="fp32"`` computes as exported models do."""
         head = head if isinstance(head, Head) else Head.load(head)
-        dev = backbone.resolve_device(device)
-        made_with = store.engine_of(head.meta["features"])
-        engine = backbone.resolve_engine(engine, dev, head.meta["features"]["precision"], previous=made_with)
-        return cls(head, weights_for(head, weights), dev, engine)
+        dev = runtime.resolve_device(device)
+        record = head.meta["features"]
+        precision = record["precision"] if precision == "auto" else precision
+        if precision not in ("fp32", "bf16"):
+            raise FlowerfeatError(f"unknown precision (--precision) {precision!r}; choose one of: auto, fp32, bf16")
+        engine = runtime.resolve_engine(engine, dev, precision, previous=store.engine_of(record))
+        return cls(head, weights_for(head, weights), dev, engine, precision)
 
     @property
     def classes(self) -> list[str]:
@@ -129,9 +158,8 @@ class Classifier:
     def trunk(self) -> torch.nn.Module:
         """The frozen trunk on this classifier's device, channels-last; built once."""
         if self._trunk is None:
-            info, weights_arg = self.trunk_weights
-            trunk = backbone.build_trunk(info, self.head.layer, weights_arg)
-            self._trunk = backbone.on_engine(trunk, self.engine).to(self.device).to(memory_format=torch.channels_last)
+            trunk = runtime.on_engine(self.spec.build(), self.engine, self.spec.input_shape)
+            self._trunk = trunk.to(self.device).to(memory_format=torch.channels_last)
         return self._trunk
 
     def predict(self, images, top_k: int = 1, batch_size: int = 0) -> list[Prediction]:
@@ -161,8 +189,9 @@ class Classifier:
         good = [p for p in preds if not p.error]
         if good:
             x = torch.stack(tensors).to(self.device).contiguous(memory_format=torch.channels_last)
-            feats = backbone.trunk_rows(self.trunk(), x, self.head.meta["features"]["precision"])  # (B, D)
-            probs = (feats @ self.head.weight.to(self.device).T + self.head.bias.to(self.device)).softmax(1).cpu()
+            feats = runtime.trunk_rows(self.trunk(), x, self.precision)  # (B, D)
+            with torch.no_grad():
+                probs = self._head(feats).softmax(1).cpu()  # (B, C)
             top_p, top_i = probs.topk(k, dim=1)  # (B, k)
             for pred, ps, idx in zip(good, top_p.tolist(), top_i.tolist()):
                 pred.top = [(self.classes[i], p) for i, p in zip(idx, ps)]

@@ -1,4 +1,4 @@
-"""Progress of long jobs: plain lines for logs, notebooks and scripts (the CLI draws a Rich bar on a terminal)."""
+"""Progress of long jobs: plain lines for logs, notebooks and scripts; a Rich bar on a terminal."""
 
 from __future__ import annotations
 
@@ -67,6 +67,12 @@ class Reporter:
 
     last: Progress | None = None
 
+    def __enter__(self):  # a reporter that draws (a bar) does so while it is entered
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
     @contextlib.contextmanager
     def stage(self, doing: str):
         """Around a step that takes a moment (``scanning data/flower_photos``): ``begin`` says what is happening,
@@ -123,3 +129,41 @@ class LineReporter(Reporter):
         super().split_done(p)
         self._print(progress_line(p) + f" in {duration(p.loop_s)}")
         self._next = 0.0
+
+
+class BarReporter(Reporter):
+    """A Rich progress bar on stderr (for a terminal): one bar per split with images/s and a time-based ETA, and
+    the start-up steps named while they run. Drawn while entered (``with BarReporter() as r: ...``)."""
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+        from rich.progress import Progress as Bar
+
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}")]
+        self.bar = Bar(*columns, console=Console(stderr=True), transient=True)
+        self.tasks: dict[str, int] = {}
+        self.step = None  # the task showing the step under way
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def begin(self, doing: str) -> None:
+        self.step = self.bar.add_task(doing, total=None, rate="")
+
+    def status(self, message: str) -> None:
+        if self.step is not None:
+            self.bar.remove_task(self.step)
+            self.step = None
+        self.bar.console.print(message, highlight=False)
+
+    def update(self, p: Progress) -> None:
+        super().update(p)
+        if p.split not in self.tasks:
+            self.tasks[p.split] = self.bar.add_task(p.split, total=p.total, rate="")
+        rate = f"{p.rate:.2f} images/s, ETA {duration(p.eta_s)}" if p.rate else "starting"
+        self.bar.update(self.tasks[p.split], completed=p.done, rate=rate)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from flowerfeat import store
-from flowerfeat.train import Head, check_compatible, score
+from flowerfeat.heads import Head, check_compatible, score
 
 
 @dataclass
@@ -46,18 +47,18 @@ class Evaluation:
     def accuracy(self) -> float:
         return self.correct / max(self.total, 1)
 
-    @property
-    def per_class(self) -> dict[str, tuple[int, int]]:
-        """class -> (correct, total)."""
-        return {
-            name: (int(((self.y_true == i) & (self.y_pred == i)).sum()), int((self.y_true == i).sum()))
-            for i, name in enumerate(self.classes)
-        }
+    @functools.cached_property
+    def confusion_matrix(self) -> np.ndarray:
+        """(C, C) counts: rows are the true class, columns the predicted one (computed once)."""
+        from sklearn.metrics import confusion_matrix
+
+        return confusion_matrix(self.y_true, self.y_pred, labels=list(range(len(self.classes))))
 
     @property
-    def confusion_matrix(self) -> np.ndarray:
-        """(C, C) counts: rows are the true class, columns the predicted one."""
-        return confusion(self)
+    def per_class(self) -> dict[str, tuple[int, int]]:
+        """class -> (correct, total), read off the confusion matrix."""
+        cm = self.confusion_matrix
+        return {name: (int(cm[i, i]), int(cm[i].sum())) for i, name in enumerate(self.classes)}
 
     def to_dict(self) -> dict:
         return metrics(self)
@@ -75,7 +76,7 @@ def evaluate(head: Head | str | Path, test: store.Features | str | Path | None =
 
     Example::
 
-        ev = flowerfeat.evaluate(head, "data/features/fc7-imagenet/test.h5")
+        ev = flowerfeat.evaluate(head, "data/features/vgg16-fc7-imagenet/test.h5")
         print(ev)             # the textbook's per-class lines
         ev.confusion_matrix   # (C, C)
     """
@@ -86,7 +87,7 @@ def evaluate(head: Head | str | Path, test: store.Features | str | Path | None =
     check_compatible(head, fs.meta, fs.path or "test features")
     keep = fs.views == 0
     x, y = fs.X[keep], fs.y[keep]
-    loss, pred, probs = score(head.weight, head.bias, x, y)
+    loss, pred, probs = score(head.module, x, y)
     paths = [p for p, k in zip(fs.paths, keep) if k]
     return Evaluation(
         list(fs.classes), y, pred, probs, loss, paths, fs.meta.get("data_root", ""), _provenance(head, fs)
@@ -97,6 +98,7 @@ def _provenance(head: Head, test: store.Features) -> dict:
     """Where the figures come from: the trunk (layer, weights), the head (its file and settings), the feature files."""
     trunk = head.meta["features"]
     return {
+        "model": trunk["model"],
         "layer": trunk["layer"],
         "weights": trunk["weights"],
         "weights_sha256": trunk.get("weights_sha256") or "",
@@ -112,27 +114,18 @@ def _provenance(head: Head, test: store.Features) -> dict:
 def textbook_lines(ev: Evaluation) -> list[str]:
     """The textbook's report, computed over every test row (its loop is only right for full batches)."""
     lines = [f"Test Loss: {ev.loss:.6f}", ""]
-    for i, name in enumerate(ev.classes):
-        total = int((ev.y_true == i).sum())
-        correct = int(((ev.y_true == i) & (ev.y_pred == i)).sum())
+    for name, (correct, total) in ev.per_class.items():
         if total:
             lines.append(f"Test Accuracy of {name:>5}: {100 * correct // total:2d}% ({correct:2d}/{total:2d})")
         else:
             lines.append(f"Test Accuracy of {name:>5}: N/A (no test examples)")
-    correct, total = int((ev.y_true == ev.y_pred).sum()), len(ev.y_true)
-    lines += ["", f"Test Accuracy (Overall): {100 * correct // max(total, 1):2d}% ({correct:2d}/{total:2d})"]
+    lines += ["", f"Test Accuracy (Overall): {100 * ev.correct // max(ev.total, 1):2d}% ({ev.correct:2d}/{ev.total:2d})"]
     return lines
-
-
-def confusion(ev: Evaluation) -> np.ndarray:
-    from sklearn.metrics import confusion_matrix
-
-    return confusion_matrix(ev.y_true, ev.y_pred, labels=list(range(len(ev.classes))))
 
 
 def confusion_lines(ev: Evaluation) -> list[str]:
     """Confusion matrix as text: rows are the true class, columns the predicted one."""
-    cm = confusion(ev)
+    cm = ev.confusion_matrix
     w = max(max(len(c) for c in ev.classes), len(str(cm.max())) + 1, 6)
     head = " " * (w + 2) + "".join(f"{c[:w]:>{w + 1}}" for c in ev.classes)
     rows = [f"{c:>{w}}  " + "".join(f"{v:>{w + 1}d}" for v in r) for c, r in zip(ev.classes, cm)]
@@ -171,7 +164,7 @@ def mistakes(ev: Evaluation) -> list[Mistake]:
 
 def confused_pairs(ev: Evaluation, k: int = 5) -> list[tuple[str, str, int]]:
     """The ``k`` most frequent (true, predicted, count) confusions."""
-    cm = confusion(ev)
+    cm = ev.confusion_matrix
     pairs = [(ev.classes[i], ev.classes[j], int(cm[i, j])) for i in range(len(cm)) for j in range(len(cm)) if i != j]
     return sorted((p for p in pairs if p[2]), key=lambda p: -p[2])[:k]
 
@@ -225,7 +218,7 @@ def metrics(ev: Evaluation) -> dict:
         "per_class": per_class,
         **averages,
         "classes": ev.classes,
-        "confusion_matrix": confusion(ev).tolist(),
+        "confusion_matrix": ev.confusion_matrix.tolist(),
         "most_confused": [{"true": t, "predicted": q, "count": n} for t, q, n in confused_pairs(ev)],
         "misclassified": [m._asdict() for m in mistakes(ev)],
         "provenance": ev.provenance,
@@ -237,30 +230,22 @@ RIGHT, WRONG = "#0072B2", "#D55E00"
 
 
 def confusion_figure(ev: Evaluation):
-    """Counts and row-normalised shares (with a colour bar) side by side, as a matplotlib Figure (no pyplot, no
-    backend: shows inline in Jupyter, saves anywhere)."""
+    """Counts and row-normalised shares (with a colour bar) side by side, drawn by scikit-learn's
+    ConfusionMatrixDisplay on a matplotlib Figure (no pyplot, no backend: shows inline in Jupyter, saves anywhere)."""
     from matplotlib.figure import Figure
+    from sklearn.metrics import ConfusionMatrixDisplay
 
-    cm = confusion(ev)
+    cm = ev.confusion_matrix
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)  # each true class's row sums to 1
     n = len(ev.classes)
     fig = Figure(figsize=(2.4 * n + 4, 1.2 * n + 1.8), layout="constrained")
-    for ax, values, title in zip(
-        fig.subplots(1, 2), (cm, share), ("counts", "share of each true class (rows sum to 100 %)")
-    ):
-        image = ax.imshow(values, cmap="Blues", vmin=0, vmax=values.max() if values is cm else 1)
-        ax.set_xticks(range(n), ev.classes, rotation=45, ha="right")
-        ax.set_yticks(range(n), ev.classes)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
+    panels = ((cm, "d", False, "counts"), (share, ".0%", True, "share of each true class (rows sum to 100 %)"))
+    for ax, (values, fmt, bar, title) in zip(fig.subplots(1, 2), panels):
+        shown = ConfusionMatrixDisplay(values, display_labels=ev.classes)
+        shown.plot(ax=ax, cmap="Blues", values_format=fmt, colorbar=bar, xticks_rotation=45)
+        shown.im_.set_clim(0, values.max() if values is cm else 1)
+        ax.set(xlabel="predicted", ylabel="true")
         ax.set_title(title, fontsize=10)
-        for i in range(n):
-            for j in range(n):
-                text = str(cm[i, j]) if values is cm else f"{100 * share[i, j]:.0f} %"
-                dark = values[i, j] > values.max() / 2
-                ax.text(j, i, text, ha="center", va="center", color="white" if dark else "black")
-        if values is share:
-            fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
     fig.suptitle(f"Test accuracy {ev.accuracy:.1%} ({ev.correct}/{ev.total} images)")
     return fig
 

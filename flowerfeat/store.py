@@ -23,42 +23,73 @@ import numpy as np
 from flowerfeat import FORMAT_VERSION
 from flowerfeat.errors import FlowerfeatError
 
-# Attributes that decide the feature values; a change in any of them invalidates every cached row.
-MODEL_KEY_FIELDS = (
-    "format_version",
-    "layer",
-    "feature_dim",
-    "weights",
-    "preprocessing",
-    "decoder",
-    "precision",
-    "dtype",
-    "engine",  # left out of the key for the torch engine, so caches made before engines existed stay valid
+@dataclass(frozen=True)
+class Attr:
+    """One attribute of a finished feature file, and which derived lists it belongs to."""
+
+    name: str
+    key: bool = False  # decides the feature values: part of the model key (a change invalidates every row)
+    settings: bool = False  # how the split was made and stored: in the fingerprint beside the model key
+    head: bool = False  # recorded in a head fitted on the file
+    checked: bool = False  # a head and a feature file must agree on it (report, predict)
+    json: bool = False  # stored as a JSON string
+
+
+# The schema of a feature file's attributes, in one place: every list below is derived from it, and a test fails if
+# a written attribute is missing here.
+SCHEMA = (
+    Attr("format_version", key=True),
+    Attr("split"),
+    Attr("model", key=True, head=True, checked=True),  # vgg16, resnet50, timm:tf_efficientnet_lite0, ...
+    Attr("layer", key=True, head=True, checked=True),  # the model's cut
+    Attr("feature_dim", key=True, head=True, checked=True),
+    Attr("cut_dropout", head=True),  # the dropout the model's own classifier applies at the cut
+    Attr("weights", key=True, head=True, checked=True),
+    Attr("weights_sha256", head=True),
+    Attr("weights_path", head=True),  # where the weights file was, so predict and export find it again
+    Attr("preprocessing", key=True, head=True, checked=True, json=True),
+    Attr("decoder", key=True, head=True, checked=True),
+    Attr("precision", key=True, head=True, checked=True),
+    Attr("engine", key=True, head=True, checked=True),
+    Attr("dtype", key=True, head=True, checked=True),
+    Attr("classes", settings=True, head=True, checked=True),
+    Attr("compression", settings=True),
+    Attr("views", settings=True, head=True),
+    Attr("view_seed", settings=True),
+    Attr("layout", settings=True),  # folders, flat or csv
+    Attr("test_fraction", settings=True),
+    Attr("data_root"),
+    Attr("library_versions", json=True),
+    Attr("extract_config", json=True),
+    Attr("model_key", head=True),
+    Attr("fingerprint", head=True),
+    Attr("created"),
+    Attr("complete"),  # written last: a file without it was never finished
 )
+ATTRS = {a.name: a for a in SCHEMA}
+MODEL_KEY_FIELDS = tuple(a.name for a in SCHEMA if a.key)
+SETTINGS_FIELDS = tuple(a.name for a in SCHEMA if a.settings)
+HEAD_FIELDS = tuple(a.name for a in SCHEMA if a.head)
+CHECKED_FIELDS = tuple(a.name for a in SCHEMA if a.checked)
 # Datasets of a finished file (all length N = rows, except `skipped`, which is (S, 2): path, reason).
 DATASETS = ("features", "labels", "paths", "views", "file_sizes", "file_mtimes_ns", "skipped")
 
 
 def engine_of(meta: dict) -> str:
-    """The engine that made a feature file (or a head's features): files from before engines record none: torch."""
+    """The engine that made a feature file (or a head's features)."""
     return meta.get("engine") or "torch"
 
 
 def model_key(meta: dict) -> str:
-    fields = {k: meta.get(k) for k in MODEL_KEY_FIELDS}
-    if engine_of(meta) == "torch":
-        del fields["engine"]
-    blob = json.dumps(fields, sort_keys=True)
+    blob = json.dumps({k: meta.get(k) for k in MODEL_KEY_FIELDS}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def fingerprint(meta: dict, image_list: list[tuple]) -> str:
-    """Hash of the model key, the views and their seed, the classes, the storage filter and every
-    (relpath, label, size, mtime_ns). A new filter rewrites the file from the cached rows, without the trunk."""
+    """Hash of the model key, the settings fields (views and their seed, classes, storage filter, how the split was
+    made) and every (relpath, label, size, mtime_ns). A new filter rewrites the file from the cached rows."""
     h = hashlib.sha256(model_key(meta).encode())
-    settings = [meta["views"], meta["view_seed"], meta["classes"], meta.get("compression", "none")]
-    settings += [meta.get("layout", "folders"), meta.get("test_fraction", 0.0)]  # how the split was made
-    h.update(json.dumps(settings).encode())
+    h.update(json.dumps([meta.get(k) for k in SETTINGS_FIELDS]).encode())
     for entry in image_list:
         h.update(json.dumps(entry).encode())
     return h.hexdigest()
@@ -66,8 +97,7 @@ def fingerprint(meta: dict, image_list: list[tuple]) -> str:
 
 def describe_difference(old: dict, new: dict) -> str:
     """Name the fields that differ between two feature metadata dicts."""
-    fields = (*MODEL_KEY_FIELDS, "views", "view_seed", "classes", "compression", "layout", "test_fraction")
-    keys = [k for k in fields if old.get(k) != new.get(k)]
+    keys = [k for k in (*MODEL_KEY_FIELDS, *SETTINGS_FIELDS) if old.get(k) != new.get(k)]
     parts = []
     for k in keys:
         a, b = str(old.get(k)), str(new.get(k))
@@ -76,25 +106,26 @@ def describe_difference(old: dict, new: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Where the files live: <out>/<layer>-<weights tag>/<split>.h5, one folder per trunk, so switching --layer or
-# --weights keeps the other caches (and the heads fitted on them); <out>/LATEST names the folder extracted last.
+# Where the files live: <out>/<model>-<cut>-<weights tag>/<split>.h5, one folder per trunk, so switching --model,
+# --layer or --weights keeps the other caches (and the heads fitted on them); <out>/LATEST names the folder
+# extracted last.
 
 LATEST = "LATEST"
 
 
-def cache_dir(out: Path, layer: str, weights_tag: str) -> Path:
-    """``<out>/<layer>-<weights tag>``, e.g. ``data/features/pool5-gap-imagenet``."""
-    return Path(out) / f"{layer}-{weights_tag}"
+def cache_dir(out: Path, model_folder: str, layer: str, weights_tag: str) -> Path:
+    """``<out>/<model>-<cut>-<weights tag>``, e.g. ``data/features/vgg16-pool5-gap-imagenet``."""
+    return Path(out) / f"{model_folder}-{layer}-{weights_tag}"
 
 
 def mark_latest(out: Path, folder: Path) -> None:
     _atomic_write_text(Path(out) / LATEST, Path(folder).name + "\n")
 
 
-def find_features(path: Path, split: str, layer: str | None = None) -> Path:
+def find_features(path: Path, split: str, layer: str | None = None, model: str | None = None) -> Path:
     """The ``split`` feature file ``path`` designates: a file as given; under the root of the caches (``--out`` of
-    ``features``), the folder of ``layer`` (or of any layer), the one extracted last when several; else
-    ``path/<split>.h5`` (one cache folder, or the single-folder layout of earlier versions)."""
+    ``features``), the folder of ``model`` and ``layer`` when given, the one extracted last when several; else
+    ``path/<split>.h5`` (one cache folder)."""
     path = Path(path)
     if path.suffix == ".h5" or path.is_file():
         return path
@@ -104,15 +135,27 @@ def find_features(path: Path, split: str, layer: str | None = None) -> Path:
         folders = [path]
     if not folders:
         raise FlowerfeatError(f"{path}: no {name} here; run `flowerfeat features` first (or pass --features FILE)")
-    kept = [d for d in folders if layer is None or read_meta(d / name).get("layer") == layer]
+    kept = [d for d in folders if _is_of(d / name, layer, model)]
     if not kept:
+        asked = " ".join(f"--{k} {v}" for k, v in (("model", model), ("layer", layer)) if v)
         raise FlowerfeatError(
-            f"{path}: no {layer} features (there are: {', '.join(d.name for d in folders)}); "
-            f"run `flowerfeat features --layer {layer}`, or pick one with --layer"
+            f"{path}: no features for {asked} (there are: {', '.join(d.name for d in folders)}); "
+            f"run `flowerfeat features {asked}`, or pick one of those"
         )
     latest = (path / LATEST).read_text().strip() if (path / LATEST).is_file() else ""
     by_name = {d.name: d for d in kept}
     return (by_name.get(latest) or max(kept, key=lambda d: (d / name).stat().st_mtime_ns)) / name
+
+
+def _is_of(file: Path, layer: str | None, model: str | None) -> bool:
+    """Whether the feature file was cut at ``layer`` of ``model`` (either None: any); unreadable files are not."""
+    if layer is None and model is None:
+        return True
+    try:
+        meta = read_meta(file)
+    except FlowerfeatError:
+        return False
+    return layer in (None, meta.get("layer")) and model in (None, meta.get("model"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -153,12 +196,8 @@ def check_writable(out_dir: Path) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 class ShardLog:
@@ -198,7 +237,6 @@ class ShardLog:
         self._ids_f = open(folder / "ids.bin", "ab")
         self._skip_f = open(folder / "skipped.jsonl", "a")
         self._new = [0, 0, 0]  # batches, rows, skipped appended since the last commit
-        self._pending = 0
         self._last_commit = time.monotonic()
 
     def _truncate(self) -> None:
@@ -225,14 +263,13 @@ class ShardLog:
         self._ids_f.write(np.asarray(ids, dtype=np.int64).tobytes())
         for unit, reason in skipped:
             self._skip_f.write(json.dumps([unit, reason]) + "\n")
-        self._pending += 1
         self._new = [self._new[0] + 1, self._new[1] + len(ids), self._new[2] + len(skipped)]
         if time.monotonic() - self._last_commit >= commit_every_s:
             self.commit()
 
     def commit(self) -> None:
         """fsync the appended bytes, then atomically advance progress.json past them."""
-        if not self._pending:
+        if not self._new[0]:  # no batch appended since the last commit
             return
         for f in (self._rows_f, self._ids_f, self._skip_f):
             f.flush()
@@ -241,7 +278,6 @@ class ShardLog:
         self.rows += self._new[1]
         self.n_skipped += self._new[2]
         self._new = [0, 0, 0]
-        self._pending = 0
         self._write_progress()
         self._last_commit = time.monotonic()
 
@@ -322,48 +358,12 @@ def write_feature_file(path: Path, meta: dict, n_rows: int, blocks, columns: dic
             dtype=h5py.string_dtype("utf-8"),
             data=np.array(skipped, dtype=object).reshape(len(skipped), 2) if skipped else None,
         )
+        unknown = sorted(set(meta) - set(ATTRS))
+        if unknown:  # every attribute has its row in SCHEMA, so the key lists derived from it stay complete
+            raise ValueError(f"{path}: attributes {', '.join(unknown)} are not in store.SCHEMA")
         for k, v in meta.items():
-            f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) and k != "classes" else v
-        f.attrs["skipped_count"] = len(skipped)
+            f.attrs[k] = json.dumps(v) if ATTRS[k].json else v
         f.attrs["complete"] = True  # set last: a file without it was never finished
-
-
-def write_arrays(path: Path, x: np.ndarray, y: np.ndarray, classes, views=None, **meta_changes) -> Path:
-    """A finished feature file from in-memory rows, no trunk involved (benchmarks and tests). Defaults describe
-    random-init fc7 features; ``meta_changes`` overrides any attribute."""
-    n = len(y)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "split": path.stem,
-        "classes": list(classes),
-        "layer": "fc7",
-        "feature_dim": int(x.shape[1]),
-        "weights": "none:random-init-seed-0",
-        "weights_sha256": "",
-        "preprocessing": {"crop_size": [224]},
-        "decoder": "pil",
-        "precision": "fp32",
-        "dtype": "float32",
-        "views": 0,
-        "view_seed": 0,
-        "num_images": n,
-        "data_root": str(path.parent),
-        "library_versions": {},
-        "extract_config": {},
-        **meta_changes,
-    }
-    meta["model_key"] = model_key(meta)
-    meta["fingerprint"] = fingerprint(meta, [(f"img{i}", int(t)) for i, t in enumerate(y)])
-    meta["num_rows"] = n
-    columns = {
-        "labels": y,
-        "paths": [f"{path.stem}/{classes[t]}/img{i // (1 + meta['views'])}.jpg" for i, t in enumerate(y)],
-        "views": np.zeros(n, np.int8) if views is None else views,
-        "file_sizes": np.ones(n),
-        "file_mtimes_ns": np.ones(n),
-    }
-    write_feature_file(path, meta, n, [(0, x.astype(meta["dtype"]))], columns, [])
-    return path
 
 
 def _decode_attr(key: str, value):
@@ -373,7 +373,7 @@ def _decode_attr(key: str, value):
         return [v.decode() if isinstance(v, bytes) else str(v) for v in value.tolist()]
     if isinstance(value, np.generic):
         value = value.item()
-    if key in ("preprocessing", "library_versions", "extract_config") and isinstance(value, str):
+    if key in ATTRS and ATTRS[key].json and isinstance(value, str):
         return json.loads(value)
     return value
 
@@ -395,7 +395,13 @@ def read_meta(path: Path) -> dict:
         raise FlowerfeatError(
             f"{path}: not a readable HDF5 feature file (truncated or corrupt); delete it and rerun `flowerfeat features`"
         ) from None
-    if meta.get("format_version") != FORMAT_VERSION or missing or not meta.get("complete"):
+    version = meta.get("format_version")
+    if isinstance(version, int) and version < FORMAT_VERSION and meta.get("complete"):
+        raise FlowerfeatError(
+            f"{path}: made by an earlier flowerfeat (feature format {version}, this one reads {FORMAT_VERSION}); "
+            "extract again with `flowerfeat features` (the new cache goes to its own folder)"
+        )
+    if version != FORMAT_VERSION or missing or not meta.get("complete"):
         raise FlowerfeatError(
             f"{path}: not a finished flowerfeat feature file of format {FORMAT_VERSION}; "
             "delete it and rerun `flowerfeat features`"
@@ -438,7 +444,7 @@ def load_features(path: str | Path) -> Features:
 
     Example::
 
-        tr = flowerfeat.load_features("data/features/fc7-imagenet/train.h5")
+        tr = flowerfeat.load_features("data/features/vgg16-fc7-imagenet/train.h5")
         LogisticRegression(C=0.1, max_iter=1000).fit(tr.X, tr.y)
 
     Raises ``FlowerfeatError`` (one line naming the path and the fix) for a missing, unfinished or foreign file.
@@ -462,6 +468,14 @@ def load_features(path: str | Path) -> Features:
 
 def _skipped_rows(f) -> list[tuple[str, str]]:
     return [tuple(x.decode() if isinstance(x, bytes) else x for x in row) for row in f["skipped"][...]]
+
+
+def count_rows(path: Path) -> int:
+    """Rows of a finished feature file (the length of its datasets: not stored beside them)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return len(f["labels"])
 
 
 def read_skipped(path: Path) -> list[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""Fit the replacement layer (Dropout + Linear, VGG16's classifier[5:]) on cached features; save/load checkpoints."""
+"""Fit the head (Dropout + Linear, heads.LinearHead) on cached features: mini-batch or L-BFGS, seeded, streamed."""
 
 from __future__ import annotations
 
@@ -15,42 +15,14 @@ import torch
 from torch import nn
 
 from flowerfeat import store
-from flowerfeat.backbone import LOAD_ERRORS
-from flowerfeat.config import RUNS_DIR, FitConfig
+from flowerfeat.config import FitConfig
 from flowerfeat.errors import FlowerfeatError
+from flowerfeat.heads import Head, LinearHead, score
 
 # Rows shuffled together when streaming (and, so both give the same head, in memory too): 256 MiB of features.
 WINDOW_BYTES = 256 << 20
-CHECKPOINT_VERSION = 1
-# --lr 0 (auto) sets Adam's lr to this over the mean L1 norm of a training row: 7e-5 on flat pool5 rows.
+# --lr 0 (auto) sets Adam's lr to this over the mean L1 norm of a training row (a logit moves about this much a step).
 AUTO_LOGIT_STEP = 2.7
-# --dropout auto: VGG16's own dropout on the layer's output (after fc6 and fc7, none after the convolutions); on the
-# shared photos dropout 0.5 cost pool5-gap 2.4 points (README, "Choosing the head's settings")
-AUTO_DROPOUT = {"fc7": 0.5, "fc6": 0.5, "pool5": 0.0, "pool5-gap": 0.0}
-
-# Feature-file attributes a head depends on; predict/report check them against the trunk or test file.
-FEATURE_KEYS = (
-    "layer",
-    "feature_dim",
-    "weights",
-    "weights_sha256",
-    "weights_path",  # where the weights file was at extraction, so predict and export find it again
-    "preprocessing",
-    "decoder",
-    "precision",
-    "engine",
-    "dtype",
-    "model_key",
-    "fingerprint",
-    "classes",
-    "views",
-)
-
-
-def make_head(dim: int, n_classes: int, dropout: float = 0.5) -> nn.Sequential:
-    """Dropout + Linear: the replacement for VGG16's classifier[5:] (classifier[6] is the Linear)."""
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, n_classes))
-
 
 def window_rows(dim: int) -> int:
     return max(1, WINDOW_BYTES // (dim * 4))
@@ -150,37 +122,23 @@ class FitResult:
 
 
 def split_validation(labels: np.ndarray, paths: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of validation rows: stratified by class, by image (all views of an image go together)."""
+    """Boolean mask of validation rows: scikit-learn's StratifiedShuffleSplit over images, so it is stratified by
+    class and all views of an image go together."""
     mask = np.zeros(len(labels), bool)
     if fraction <= 0:
         return mask
-    rng = np.random.default_rng([seed, 7])
-    images = {}
-    for r, (p, y) in enumerate(zip(paths.tolist(), labels.tolist())):
-        images.setdefault((y, p), []).append(r)
-    by_class: dict[int, list] = {}
-    for (y, p), rows in sorted(images.items()):
-        by_class.setdefault(y, []).append(rows)
-    for y, groups in by_class.items():
-        k = int(round(len(groups) * fraction))
-        for gi in rng.permutation(len(groups))[:k]:
-            mask[groups[gi]] = True
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    group_of: dict = {}  # (label, path) of an image -> its group index
+    groups = np.array([group_of.setdefault((y, p), len(group_of)) for y, p in zip(labels.tolist(), paths.tolist())])
+    group_labels = np.array([y for y, _p in group_of])
+    try:
+        shuffle = StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        _, val_groups = next(shuffle.split(np.zeros(len(group_labels)), group_labels))
+    except ValueError as e:  # too few images for a stratified split of this size
+        raise FlowerfeatError(f"--val-fraction {fraction}: {e}; raise it, or use 0") from None
+    mask[np.isin(groups, val_groups)] = True
     return mask
-
-
-def score(
-    weight: torch.Tensor, bias: torch.Tensor, x: np.ndarray, y: np.ndarray
-) -> tuple[float, np.ndarray, np.ndarray]:
-    """(mean cross-entropy, predictions, probabilities) of the linear layer on features ``x``."""
-    with torch.no_grad():
-        logits = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) @ weight.T + bias  # (N, C)
-        loss = (
-            nn.functional.cross_entropy(logits, torch.from_numpy(y).long(), reduction="mean").item()
-            if len(y)
-            else float("nan")
-        )
-        probs = logits.softmax(1)
-    return loss, probs.argmax(1).numpy(), probs.numpy()
 
 
 def fit(cfg: FitConfig, log: Callable[[str], None] = lambda s: None, train=None) -> tuple[FitResult, dict]:
@@ -222,8 +180,8 @@ def fit_head(
 
     Example::
 
-        head = flowerfeat.fit_head("data/features/fc7-imagenet/train.h5", epochs=2)
-        head.save("data/runs/fc7-imagenet/head.pt")
+        head = flowerfeat.fit_head("data/features/vgg16-fc7-imagenet/train.h5", epochs=2)
+        head.save("data/runs/vgg16-fc7-imagenet/head.pt")
     """
     if isinstance(train, store.Features):  # recorded in the head as its source
         loaded, path = train, Path(train.path) if train.path else Path("(features in memory)")
@@ -255,13 +213,13 @@ class Chosen:
 def choose(cfg: FitConfig, meta: dict, mean_l1: float, n_rows: int = 0) -> Chosen:
     """Dropout from the layer, runs averaged, and the learning rate from the rows' scale (and, from a ridge start,
     from how far the features outnumber the ``n_rows`` training rows), unless set by options."""
-    layer, why = meta.get("layer", ""), {}
+    layer, model, why = meta.get("layer", ""), meta.get("model", "the model"), {}
     if cfg.dropout is not None:
         dropout, why["dropout"] = cfg.dropout, "as asked"
-    else:
-        dropout = AUTO_DROPOUT.get(layer, 0.0)
-        why["dropout"] = f"{layer} features: " + (
-            "VGG16 drops out its own fc6/fc7 outputs" if dropout else "VGG16 applies no dropout to conv features"
+    else:  # the model's own classifier's dropout at the cut (backbones.Cut.dropout), recorded in the features
+        dropout = float(meta.get("cut_dropout") or 0.0)
+        why["dropout"] = f"{model} {layer} features: " + (
+            f"its own classifier drops out {dropout:g} there" if dropout else "its own classifier applies no dropout"
         )
     average = cfg.average
     why["average"] = "one run" if average == 1 else f"{average} runs over other shuffles, weights averaged"
@@ -272,7 +230,7 @@ def choose(cfg: FitConfig, meta: dict, mean_l1: float, n_rows: int = 0) -> Chose
     dim = int(meta.get("feature_dim", 0))
     if not cfg.lr and cfg.init == "ridge" and n_rows and dim > n_rows:
         # more features than rows: the least-squares start already separates the rows, and full Adam steps drift
-        # towards rare features (measured: 88.2 % from the start, 86.7 % after 2 full-step epochs, flat pool5)
+        # towards rare features (README, "Choosing the head's settings", has the measurement)
         lr *= n_rows / dim
         why["lr"] += f", x {n_rows:,} rows / {dim:,} features: small steps from the ridge start"
     return Chosen(dropout, average, lr, why)
@@ -289,11 +247,9 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
         start = ridge_start(rows, ~val, n_classes, means)
         log("Start: " + ("the ridge fit (regularised least squares)" if start else "class means (features streamed)"))
     runs = []
-    for run in range(chosen.average):
-        say = (
-            log if run == 0 else (lambda s, r=run: log(f"run {r + 1}/{chosen.average}: {s}") if " done" in s else None)
-        )
-        runs.append(_sgd_run(cfg, chosen, rows, val, means, run, say, start))
+    for run in range(chosen.average):  # runs after the first: their epoch lines only, each named by its run
+        quiet, named = (lambda s: None), (lambda s, r=run: log(f"run {r + 1}/{chosen.average}: {s}"))
+        runs.append(_sgd_run(cfg, chosen, rows, val, means, run, *((log, log) if run == 0 else (quiet, named)), start))
     weight = torch.stack([r.weight for r in runs]).mean(0)
     bias = torch.stack([r.bias for r in runs]).mean(0)
     metrics = {**runs[0].metrics, **_row_metrics(weight, bias, rows, val)}
@@ -312,7 +268,7 @@ def _row_metrics(weight, bias, rows: Rows, val: np.ndarray) -> dict:
         for part, mask in (("train", ~val[idx]), ("val", val[idx])):
             if mask.any():
                 y = rows.labels[idx[mask]]
-                loss, pred, _ = score(weight, bias, rows.take(idx[mask]), y)
+                loss, pred, _ = score(LinearHead.of(weight, bias), rows.take(idx[mask]), y)
                 acc = sums[part]
                 acc[0], acc[1], acc[2] = acc[0] + loss * len(y), acc[1] + int((pred == y).sum()), acc[2] + len(y)
     out = {
@@ -324,8 +280,9 @@ def _row_metrics(weight, bias, rows: Rows, val: np.ndarray) -> dict:
     return out
 
 
-def _sgd_run(cfg: FitConfig, chosen: Chosen, rows: Rows, val: np.ndarray, means, run: int, log, start=None):
-    """One run of ``epochs``; with a validation split, its best epoch. Run 0 draws what a single run always drew."""
+def _sgd_run(cfg: FitConfig, chosen: Chosen, rows: Rows, val: np.ndarray, means, run: int, log, say, start=None):
+    """One run of ``epochs``; with a validation split, its best epoch. Run 0 draws what a single run always drew.
+    ``log`` gets the running-loss lines, ``say`` each epoch's summary."""
     n_classes = len(rows.meta["classes"])
     history, best = [], None
     val_rows = np.flatnonzero(val)
@@ -333,7 +290,7 @@ def _sgd_run(cfg: FitConfig, chosen: Chosen, rows: Rows, val: np.ndarray, means,
     stream = (cfg.seed, run) if run else cfg.seed  # run k > 0: its own shuffles and masks
     with torch.random.fork_rng(devices=[]):  # seeds the random init without touching the caller's RNG
         torch.manual_seed(cfg.seed + 7919 * run)
-        linear = make_head(rows.dim, n_classes, chosen.dropout)[1]
+        linear = LinearHead(rows.dim, n_classes, chosen.dropout).linear  # trained with numpy's dropout masks
         if start is not None:
             with torch.no_grad():
                 linear.weight.copy_(start[0])
@@ -347,15 +304,15 @@ def _sgd_run(cfg: FitConfig, chosen: Chosen, rows: Rows, val: np.ndarray, means,
             entry = steps.epoch(epoch)
             weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
             if val_x is not None:
-                vloss, vpred, _ = score(weight, bias, val_x, rows.labels[val_rows])
+                vloss, vpred, _ = score(LinearHead.of(weight, bias), val_x, rows.labels[val_rows])
                 entry.update(val_loss=vloss, val_acc=float((vpred == rows.labels[val_rows]).mean()))
                 if best is None or entry["val_acc"] > best[0]["val_acc"]:
                     best = (entry, weight, bias)
             history.append({**entry, "run": run})
-            log(_epoch_line(entry))
+            say(_epoch_line(entry))
     entry, weight, bias = best if best is not None else (history[-1], weight, bias)
     if val_x is not None:
-        log(f"Kept epoch {entry['epoch']} (best validation accuracy {entry['val_acc']:.1%})")
+        say(f"Kept epoch {entry['epoch']} (best validation accuracy {entry['val_acc']:.1%})")
     return FitResult(weight, bias, {"best_epoch": entry["epoch"]}, history)
 
 
@@ -428,7 +385,7 @@ class _Steps:
 
 
 def _dropout(x: torch.Tensor, p: float, rng: np.random.Generator) -> torch.Tensor:
-    """Inverted dropout, as nn.Dropout in training, with masks from numpy's PCG64: about 10x faster than torch's
+    """Inverted dropout, as nn.Dropout in training, with masks from numpy's PCG64: much faster than torch's
     CPU Bernoulli sampler, which dominated a step on 25,088-d pool5 rows."""
     if p == 0:
         return x
@@ -436,7 +393,7 @@ def _dropout(x: torch.Tensor, p: float, rng: np.random.Generator) -> torch.Tenso
     return x * keep * (1.0 / (1.0 - p))
 
 
-RIDGE_LAMBDA = 0.3  # x mean squared norm of a centred row; 88.2 % on flat pool5 from the start alone (README)
+RIDGE_LAMBDA = 0.3  # x mean squared norm of a centred row (README, "Choosing the head's settings")
 
 
 def ridge_start(rows: Rows, mask: np.ndarray, n_classes: int, means: np.ndarray, margin: float = 4.0):
@@ -507,7 +464,7 @@ def _fit_lbfgs(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
     bias = torch.zeros(n_classes)
     weight[clf.classes_] = torch.from_numpy(coef).float()
     bias[clf.classes_] = torch.from_numpy(intercept).float()
-    loss, pred, _ = score(weight, bias, x, y)
+    loss, pred, _ = score(LinearHead.of(weight, bias), x, y)
     entry = {
         "epoch": 1,
         "train_loss": loss,
@@ -515,148 +472,7 @@ def _fit_lbfgs(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
         "seconds": time.perf_counter() - t0,
     }
     if val.any():
-        vloss, vpred, _ = score(weight, bias, rows.data[val], rows.labels[val])
+        vloss, vpred, _ = score(LinearHead.of(weight, bias), rows.data[val], rows.labels[val])
         entry.update(val_loss=vloss, val_acc=float((vpred == rows.labels[val]).mean()))
     log(_epoch_line(entry).replace("Epoch 1 done", f"L-BFGS done ({clf.n_iter_.max()} iterations)"))
     return FitResult(weight, bias, {"best_epoch": 1, **{k: v for k, v in entry.items() if k != "epoch"}}, [entry])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints: tensors + one JSON string, read back with torch.load(weights_only=True): no code runs on load.
-
-
-@dataclass
-class Head:
-    """A trained replacement layer (``classifier[6]``) with everything needed to use it again: the trunk's record
-    (layer, weights, preprocessing, classes), the fit's configuration, its metrics and history.
-
-    Example::
-
-        head = flowerfeat.Head.load("data/runs/fc7-imagenet/head.pt")
-        head.predict(te.X)        # (N,) class indices; head.classes names them
-        head.predict_proba(te.X)  # (N, C) probabilities
-    """
-
-    weight: torch.Tensor  # (C, D)
-    bias: torch.Tensor  # (C,)
-    meta: dict  # checkpoint_version, features (the trunk's record), num_classes, config, metrics, history
-    path: Path | None = None  # the checkpoint file, once saved or loaded
-
-    @classmethod
-    def from_fit(cls, result: FitResult, feature_meta: dict, cfg: FitConfig) -> Head:
-        meta = {
-            "checkpoint_version": CHECKPOINT_VERSION,
-            "features": {k: feature_meta.get(k) for k in FEATURE_KEYS},  # files from before a key: None
-            "num_classes": len(feature_meta["classes"]),
-            "config": cfg.to_dict(),
-            "metrics": result.metrics,
-            "history": result.history,
-        }
-        return cls(result.weight, result.bias, meta)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["features"]["classes"])
-
-    @property
-    def layer(self) -> str:
-        return self.meta["features"]["layer"]
-
-    @property
-    def metrics(self) -> dict:
-        return self.meta["metrics"]
-
-    def logits(self, X) -> np.ndarray:
-        """(N, C) logits for features ``X`` ((N, D) array, or loaded Features)."""
-        x = np.ascontiguousarray(getattr(X, "X", X), dtype=np.float32)
-        with torch.no_grad():
-            return (torch.from_numpy(x) @ self.weight.T + self.bias).numpy()
-
-    def predict_proba(self, X) -> np.ndarray:
-        """(N, C) class probabilities (softmax of the logits)."""
-        return torch.from_numpy(self.logits(X)).softmax(1).numpy()
-
-    def predict(self, X) -> np.ndarray:
-        """(N,) predicted class indices (``self.classes[i]`` names them)."""
-        return self.logits(X).argmax(1)
-
-    def save(self, path: str | Path) -> Path:
-        """Write the checkpoint atomically: tensors and one JSON string, loadable with
-        ``torch.load(path, weights_only=True)`` (no code runs on load)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        blob = {"weight": self.weight.contiguous(), "bias": self.bias.contiguous(), "meta": json.dumps(self.meta)}
-        with store.atomic_path(path) as tmp:
-            torch.save(blob, tmp)
-        self.path = path
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> Head:
-        """Read a checkpoint written by ``save`` (or ``flowerfeat fit-head``); one-line FlowerfeatError otherwise."""
-        path = Path(path)
-        if path.is_dir():
-            raise FlowerfeatError(f"{path}: is a directory; pass the checkpoint file, e.g. --head {path / 'head.pt'}")
-        if not path.is_file():
-            raise FlowerfeatError(
-                f"{path}: head checkpoint not found; run `flowerfeat fit-head` first (or pass --head)"
-            )
-        refusal = FlowerfeatError(
-            f"{path}: not a flowerfeat head checkpoint (corrupt, truncated or foreign); rerun `flowerfeat fit-head`"
-        )
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            meta = json.loads(blob["meta"])
-            head = cls(blob["weight"], blob["bias"], meta, path)
-            shape = (meta["num_classes"], meta["features"]["feature_dim"])
-        except (*LOAD_ERRORS, KeyError, TypeError, IndexError):  # not torch's format, or not ours
-            raise refusal from None
-        if meta.get("checkpoint_version") != CHECKPOINT_VERSION or tuple(head.weight.shape) != shape:
-            raise refusal
-        return head
-
-    def __repr__(self) -> str:
-        return f"Head({self.layer}, {self.weight.shape[1]}-d -> {len(self.classes)} classes {self.classes})"
-
-
-def default_head_path(features_file: Path) -> Path:
-    """Where fit-head saves a head by default: next to its siblings of other layers, by the features' folder."""
-    return RUNS_DIR / Path(features_file).resolve().parent.name / "head.pt"
-
-
-def find_head(path: Path, layer: str | None = None) -> Path:
-    """The head checkpoint ``path`` designates: a file as given; a folder's ``head.pt``; under the root of the runs
-    (``data/runs``), the head saved last (of ``layer``, when given)."""
-    path = Path(path)
-    if path.suffix == ".pt" or path.is_file():
-        return path
-    heads = sorted(path.glob("*/head.pt")) + ([path / "head.pt"] if (path / "head.pt").is_file() else [])
-    if not heads:
-        raise FlowerfeatError(f"{path}: no head.pt here; run `flowerfeat fit-head` first (or pass --head FILE)")
-    layers = {h: Head.load(h).layer for h in heads} if layer is not None else {}
-    kept = [h for h in heads if layer is None or layers[h] == layer]
-    if not kept:
-        there = ", ".join(f"{h.parent.name} ({layers[h]})" for h in heads)
-        raise FlowerfeatError(
-            f"{path}: no head fitted on {layer} features (there are: {there}); run `flowerfeat fit-head --layer {layer}`"
-        )
-    return max(kept, key=lambda h: h.stat().st_mtime_ns)
-
-
-def check_compatible(ck: Head, feature_meta: dict, features_path) -> None:
-    """Refuse a head and a feature file that were not made by the same trunk, layer, preprocessing and classes."""
-    own = ck.meta["features"]
-    named = ("layer", "feature_dim", "weights", "preprocessing", "decoder", "precision", "engine", "dtype", "classes")
-
-    def value(meta: dict, k: str):
-        return store.engine_of(meta) if k == "engine" else meta.get(k)
-
-    diffs = [k for k in named if value(own, k) != value(feature_meta, k)]
-    if not diffs and own["model_key"] != feature_meta["model_key"]:
-        diffs = ["model_key"]
-    if diffs:
-        what = ", ".join(f"{k} {str(own.get(k))[:50]} vs {str(feature_meta.get(k))[:50]}" for k in diffs[:3])
-        raise FlowerfeatError(
-            f"{features_path}: features do not match head {ck.path or ''} ({what}); extract them with the head's "
-            "settings or refit the head on features from the same run"
-        )

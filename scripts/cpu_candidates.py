@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flowerfeat import backbone
+from flowerfeat.backbones.vgg import VGG16
+from flowerfeat.bench import row_cosines
 from flowerfeat.data import load_image
 
 
@@ -34,11 +35,6 @@ def best_of(fn, reps=3):
         y = fn()
         best = min(best, time.perf_counter() - t)
     return best, y
-
-
-def cosine_min(a, b):
-    a, b = np.asarray(a, np.float32).reshape(len(a), -1), np.asarray(b, np.float32).reshape(len(b), -1)
-    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
 
 def libraries(feat, x, onnx_path):
@@ -144,16 +140,16 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--winograd", action="store_true")
     a = ap.parse_args()
-    feat = backbone.load_vgg16(backbone.resolve_weights(a.weights), "pool5", a.weights).features.eval()
+    feat = VGG16().load_vgg16(VGG16().resolve_weights(a.weights), "pool5").features.eval()
     files = sorted(p for p in a.photos.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[: a.batch]
-    x = torch.stack([backbone.build_transform()(load_image(p)) for p in files])
+    x = torch.stack([VGG16().preprocessing(VGG16().resolve_weights(a.weights)).transform()(load_image(p)) for p in files])
     with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
         onnx_path = f"{tmp}/features.onnx"
         torch.onnx.export(feat, (x,), onnx_path, dynamo=True, input_names=["x"], external_data=False)
         ref = feat(x).numpy()
         for name, fn in libraries(feat, x, onnx_path):
             t, y = best_of(fn)
-            print(f"{name:45s} {len(x) / t:6.2f} images/s  min cosine {cosine_min(y, ref):.7f}", flush=True)
+            print(f"{name:45s} {len(x) / t:6.2f} images/s  min cosine {row_cosines(y, ref).min():.7f}", flush=True)
         per_layer(feat, a.batch, a.winograd)
 
 

@@ -32,8 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowerfeat import backbone, store
+from flowerfeat import runtime, store
+from flowerfeat.backbones import get_backbone
+from flowerfeat.weights import WeightsInfo
 from flowerfeat.bench import matmul_peak
+from flowerfeat.bench import row_cosines as cosine
 from flowerfeat.config import ExtractConfig
 from flowerfeat.extraction import run_extraction
 
@@ -91,20 +94,20 @@ def sync():
 
 def model_only(layer: str, batch: int, iters: int = 20, compile: bool = False) -> tuple[float, float]:
     """(images/s, seconds of the first call, which includes compiling) for the trunk alone on random input."""
-    trunk = backbone.build_trunk(backbone.resolve_weights("none"), layer).to(DEV).to(memory_format=torch.channels_last)
+    trunk = get_backbone("vgg16").build(WeightsInfo("none", "none"), layer).to(DEV).to(memory_format=torch.channels_last)
     if compile:
         trunk = torch.compile(trunk)
     x = torch.randn(batch, 3, 224, 224, device=DEV).contiguous(memory_format=torch.channels_last)
     t = time.perf_counter()
-    backbone.trunk_rows(trunk, x, "bf16")
+    runtime.trunk_rows(trunk, x, "bf16")
     sync()
     first = time.perf_counter() - t
     for _ in range(min(2, iters)):
-        backbone.trunk_rows(trunk, x, "bf16")
+        runtime.trunk_rows(trunk, x, "bf16")
     sync()
     t = time.perf_counter()
     for _ in range(iters):
-        backbone.trunk_rows(trunk, x, "bf16")
+        runtime.trunk_rows(trunk, x, "bf16")
     sync()
     return iters * batch / (time.perf_counter() - t), first
 
@@ -117,7 +120,7 @@ def raw_dataset(root: Path, n: int | None = None, mode: str = "gpu"):
 
     split = scan_data(root, ("train",))["train"]
     split = dataclasses.replace(split, items=split.items[:n])
-    return (DecodedUnitDataset if mode == "hybrid" else RawUnitDataset)(split, 0, backbone.build_transform(), None, 0)
+    return (DecodedUnitDataset if mode == "hybrid" else RawUnitDataset)(split, 0, get_backbone("vgg16").preprocessing(WeightsInfo("none", "none")).transform(), None, 0)
 
 
 def raw_batches(root: Path, batch: int, n: int = 4096, mode: str = "gpu"):
@@ -133,7 +136,7 @@ def prep_rates(batches) -> dict:
     from flowerfeat.gpudecode import GpuPreprocess
 
     n = sum(len(b.units) for b in batches)
-    pre = GpuPreprocess(DEV, backbone.build_transform())
+    pre = GpuPreprocess(DEV, get_backbone("vgg16").preprocessing(WeightsInfo("none", "none")).transform())
     out = {}
     runs = [
         ("prepare_1_thread", lambda: list(pre.batches(batches, 1))),
@@ -178,10 +181,6 @@ def load(out: Path, split: str):
     return store.load_features(store.find_features(out, split))
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-
-
 def e2e(cfg: ExtractConfig) -> dict:
     t = time.perf_counter()
     res = run_extraction(cfg)[0]
@@ -199,7 +198,22 @@ def e2e(cfg: ExtractConfig) -> dict:
     }
 
 
-def main() -> None:
+@dataclasses.dataclass
+class Context:
+    """What every step reads: the arguments, the results so far, the synthetic photos and the base config."""
+
+    a: argparse.Namespace
+    r: dict
+    tmp: Path
+    root: Path
+    base: ExtractConfig
+    iters: int
+    peak_n: int
+    n_train: int = 0
+    fx: object = None  # flowerfeat.extraction, whose PREP_THREADS the threads step sets
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--copies", type=int, default=8)
@@ -215,9 +229,224 @@ def main() -> None:
         default="cold,warm,parts,agreement,real,compile",
         help="comma-separated steps: cold, warm, parts, agreement, real, compile, sweep, threads, profile",
     )
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def step_peak(c: Context) -> None:
+    c.r["bf16_matmul_tflops"] = round(matmul_peak(torch.bfloat16, DEV, n=c.peak_n) / 1000)
+    print(f"bf16 matmul peak: {c.r['bf16_matmul_tflops']} TFLOP/s", flush=True)
+
+
+def step_cold(c: Context) -> None:  # the CLI in a fresh process, as a user runs it: python start, imports, cuDNN tuning included
+    cmd = [sys.executable, *cli_args(c.root, c.tmp / "cli"), "--batch-size", str(c.a.batch)]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    dt = time.perf_counter() - t
+    print(p.stdout[-800:], p.stderr[-800:], flush=True)
+    c.r["cold_cli"] = {"seconds": round(dt, 2), "images_per_s": round(c.n_train / dt), "rc": p.returncode}
+    print(f"cold_cli: {c.n_train} images, {dt:.1f} s", flush=True)
+    t = time.perf_counter()
+    code = (
+        "import torch, flowerfeat.cli, flowerfeat.extraction; torch.cuda.is_available() and torch.zeros(1).cuda()"
+    )
+    subprocess.run([sys.executable, "-c", code])
+    c.r["import_and_cuda_init_s"] = round(time.perf_counter() - t, 2)
+    shutil.rmtree(c.tmp / "cli")
+
+
+def step_warm(c: Context) -> None:  # in this process, after one run has tuned cuDNN and started nvjpeg; default workers
+    run_extraction(c.base.replace(out=c.tmp / "warmup", splits=("test",)))
+    c.r["warm"] = {}
+    for label, cfg in (
+        ("gpu", c.base.replace(out=c.tmp / "a")),
+        ("gpu_again", c.base.replace(out=c.tmp / "b")),
+        ("hybrid", c.base.replace(out=c.tmp / "h", decode="hybrid")),
+        ("hybrid_again", c.base.replace(out=c.tmp / "h2", decode="hybrid")),
+    ):
+        c.r["warm"][label] = e2e(cfg)
+        print(f"WARM end to end {label}: {c.r['warm'][label]}", flush=True)
+    fa, fb = (load(c.tmp / d, "train") for d in ("a", "b"))
+    assert fa.paths == fb.paths
+    c.r["repeat_max_abs_diff"] = float(np.abs(fa.X - fb.X).max())
+    c.r["repeat_min_cosine"] = float(cosine(fa.X, fb.X).min())
+    fh = load(c.tmp / "h", "train")
+    c.r["hybrid_vs_gpu_min_cosine"] = float(cosine(fa.X, fh.X).min())
+    print(
+        f"two identical runs: max |diff| {c.r['repeat_max_abs_diff']:.3g}, min cosine {c.r['repeat_min_cosine']:.6f}; "
+        f"hybrid vs gpu: min cosine {c.r['hybrid_vs_gpu_min_cosine']:.5f}",
+        flush=True,
+    )
+    for d in ("b", "h2"):
+        shutil.rmtree(c.tmp / d)
+
+
+def step_parts(c: Context) -> None:
+    for layer, batch in (("fc7", c.a.batch), ("pool5", c.a.batch)):
+        ips, _ = model_only(layer, batch, c.iters)
+        c.r[f"model_{layer}_b{batch}"] = round(ips)
+        print(
+            f"model only {layer} bf16 batch {batch}: {ips:.0f} images/s = {ips * GFLOP[layer] / 1000:.0f} TFLOP/s",
+            flush=True,
+        )
+    c.r["loader_w8"] = round(loader_rate(c.root, c.a.batch, 8))
+    print(f"loader only, 8 workers reading: {c.r['loader_w8']} images/s", flush=True)
+    hw = c.fx.default_workers("hybrid", DEV)
+    c.r[f"loader_hybrid_w{hw}"] = round(loader_rate(c.root, c.a.batch, hw, "hybrid"))
+    print(f"loader only, {hw} workers decoding (hybrid): {c.r[f'loader_hybrid_w{hw}']} images/s", flush=True)
+    c.r["prep"] = prep_rates(raw_batches(c.root, c.a.batch))
+    print(f"GPU preparation alone, nvjpeg (images/s): {c.r['prep']}", flush=True)
+    c.r["prep_hybrid"] = prep_rates(raw_batches(c.root, c.a.batch, mode="hybrid"))
+    print(f"GPU preparation alone, decoded in the workers (images/s): {c.r['prep_hybrid']}", flush=True)
+
+
+def step_agreement(c: Context) -> None:  # synthetic test split, odd files included, several batches: each path vs the CPU fp32 PIL path
+    c = c.base.replace(out=c.tmp / "ac", splits=("test",), precision="fp32", decode="cpu", device="cpu")
+    c = c.replace(batch_size=32, workers=4)
+    run_extraction(c)
+    fc = load(c.tmp / "ac", "test")
+    for mode in ("gpu", "hybrid"):
+        run_extraction(c.base.replace(out=c.tmp / f"ag_{mode}", splits=("test",), batch_size=64, decode=mode))
+        fg = load(c.tmp / f"ag_{mode}", "test")
+        assert fg.paths == fc.paths, f"{mode} and CPU paths kept different images"
+        cos = cosine(fg.X, fc.X)
+        res = c.r[f"agreement_synthetic_{mode}"] = {
+            "images": len(cos),
+            "mean": float(cos.mean()),
+            "min": float(cos.min()),
+        }
+        for kind in KINDS:
+            k = np.array([Path(p).name.startswith(kind) for p in fg.paths])
+            res[f"min_{kind}"] = float(cos[k].min()) if k.any() else None
+        print(f"agreement {mode} (bf16) vs CPU (fp32, PIL), synthetic: {res}", flush=True)
+
+
+def step_real(c: Context) -> None:  # real photos and weights: both modes' features come back in --out; a CPU fp32 reference on a subset
+    w = c.tmp / "w.pth"
+    torch.save({k: v.float() for k, v in torch.load(c.a.weights, weights_only=True).items()}, w)
+    cfg = ExtractConfig(data=c.a.photos, out=c.a.out, layer="pool5", weights=str(w), batch_size=c.a.batch)
+    cfg = cfg.replace(dtype="float16", compression="gzip")
+    for mode, out in (("gpu", "real"), ("hybrid", "real_hybrid")):
+        t = time.perf_counter()
+        res = run_extraction(cfg.replace(out=c.a.out / out, decode=mode))
+        dt = time.perf_counter() - t
+        rows = sum(x.rows for x in res)
+        c.r[f"{out}_extract"] = {"rows": rows, "seconds": round(dt, 2), "images_per_s": round(rows / dt)}
+        print(f"real photos pool5, {mode}: {c.r[f'{out}_extract']}", flush=True)
+    sub = c.tmp / "real_subset"  # the first --real-ref test photos of each class, for the CPU fp32 PIL path
+    for cls in sorted(d for d in (c.a.photos / "test").iterdir() if d.is_dir()):
+        (sub / "test" / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[: c.a.real_ref]:
+            (sub / "test" / cls.name / f.name).symlink_to(f.resolve())
+    ref = cfg.replace(data=sub, out=c.tmp / "real_cpu", splits=("test",), precision="fp32", decode="cpu")
+    run_extraction(ref.replace(device="cpu", batch_size=32, workers=4, dtype="float32", compression="none"))
+    fc = load(c.tmp / "real_cpu", "test")
+    for out in ("real", "real_hybrid"):
+        fg = load(c.a.out / out, "test")
+        rows = {p: i for i, p in enumerate(fg.paths)}
+        cos = cosine(fg.X[[rows[p] for p in fc.paths]].astype(np.float32), fc.X)
+        c.r[f"{out}_vs_cpu_fp32"] = {"images": len(cos), "mean": float(cos.mean()), "min": float(cos.min())}
+        how = f"{fg.meta['decoder']}, {fg.meta['precision']}"
+        print(f"real photos pool5, {out} ({how}) vs CPU (pil, fp32): {c.r[f'{out}_vs_cpu_fp32']}", flush=True)
+
+
+def step_compiled(c: Context) -> None:
+    ips, first = model_only("fc7", c.a.batch, c.iters, compile=True)
+    c.r["model_fc7_compiled"] = {"images_per_s": round(ips), "first_call_s": round(first, 1)}
+    print(
+        f"model only fc7 bf16 batch {c.a.batch}, torch.compile: {ips:.0f} images/s "
+        f"({ips * GFLOP['fc7'] / 1000:.0f} TFLOP/s); first call {first:.0f} s",
+        flush=True,
+    )
+    c.r.setdefault("warm", {})
+    for mode in ("gpu", "hybrid"):
+        c.r["warm"][f"{mode}_compile"] = e2e(c.base.replace(out=c.tmp / f"g_{mode}", decode=mode, compile=True))
+        print(f"WARM end to end {mode}_compile: {c.r['warm'][f'{mode}_compile']}", flush=True)
+    if (c.tmp / "a").exists():
+        fa, fb = (load(c.tmp / d, "train") for d in ("a", "g_gpu"))
+        c.r["compile_vs_eager_min_cosine"] = float(cosine(fa.X, fb.X).min())
+        print(f"compiled vs eager features: min cosine {c.r['compile_vs_eager_min_cosine']:.6f}", flush=True)
+    for d in ("g_gpu", "g_hybrid"):
+        shutil.rmtree(c.tmp / d)
+
+
+def step_sweep(c: Context) -> None:  # warm, eager: readers per mode, float16 storage
+    c.r.setdefault("warm", {})
+    hw = c.fx.default_workers("hybrid", DEV)
+    for label, cfg in (
+        ("gpu_w12", c.base.replace(workers=12)),
+        ("gpu_w16", c.base.replace(workers=16)),
+        ("gpu_f16", c.base.replace(dtype="float16")),
+        (f"hybrid_w{max(1, hw - 4)}", c.base.replace(decode="hybrid", workers=max(1, hw - 4))),
+        (f"hybrid_w{hw + 2}", c.base.replace(decode="hybrid", workers=hw + 2)),
+    ):
+        c.r["warm"][label] = e2e(cfg.replace(out=c.tmp / "s"))
+        print(f"WARM end to end {label}: {c.r['warm'][label]}", flush=True)
+        shutil.rmtree(c.tmp / "s")
+
+
+def step_threads(c: Context) -> None:  # compiled trunk, warm: how many threads preparing device batches pay, per mode
+    c.fx.PREP_THREADS = 2
+    run_extraction(c.base.replace(out=c.tmp / "tw", splits=("test",), compile=True))
+    c.r.setdefault("warm", {})
+    for mode in ("gpu", "hybrid"):
+        for n in (1, 3):
+            c.fx.PREP_THREADS = n
+            label = f"{mode}_t{n}_compile"
+            c.r["warm"][label] = e2e(c.base.replace(out=c.tmp / "t", decode=mode, compile=True))
+            print(f"WARM end to end {label}: {c.r['warm'][label]}", flush=True)
+            shutil.rmtree(c.tmp / "t")
+    c.fx.PREP_THREADS = 2
+
+
+def step_profile(c: Context) -> None:  # where a fresh CLI process spends the time around the loop: cold compiled run, then a no-op
+    cmd = [*cli_args(c.root, c.tmp / "prof"), "--compile"]
+    for label, pre in (("cold_cli_compile", []), ("noop_cli_profiled", ["-m", "cProfile", "-o", str(c.tmp / "p")])):
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, *pre, *cmd], capture_output=True, text=True)
+        c.r[label] = {"seconds": round(time.perf_counter() - t, 2), "rc": p.returncode}
+        print(label, c.r[label], p.stdout[-600:], p.stderr[-600:], flush=True)
+    import io
+    import pstats
+
+    buf = io.StringIO()
+    pstats.Stats(str(c.tmp / "p"), stream=buf).sort_stats("cumulative").print_stats(25)
+    (c.a.out / "noop_profile.txt").write_text(buf.getvalue())
+    print(buf.getvalue()[-4000:], flush=True)
+
+
+STEPS = {  # step name -> (function, optional: skipped past --budget)
+    "cold": (step_cold, False),
+    "warm": (step_warm, False),
+    "parts": (step_parts, False),
+    "agreement": (step_agreement, False),
+    "real": (step_real, False),
+    "compile": (step_compiled, True),
+    "sweep": (step_sweep, True),
+    "threads": (step_threads, True),
+    "profile": (step_profile, True),
+}
+
+
+def run_step(c: Context, title: str, fn, t_start: float, optional: bool = False) -> None:
+    """One step, timed; a failure is recorded and reported, and the others still run."""
+    if optional and time.perf_counter() - t_start > c.a.budget:
+        print(f"SKIPPED {title}: over the time budget", flush=True)
+        return
+    t = time.perf_counter()
+    try:
+        fn(c)
+    except Exception as e:  # report and go on: one failing step must not cost the others
+        c.r.setdefault("errors", {})[title] = repr(e)
+        print(f"FAILED {title}: {e!r}", flush=True)
+    print(f"[{title}: {time.perf_counter() - t:.1f} s]", flush=True)
+    (c.a.out / "gpu_check.json").write_text(json.dumps(c.r, indent=1))
+
+
+def main() -> None:
+    a = parse_args()
     steps = set(a.steps.split(","))
-    iters, peak_n = (1, 512) if a.smoke else (20, 8192)
+    if not (a.photos and a.weights):
+        steps.discard("real")
     t_start = time.perf_counter()
     a.out.mkdir(parents=True, exist_ok=True)
     import torchvision
@@ -225,235 +454,27 @@ def main() -> None:
     import flowerfeat.extraction as fx
 
     name = torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu"
-    r: dict = {
-        "device": name,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "cpus": os.cpu_count(),
-    }
+    r: dict = {"device": name, "torch": torch.__version__, "torchvision": torchvision.__version__}
+    r["cpus"] = os.cpu_count()
     print(r, flush=True)
-
-    def step(title, fn, optional=False):
-        if title not in steps and title != "peak":
-            return
-        if optional and time.perf_counter() - t_start > a.budget:
-            print(f"SKIPPED {title}: over the time budget", flush=True)
-            return
-        t = time.perf_counter()
-        try:
-            fn()
-        except Exception as e:  # report and go on: one failing step must not cost the others
-            r.setdefault("errors", {})[title] = repr(e)
-            print(f"FAILED {title}: {e!r}", flush=True)
-        print(f"[{title}: {time.perf_counter() - t:.1f} s]", flush=True)
-        (a.out / "gpu_check.json").write_text(json.dumps(r, indent=1))
-
-    def peak():
-        r["bf16_matmul_tflops"] = round(matmul_peak(torch.bfloat16, DEV, n=peak_n) / 1000)
-        print(f"bf16 matmul peak: {r['bf16_matmul_tflops']} TFLOP/s", flush=True)
-
-    step("peak", peak)
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    root = tmp / "photos"
+    base = ExtractConfig(data=tmp / "photos", out=tmp / "w", layer="fc7", weights="none", splits=("train",))
+    c = Context(a, r, tmp, tmp / "photos", base.replace(batch_size=a.batch), *((1, 512) if a.smoke else (20, 8192)))
+    c.fx = fx
+    run_step(c, "peak", step_peak, t_start)
     t = time.perf_counter()
-    n_train, mean_bytes = synth(root, a.n, a.copies)
-    r["synth"] = {"jpegs": a.n, "train_files": n_train, "mean_kb": round(mean_bytes / 1024, 1)}
+    c.n_train, mean_bytes = synth(c.root, a.n, a.copies)
+    r["synth"] = {"jpegs": a.n, "train_files": c.n_train, "mean_kb": round(mean_bytes / 1024, 1)}
     print(
-        f"synthesised {a.n} JPEGs (mean {mean_bytes / 1024:.0f} KB) -> {n_train} train files "
+        f"synthesised {a.n} JPEGs (mean {mean_bytes / 1024:.0f} KB) -> {c.n_train} train files "
         f"in {time.perf_counter() - t:.0f} s",
         flush=True,
     )
-
-    def cold():  # the CLI in a fresh process, as a user runs it: python start, imports, cuDNN tuning included
-        cmd = [sys.executable, *cli_args(root, tmp / "cli"), "--batch-size", str(a.batch)]
-        t = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        dt = time.perf_counter() - t
-        print(p.stdout[-800:], p.stderr[-800:], flush=True)
-        r["cold_cli"] = {"seconds": round(dt, 2), "images_per_s": round(n_train / dt), "rc": p.returncode}
-        print(f"cold_cli: {n_train} images, {dt:.1f} s", flush=True)
-        t = time.perf_counter()
-        code = (
-            "import torch, flowerfeat.cli, flowerfeat.extraction; torch.cuda.is_available() and torch.zeros(1).cuda()"
-        )
-        subprocess.run([sys.executable, "-c", code])
-        r["import_and_cuda_init_s"] = round(time.perf_counter() - t, 2)
-        shutil.rmtree(tmp / "cli")
-
-    step("cold", cold)
-    base = ExtractConfig(data=root, out=tmp / "w", layer="fc7", weights="none", splits=("train",), batch_size=a.batch)
-
-    def warm():  # in this process, after one run has tuned cuDNN and started nvjpeg; default workers
-        run_extraction(base.replace(out=tmp / "warmup", splits=("test",)))
-        r["warm"] = {}
-        for label, cfg in (
-            ("gpu", base.replace(out=tmp / "a")),
-            ("gpu_again", base.replace(out=tmp / "b")),
-            ("hybrid", base.replace(out=tmp / "h", decode="hybrid")),
-            ("hybrid_again", base.replace(out=tmp / "h2", decode="hybrid")),
-        ):
-            r["warm"][label] = e2e(cfg)
-            print(f"WARM end to end {label}: {r['warm'][label]}", flush=True)
-        fa, fb = (load(tmp / d, "train") for d in ("a", "b"))
-        assert fa.paths == fb.paths
-        r["repeat_max_abs_diff"] = float(np.abs(fa.X - fb.X).max())
-        r["repeat_min_cosine"] = float(cosine(fa.X, fb.X).min())
-        fh = load(tmp / "h", "train")
-        r["hybrid_vs_gpu_min_cosine"] = float(cosine(fa.X, fh.X).min())
-        print(
-            f"two identical runs: max |diff| {r['repeat_max_abs_diff']:.3g}, min cosine {r['repeat_min_cosine']:.6f}; "
-            f"hybrid vs gpu: min cosine {r['hybrid_vs_gpu_min_cosine']:.5f}",
-            flush=True,
-        )
-        for d in ("b", "h2"):
-            shutil.rmtree(tmp / d)
-
-    step("warm", warm)
-
-    def parts():
-        for layer, batch in (("fc7", a.batch), ("pool5", a.batch)):
-            ips, _ = model_only(layer, batch, iters)
-            r[f"model_{layer}_b{batch}"] = round(ips)
-            print(
-                f"model only {layer} bf16 batch {batch}: {ips:.0f} images/s = {ips * GFLOP[layer] / 1000:.0f} TFLOP/s",
-                flush=True,
-            )
-        r["loader_w8"] = round(loader_rate(root, a.batch, 8))
-        print(f"loader only, 8 workers reading: {r['loader_w8']} images/s", flush=True)
-        hw = fx.default_workers("hybrid", DEV)
-        r[f"loader_hybrid_w{hw}"] = round(loader_rate(root, a.batch, hw, "hybrid"))
-        print(f"loader only, {hw} workers decoding (hybrid): {r[f'loader_hybrid_w{hw}']} images/s", flush=True)
-        r["prep"] = prep_rates(raw_batches(root, a.batch))
-        print(f"GPU preparation alone, nvjpeg (images/s): {r['prep']}", flush=True)
-        r["prep_hybrid"] = prep_rates(raw_batches(root, a.batch, mode="hybrid"))
-        print(f"GPU preparation alone, decoded in the workers (images/s): {r['prep_hybrid']}", flush=True)
-
-    step("parts", parts)
-
-    def agreement():  # synthetic test split, odd files included, several batches: each path vs the CPU fp32 PIL path
-        c = base.replace(out=tmp / "ac", splits=("test",), precision="fp32", decode="cpu", device="cpu")
-        c = c.replace(batch_size=32, workers=4)
-        run_extraction(c)
-        fc = load(tmp / "ac", "test")
-        for mode in ("gpu", "hybrid"):
-            run_extraction(base.replace(out=tmp / f"ag_{mode}", splits=("test",), batch_size=64, decode=mode))
-            fg = load(tmp / f"ag_{mode}", "test")
-            assert fg.paths == fc.paths, f"{mode} and CPU paths kept different images"
-            cos = cosine(fg.X, fc.X)
-            res = r[f"agreement_synthetic_{mode}"] = {
-                "images": len(cos),
-                "mean": float(cos.mean()),
-                "min": float(cos.min()),
-            }
-            for kind in KINDS:
-                k = np.array([Path(p).name.startswith(kind) for p in fg.paths])
-                res[f"min_{kind}"] = float(cos[k].min()) if k.any() else None
-            print(f"agreement {mode} (bf16) vs CPU (fp32, PIL), synthetic: {res}", flush=True)
-
-    step("agreement", agreement)
-
-    def real():  # real photos and weights: both modes' features come back in --out; a CPU fp32 reference on a subset
-        w = tmp / "w.pth"
-        torch.save({k: v.float() for k, v in torch.load(a.weights, weights_only=True).items()}, w)
-        cfg = ExtractConfig(data=a.photos, out=a.out, layer="pool5", weights=str(w), batch_size=a.batch)
-        cfg = cfg.replace(dtype="float16", compression="gzip")
-        for mode, out in (("gpu", "real"), ("hybrid", "real_hybrid")):
-            t = time.perf_counter()
-            res = run_extraction(cfg.replace(out=a.out / out, decode=mode))
-            dt = time.perf_counter() - t
-            rows = sum(x.rows for x in res)
-            r[f"{out}_extract"] = {"rows": rows, "seconds": round(dt, 2), "images_per_s": round(rows / dt)}
-            print(f"real photos pool5, {mode}: {r[f'{out}_extract']}", flush=True)
-        sub = tmp / "real_subset"  # the first --real-ref test photos of each class, for the CPU fp32 PIL path
-        for cls in sorted(d for d in (a.photos / "test").iterdir() if d.is_dir()):
-            (sub / "test" / cls.name).mkdir(parents=True)
-            for f in sorted(cls.iterdir())[: a.real_ref]:
-                (sub / "test" / cls.name / f.name).symlink_to(f.resolve())
-        ref = cfg.replace(data=sub, out=tmp / "real_cpu", splits=("test",), precision="fp32", decode="cpu")
-        run_extraction(ref.replace(device="cpu", batch_size=32, workers=4, dtype="float32", compression="none"))
-        fc = load(tmp / "real_cpu", "test")
-        for out in ("real", "real_hybrid"):
-            fg = load(a.out / out, "test")
-            rows = {p: i for i, p in enumerate(fg.paths)}
-            cos = cosine(fg.X[[rows[p] for p in fc.paths]].astype(np.float32), fc.X)
-            r[f"{out}_vs_cpu_fp32"] = {"images": len(cos), "mean": float(cos.mean()), "min": float(cos.min())}
-            how = f"{fg.meta['decoder']}, {fg.meta['precision']}"
-            print(f"real photos pool5, {out} ({how}) vs CPU (pil, fp32): {r[f'{out}_vs_cpu_fp32']}", flush=True)
-
-    if a.photos and a.weights:
-        step("real", real)
-
-    def compiled():
-        ips, first = model_only("fc7", a.batch, iters, compile=True)
-        r["model_fc7_compiled"] = {"images_per_s": round(ips), "first_call_s": round(first, 1)}
-        print(
-            f"model only fc7 bf16 batch {a.batch}, torch.compile: {ips:.0f} images/s "
-            f"({ips * GFLOP['fc7'] / 1000:.0f} TFLOP/s); first call {first:.0f} s",
-            flush=True,
-        )
-        r.setdefault("warm", {})
-        for mode in ("gpu", "hybrid"):
-            r["warm"][f"{mode}_compile"] = e2e(base.replace(out=tmp / f"g_{mode}", decode=mode, compile=True))
-            print(f"WARM end to end {mode}_compile: {r['warm'][f'{mode}_compile']}", flush=True)
-        if (tmp / "a").exists():
-            fa, fb = (load(tmp / d, "train") for d in ("a", "g_gpu"))
-            r["compile_vs_eager_min_cosine"] = float(cosine(fa.X, fb.X).min())
-            print(f"compiled vs eager features: min cosine {r['compile_vs_eager_min_cosine']:.6f}", flush=True)
-        for d in ("g_gpu", "g_hybrid"):
-            shutil.rmtree(tmp / d)
-
-    step("compile", compiled, optional=True)
-
-    def sweep():  # warm, eager: readers per mode, float16 storage
-        r.setdefault("warm", {})
-        hw = fx.default_workers("hybrid", DEV)
-        for label, cfg in (
-            ("gpu_w12", base.replace(workers=12)),
-            ("gpu_w16", base.replace(workers=16)),
-            ("gpu_f16", base.replace(dtype="float16")),
-            (f"hybrid_w{max(1, hw - 4)}", base.replace(decode="hybrid", workers=max(1, hw - 4))),
-            (f"hybrid_w{hw + 2}", base.replace(decode="hybrid", workers=hw + 2)),
-        ):
-            r["warm"][label] = e2e(cfg.replace(out=tmp / "s"))
-            print(f"WARM end to end {label}: {r['warm'][label]}", flush=True)
-            shutil.rmtree(tmp / "s")
-
-    step("sweep", sweep, optional=True)
-
-    def threads():  # compiled trunk, warm: how many threads preparing device batches pay, per mode
-        fx.PREP_THREADS = 2
-        run_extraction(base.replace(out=tmp / "tw", splits=("test",), compile=True))
-        r.setdefault("warm", {})
-        for mode in ("gpu", "hybrid"):
-            for n in (1, 3):
-                fx.PREP_THREADS = n
-                label = f"{mode}_t{n}_compile"
-                r["warm"][label] = e2e(base.replace(out=tmp / "t", decode=mode, compile=True))
-                print(f"WARM end to end {label}: {r['warm'][label]}", flush=True)
-                shutil.rmtree(tmp / "t")
-        fx.PREP_THREADS = 2
-
-    step("threads", threads, optional=True)
-
-    def profile():  # where a fresh CLI process spends the time around the loop: cold compiled run, then a no-op
-        cmd = [*cli_args(root, tmp / "prof"), "--compile"]
-        for label, pre in (("cold_cli_compile", []), ("noop_cli_profiled", ["-m", "cProfile", "-o", str(tmp / "p")])):
-            t = time.perf_counter()
-            p = subprocess.run([sys.executable, *pre, *cmd], capture_output=True, text=True)
-            r[label] = {"seconds": round(time.perf_counter() - t, 2), "rc": p.returncode}
-            print(label, r[label], p.stdout[-600:], p.stderr[-600:], flush=True)
-        import io
-        import pstats
-
-        buf = io.StringIO()
-        pstats.Stats(str(tmp / "p"), stream=buf).sort_stats("cumulative").print_stats(25)
-        (a.out / "noop_profile.txt").write_text(buf.getvalue())
-        print(buf.getvalue()[-4000:], flush=True)
-
-    step("profile", profile, optional=True)
+    for title, (fn, optional) in STEPS.items():
+        if title in steps:
+            run_step(c, title, fn, t_start, optional)
     (a.out / "gpu_check.json").write_text(json.dumps(r, indent=1))
     print("\nSUMMARY", json.dumps(r))
-
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from flowerfeat.backbones import Backbone, Cut
+from flowerfeat.backbones.vgg import VGG16
+from flowerfeat.weights import WeightsInfo, load_state_dict, resolve_local
+
 COLOURS = {"daisy": (230, 230, 60), "roses": (200, 30, 40), "tulips": (60, 60, 210)}
 
 
@@ -42,8 +46,8 @@ def make_folder(root: Path, per_class: dict[str, int] | None = None, classes=tup
     return root
 
 
-# the cache folder the tiny trunk's features go to: <layer>-<weights tag>
-TINY = "fc7-custom-tiny-trunk-v1"
+# the cache folder the tiny trunk's features go to: <model>-<layer>-<weights tag>
+TINY = "vgg16-fc7-custom-tiny-trunk-v1"
 
 
 class TinyTrunk(nn.Module):
@@ -64,13 +68,50 @@ class TinyTrunk(nn.Module):
         return torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 2), 1)  # (B, 24)
 
 
+class TinyBackbone(Backbone):
+    """A backbone registered as a user would (``backbones.register``): the tiny trunk cut at its 2 x 2 grid or its
+    channel means, VGG16's preprocessing, random weights or a state dict of its own."""
+
+    name, family = "tiny", "tests"
+
+    def cuts(self):
+        return {"grid": Cut("grid", 24, 0.25, "2 x 2 pooled"), "mean": Cut("mean", 6, 0.0, "averaged")}
+
+    def resolve_weights(self, weights):
+        return resolve_local("none" if weights == "imagenet" else weights, self.name)
+
+    def preprocessing(self, weights):
+        return VGG16().preprocessing(weights)
+
+    def load(self, weights, cut):
+        trunk = TinyTrunk()
+        if weights.kind == "file":
+            trunk.load_state_dict(load_state_dict(weights.path, self.name))
+        return trunk if cut == "grid" else nn.Sequential(trunk, nn.Unflatten(1, (6, 4)), MeanLast())
+
+
+class MeanLast(nn.Module):
+    def forward(self, x):
+        return x.mean(-1)  # (B, 6, 4) -> (B, 6)
+
+
+@pytest.fixture(autouse=True)
+def tiny_backbone():
+    """``--model tiny`` for every test, registered through the same door as any backbone."""
+    from flowerfeat import backbones
+
+    backbones.register("tiny", TinyBackbone)
+    yield
+    backbones.unregister("tiny")
+
+
 @pytest.fixture(autouse=True)
 def torch_engine_unless_asked(request, monkeypatch):
     """Tests run the torch engine (exporting VGG16 to ONNX costs seconds a run) unless marked onnxruntime."""
     if "onnxruntime" not in request.keywords:
-        from flowerfeat import backbone
+        from flowerfeat import runtime
 
-        monkeypatch.setattr(backbone, "engine_available", lambda engine: engine == "torch")
+        monkeypatch.setattr(runtime, "engine_available", lambda engine: engine == "torch")
 
 
 @pytest.fixture
@@ -86,10 +127,47 @@ def tiny_trunk() -> TinyTrunk:
 def write_features(
     path: Path, x: np.ndarray, y: np.ndarray, classes=("a", "b", "c"), views=None, **meta_changes
 ) -> Path:
-    """A hand-built finished feature file (no trunk involved), for the trainer and the report."""
-    from flowerfeat import store
+    """A hand-built finished feature file (no trunk involved), for the trainer and the report. Defaults describe
+    random-init VGG16 fc7 features; ``meta_changes`` overrides any attribute."""
+    from flowerfeat import FORMAT_VERSION
+    from flowerfeat.store import fingerprint, model_key, write_feature_file
 
-    return store.write_arrays(path, x, y, classes, views, **meta_changes)
+    n = len(y)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "split": path.stem,
+        "classes": list(classes),
+        "model": "vgg16",
+        "layer": "fc7",
+        "feature_dim": int(x.shape[1]),
+        "cut_dropout": 0.5,
+        "weights": "none:random-init-seed-0",
+        "weights_sha256": "",
+        "preprocessing": {"crop_size": [224]},
+        "decoder": "pil",
+        "precision": "fp32",
+        "engine": "torch",
+        "dtype": "float32",
+        "views": 0,
+        "view_seed": 0,
+        "data_root": str(path.parent),
+        "library_versions": {},
+        "extract_config": {},
+        **meta_changes,
+    }
+    if "cut_dropout" not in meta_changes:  # the dropout VGG16's own classifier applies at the layer
+        meta["cut_dropout"] = VGG16().cuts()[meta["layer"]].dropout if meta["layer"] in VGG16().cuts() else 0.0
+    meta["model_key"] = model_key(meta)
+    meta["fingerprint"] = fingerprint(meta, [(f"img{i}", int(t)) for i, t in enumerate(y)])
+    columns = {
+        "labels": y,
+        "paths": [f"{path.stem}/{classes[t]}/img{i // (1 + meta['views'])}.jpg" for i, t in enumerate(y)],
+        "views": np.zeros(n, np.int8) if views is None else views,
+        "file_sizes": np.ones(n),
+        "file_mtimes_ns": np.ones(n),
+    }
+    write_feature_file(path, meta, n, [(0, x.astype(meta["dtype"]))], columns, [])
+    return path
 
 
 def blobs(n_per_class: int, dim: int = 16, n_classes: int = 3, seed: int = 0, spread: float = 1.0, noise_seed=None):
@@ -193,3 +271,21 @@ def write_corpus(d: Path) -> dict[str, str]:
     (d / bad_name).write_bytes(_save(BASE, "JPEG"))
     expected[bad_name] = "not valid UTF-8"
     return expected
+
+
+RANDOM = WeightsInfo("none", "none")
+
+
+def vgg_transform():
+    """VGG16's eval transform (its weights' own)."""
+    return VGG16().preprocessing(RANDOM).transform()
+
+
+def vgg_trunk(layer: str = "fc7"):
+    """Random-init VGG16 cut at ``layer``, frozen."""
+    return VGG16().build(RANDOM, layer)
+
+
+def vgg_preprocessing() -> dict:
+    """VGG16's preprocessing as a feature file records it."""
+    return VGG16().preprocessing(RANDOM).to_dict()

@@ -176,3 +176,8 @@ def test_every_public_name_has_a_docstring_with_an_example():
     for name in flowerfeat.__all__:
         if name != "__version__":
             assert "Example::" in (getattr(flowerfeat, name).__doc__ or ""), name
+
+
+def test_config_errors_name_the_field_for_both_readers():
+    with pytest.raises(flowerfeat.FlowerfeatError, match=r"batch_size \(--batch-size\) must be >= 0, got -1"):
+        flowerfeat.ExtractConfig(batch_size=-1)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 
-from flowerfeat import backbone, bench
+from flowerfeat import runtime, bench
 from flowerfeat.config import ExtractConfig
-from conftest import make_folder
+from conftest import make_folder, vgg_trunk
 
 
 @pytest.mark.onnxruntime
@@ -23,10 +23,10 @@ def test_bench_runs_and_reports_ratios(tmp_path, monkeypatch):
     assert f["textbook_over_flowerfeat"] == f["textbook_s"] / f["flowerfeat_s"] > 0
     assert 0.99 < f["bf16_cosine"] <= 1.0 + 1e-6
     assert set(f["engines"]) == {"torch", "onnxruntime"} and f["engines"]["onnxruntime"]["min_cosine"] > 0.9999
-    assert any(s.startswith("engine onnxruntime: ") and "x torch" in s for s in lines)
+    assert any(s.startswith("engine onnxruntime (fp32): ") and "x torch" in s for s in lines)
     assert any(s.startswith("(a) textbook loop") for s in lines) and any("Test Accuracy (Overall)" in s for s in lines)
 
 
 def test_flop_count_matches_vgg16():
-    trunk = backbone.build_trunk(backbone.resolve_weights("none"), "fc7")
+    trunk = vgg_trunk("fc7")
     assert abs(bench.gflop_per_image(trunk) - 30.9) < 0.2  # VGG16 to fc7: 15.5 G multiply-adds

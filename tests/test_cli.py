@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from flowerfeat.cli import app
-from conftest import blobs, make_folder, write_features
+from conftest import RANDOM, blobs, make_folder, write_features
 
 runner = CliRunner()
 
@@ -26,10 +26,10 @@ def test_features_fit_report_end_to_end_with_vgg16(tmp_path):
     feats, head = tmp_path / "features", tmp_path / "runs" / "head.pt"
     r = run("features", "--data", data, "--out", feats, "--weights", "none", "--batch-size", "6", "--workers", "0")
     assert r.exit_code == 0, r.output
-    assert re.search(r"train: 12 extracted -> .*fc7-random/train\.h5 \(12 rows\)", r.output)
+    assert re.search(r"train: 12 extracted -> .*vgg16-fc7-random/train\.h5 \(12 rows\)", r.output)
     r = run("features", "--data", data, "--out", feats, "--weights", "none")
     assert r.exit_code == 0 and "train: up to date" in r.output and "test: up to date" in r.output
-    feats = feats / "fc7-random"
+    feats = feats / "vgg16-fc7-random"
     r = run("fit-head", "--features", feats / "train.h5", "--out", head, "--epochs", "2", "--batch-size", "4")
     assert r.exit_code == 0, r.output
     assert "Epoch 2 done" in r.output and f"Saved head to {head}" in r.output
@@ -75,7 +75,7 @@ STRUCTURAL = [
         lambda t: ["features", "--data", _data(t), "--out", _file(t) / "sub"],
         "output folder is not writable",
     ),
-    ("unknown layer", lambda t: ["features", "--data", _data(t), "--layer", "fc8"], "unknown layer 'fc8'"),
+    ("unknown layer", lambda t: ["features", "--data", _data(t), "--layer", "fc8"], "vgg16 has no layer 'fc8'; choose one of: fc7, fc6, pool5, pool5-gap"),
     (
         "weights not a state dict",
         lambda t: ["features", "--data", _data(t), "--layer", "pool5", "--weights", _file(t)],
@@ -84,10 +84,10 @@ STRUCTURAL = [
     (
         "weights with wrong shapes",
         lambda t: ["features", "--data", _data(t), "--layer", "pool5", "--weights", _bad_shapes(t)],
-        "has shape (2,), VGG16 needs (64, 3, 3, 3)",
+        "has shape (2,), vgg16 needs (64, 3, 3, 3)",
     ),
-    ("epochs 0", lambda t: ["fit-head", "--epochs", "0"], "--epochs must be > 0"),
-    ("epochs negative", lambda t: ["fit-head", "--epochs", "-3"], "--epochs must be > 0"),
+    ("epochs 0", lambda t: ["fit-head", "--epochs", "0"], "epochs (--epochs) must be > 0"),
+    ("epochs negative", lambda t: ["fit-head", "--epochs", "-3"], "epochs (--epochs) must be > 0"),
     ("feature file not HDF5", lambda t: ["fit-head", "--features", _file(t)], "not a readable HDF5 feature file"),
     ("feature file truncated", lambda t: ["fit-head", "--features", _truncated(t)], "truncated or corrupt"),
     (
@@ -150,9 +150,9 @@ def _file(t: Path) -> Path:
 
 
 def _bad_shapes(t: Path) -> Path:
-    from flowerfeat.backbone import _CONV_IDX
+    from flowerfeat.backbones.vgg import CONV_IDX
 
-    torch.save({f"features.{i}.{w}": torch.zeros(2) for i in _CONV_IDX for w in ("weight", "bias")}, t / "bad.pth")
+    torch.save({f"features.{i}.{w}": torch.zeros(2) for i in CONV_IDX for w in ("weight", "bias")}, t / "bad.pth")
     return t / "bad.pth"
 
 
@@ -210,7 +210,7 @@ def test_strict_exits_1_when_an_image_was_skipped(tmp_path):
         "--strict",
     )
     assert r.exit_code == 1 and "1 unreadable image(s) skipped" in r.output and "broken.jpg: empty file" in r.output
-    assert (tmp_path / "f" / "pool5-gap-random" / "train.h5").exists()  # the finished work is kept
+    assert (tmp_path / "f" / "vgg16-pool5-gap-random" / "train.h5").exists()  # the finished work is kept
 
 
 def test_every_command_has_help_with_an_example():
@@ -260,7 +260,7 @@ def test_progress_goes_to_a_log_as_plain_lines(tmp_path):
     out = _features(data, tmp_path / "f", "--layer", "pool5-gap", "--batch-size", "3")
     lines = out.splitlines()
     assert lines[0].startswith(f"scanning {data}: 9 train + 3 test images, 3 classes (")
-    assert any(s.startswith("loading weights (random init): done (") for s in lines)
+    assert any(s.startswith("loading vgg16 weights (random init): done (") for s in lines)
     progress = [s for s in lines if re.fullmatch(r"(train|test): \d+/\d+ images \(\d+ %\), [\d.]+ images/s, ETA .*", s)]
     assert progress[0].startswith("train: 3/9 images (33 %)")  # the first batch already has a rate and an ETA
     assert any(s.startswith("train: 9/9 images (100 %)") and " in " in s for s in lines)  # the split's end
@@ -272,9 +272,9 @@ def test_fit_head_report_predict_pick_the_latest_cache_or_the_layer_asked(tmp_pa
     _features(data, "data/features", "--layer", "pool5-gap")
     _features(data, "data/features", "--layer", "pool5")
     r = run("fit-head")  # the latest extraction: pool5
-    assert r.exit_code == 0 and "Saved head to data/runs/pool5-random/head.pt (pool5, 25088-d" in r.output, r.output
+    assert r.exit_code == 0 and "Saved head to data/runs/vgg16-pool5-random/head.pt (vgg16 pool5, 25088-d" in r.output, r.output
     r = run("fit-head", "--layer", "pool5-gap")
-    assert r.exit_code == 0 and "data/runs/pool5-gap-random/head.pt (pool5-gap, 512-d" in r.output, r.output
+    assert r.exit_code == 0 and "data/runs/vgg16-pool5-gap-random/head.pt (vgg16 pool5-gap, 512-d" in r.output, r.output
     for layer in ("pool5", "pool5-gap"):  # each cache and each head are still there
         r = run("report", "--layer", layer, "--json")
         assert r.exit_code == 0 and json.loads(r.output)["overall"]["total"] == 3, r.output
@@ -282,14 +282,15 @@ def test_fit_head_report_predict_pick_the_latest_cache_or_the_layer_asked(tmp_pa
     assert r.exit_code == 0 and r.output.startswith("Test Loss: "), r.output
     r = run("predict", data / "test", "--layer", "pool5")
     assert r.exit_code == 0 and len([s for s in r.output.splitlines() if "test_" in s]) == 3, r.output
-    assert run("report", "--layer", "fc7").output.startswith("error: data/runs: no head fitted on fc7 features")
+    assert run("report", "--layer", "fc7").output.startswith("error: data/runs: no head fitted on features of --layer fc7")
 
 
 def test_predict_finds_the_weights_file_the_head_remembers(tmp_path, monkeypatch):
-    from flowerfeat import backbone
+    from flowerfeat.backbones.vgg import VGG16
+    from flowerfeat.weights import sha256_file
 
     monkeypatch.chdir(tmp_path)
-    vgg = backbone.load_vgg16(backbone.resolve_weights("none"), "pool5")
+    vgg = VGG16().load_vgg16(RANDOM, "pool5")
     weights = tmp_path / "w" / "vgg16_conv.pth"
     weights.parent.mkdir()
     torch.save({k: v for k, v in vgg.state_dict().items() if k.startswith("features.")}, weights)
@@ -301,7 +302,7 @@ def test_predict_finds_the_weights_file_the_head_remembers(tmp_path, monkeypatch
     assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 3, r.output
     weights.rename(tmp_path / "moved.pth")
     r = run("predict", data / "test")
-    sha = backbone.sha256_file(tmp_path / "moved.pth")
+    sha = sha256_file(tmp_path / "moved.pth")
     assert r.exit_code == 2 and f"weights vgg16_conv.pth (sha256 {sha}), no longer at {weights}" in r.output
     assert "pass --weights PATH" in r.output
     assert run("predict", data / "test", "--weights", tmp_path / "moved.pth").exit_code == 0

@@ -20,11 +20,13 @@ def make_archive(path, members: dict[str, bytes]):
     return path
 
 
-def test_split_is_deterministic_and_about_15_percent():
+def test_split_is_deterministic_and_15_percent():
+    from flowerfeat.data import held_out
+
     names = [f"{i}_photo_{i * 7919 % 10007}.jpg" for i in range(4000)]
-    first = [download.is_test(n) for n in names]
-    assert first == [download.is_test(n) for n in reversed(names)][::-1]
-    assert 0.13 < sum(first) / len(first) < 0.17
+    first = held_out(names, download.TEST_FRACTION)
+    assert first == held_out(list(reversed(names)), download.TEST_FRACTION) and len(first) == 600
+    assert len(held_out(names + ["new.jpg"], download.TEST_FRACTION) ^ first) <= 2  # one more file moves few
 
 
 def test_download_lays_out_train_and_test(tmp_path):
@@ -35,10 +37,11 @@ def test_download_lays_out_train_and_test(tmp_path):
     assert counts["train"] + counts["test"] == 80 and counts["test"] > 0
     for split in ("train", "test"):
         assert sorted(p.name for p in (tmp_path / "out" / split).iterdir()) == ["daisy", "roses"]
+    from flowerfeat.data import held_out
+
     test_names = {p.name for p in (tmp_path / "out" / "test").rglob("*.jpg")}
-    assert test_names == {
-        n.split("/")[-1] for n in members if n.endswith(".jpg") and download.is_test(n.split("/")[-1])
-    }
+    names = [n.split("/")[-1] for n in members if n.endswith(".jpg")]
+    assert test_names == held_out(names[:40], 0.15) | held_out(names[40:], 0.15) and len(test_names) == 12
     assert not list(tmp_path.glob(".download-*"))  # the work folder is gone
 
 

@@ -6,46 +6,46 @@ import numpy as np
 import pytest
 import torch
 
-from flowerfeat import backbone, store
+from flowerfeat import runtime, store
 from flowerfeat.errors import FlowerfeatError
 from conftest import extract
 
 
 def test_auto_picks_onnxruntime_only_where_it_can_run(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(backbone, "engine_available", lambda e: True)
-    assert backbone.resolve_engine("auto", cpu, "fp32") == "onnxruntime"
+    monkeypatch.setattr(runtime, "engine_available", lambda e: True)
+    assert runtime.resolve_engine("auto", cpu, "fp32") == "onnxruntime"
     assert (
-        backbone.resolve_engine("auto", cpu, "bf16") == "torch"
-        and backbone.resolve_engine("auto", cuda, "bf16") == "torch"
+        runtime.resolve_engine("auto", cpu, "bf16") == "torch"
+        and runtime.resolve_engine("auto", cuda, "bf16") == "torch"
     )
     assert (
-        backbone.resolve_engine("auto", cpu, "fp32", previous="torch") == "torch"
+        runtime.resolve_engine("auto", cpu, "fp32", previous="torch") == "torch"
     )  # the cache's engine: no re-extraction
     with pytest.raises(FlowerfeatError, match="runs on the CPU in fp32"):
-        backbone.resolve_engine("onnxruntime", cuda, "bf16")
-    monkeypatch.setattr(backbone, "engine_available", lambda e: e == "torch")
-    assert backbone.resolve_engine("auto", cpu, "fp32", previous="onnxruntime") == "torch"  # not installed here
+        runtime.resolve_engine("onnxruntime", cuda, "bf16")
+    monkeypatch.setattr(runtime, "engine_available", lambda e: e == "torch")
+    assert runtime.resolve_engine("auto", cpu, "fp32", previous="onnxruntime") == "torch"  # not installed here
     with pytest.raises(FlowerfeatError, match=r"pip install 'flowerfeat\[onnx\]'"):
-        backbone.resolve_engine("onnxruntime", cpu, "fp32")
+        runtime.resolve_engine("onnxruntime", cpu, "fp32")
 
 
-def test_the_torch_engine_keeps_the_cache_key_of_files_made_before_engines():
-    meta = {k: k for k in store.MODEL_KEY_FIELDS if k != "engine"}
-    assert store.model_key(meta) == store.model_key({**meta, "engine": "torch"})
-    assert store.model_key(meta) != store.model_key({**meta, "engine": "onnxruntime"})
+def test_the_engine_and_the_model_are_in_the_cache_key():
+    meta = {k: k for k in store.MODEL_KEY_FIELDS}
+    assert store.model_key({**meta, "engine": "torch"}) != store.model_key({**meta, "engine": "onnxruntime"})
+    assert store.model_key({**meta, "model": "vgg16"}) != store.model_key({**meta, "model": "resnet50"})
 
 
 @pytest.mark.onnxruntime
 def test_onnxruntime_features_agree_with_torch_and_are_keyed_apart(folder, tmp_path, tiny_trunk):
-    ref = extract(folder, tmp_path / "f", tiny_trunk, engine="torch")
+    ref = extract(folder, tmp_path / "f", tiny_trunk, engine="torch", precision="fp32")  # the engine runs fp32
     a = store.load_features(ref["train"].path)
     assert a.meta["engine"] == "torch"
-    ort = extract(folder, tmp_path / "f", tiny_trunk, engine="onnxruntime")
+    ort = extract(folder, tmp_path / "f", tiny_trunk, engine="onnxruntime", precision="fp32")
     assert ort["train"].computed == 18 and "engine torch -> onnxruntime" in ort["train"].reason
     b = store.load_features(ort["train"].path)
     assert b.meta["engine"] == "onnxruntime" and "onnxruntime" in b.meta["library_versions"]
     cos = (a.X * b.X).sum(1) / (np.linalg.norm(a.X, axis=1) * np.linalg.norm(b.X, axis=1))
     assert cos.min() > 0.99999 and np.abs(a.X - b.X).max() < 1e-4 * np.abs(a.X).max()
-    again = extract(folder, tmp_path / "f", tiny_trunk)  # auto: the cache's engine, nothing recomputed
+    again = extract(folder, tmp_path / "f", tiny_trunk, precision="fp32")  # auto: the cache's engine
     assert again["train"].status == "up to date"

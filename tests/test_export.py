@@ -14,10 +14,10 @@ import torchvision
 from typer.testing import CliRunner
 
 import flowerfeat
-from flowerfeat import backbone, train
+from flowerfeat import runtime, train
 from flowerfeat.cli import app
 from flowerfeat.config import FitConfig
-from conftest import blobs, make_folder, make_image, write_features
+from conftest import blobs, make_folder, make_image, vgg_preprocessing, vgg_transform, vgg_trunk, write_features
 
 runner = CliRunner()
 
@@ -26,7 +26,7 @@ def _head(tmp, dim: int, **meta) -> Path:
     """A head on hand-made rows that claim to be random-init VGG16 features (classes daisy/roses/tulips)."""
     x, y = blobs(10, dim=dim)
     path = write_features(
-        tmp / "train.h5", x, y, classes=("daisy", "roses", "tulips"), preprocessing=backbone.preprocessing(), **meta
+        tmp / "train.h5", x, y, classes=("daisy", "roses", "tulips"), preprocessing=vgg_preprocessing(), **meta
     )
     cfg = FitConfig(features=path)
     res, feature_meta = train.fit(cfg)
@@ -43,8 +43,8 @@ def test_torchvision_format_is_vgg16_with_the_layer_in_classifier_6(tmp_path):
     model.load_state_dict(torch.load(tmp_path / "vgg.pth", weights_only=True))
     model.eval()
     ck = train.Head.load(head)
-    trunk = backbone.build_trunk(backbone.resolve_weights("none"), "fc7")
-    x = torch.stack([backbone.build_transform()(make_image(c, 0, (64, 48))) for c in range(3)])
+    trunk = vgg_trunk("fc7")
+    x = torch.stack([vgg_transform()(make_image(c, 0, (64, 48))) for c in range(3)])
     with torch.inference_mode():
         expected = trunk(x) @ ck.weight.T + ck.bias
         got = model(x)
@@ -57,7 +57,7 @@ def test_what_cannot_be_exported_is_refused_before_anything_else(tmp_path, monke
     r = runner.invoke(app, ["export", str(tmp_path / "vgg.pth"), "--head", str(head)])
     assert (
         r.exit_code == 2
-        and "only an fc7 head is VGG16's classifier[6] (export it with --format pt2 or onnx" in r.output
+        and "vgg16 pool5-gap features; a torchvision state dict holds heads on a torchvision model's last-layer input" in r.output
     )
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None if name == "onnxscript" else object())
     r = runner.invoke(app, ["export", str(tmp_path / "m.onnx"), "--head", str(head)])
@@ -77,7 +77,8 @@ def pool5_gap(tmp_path_factory):
     """A head on real VGG16 pool5-gap features (random weights) of a tiny folder, and its test images."""
     tmp = tmp_path_factory.mktemp("exp")
     data = make_folder(tmp / "d", {"train": 3, "test": 1})
-    files = flowerfeat.extract(data, tmp / "f", layer="pool5-gap", weights="none", batch_size=6, workers=0)
+    # fp32 as the exported models run (auto would take bf16 on a CPU with native bf16)
+    files = flowerfeat.extract(data, tmp / "f", layer="pool5-gap", weights="none", batch_size=6, workers=0, precision="fp32")
     head = flowerfeat.fit_head(files["train"], epochs=2).save(tmp / "head.pt")
     return head, sorted((data / "test").rglob("*.*"))
 
@@ -92,7 +93,7 @@ def _predicted(head: Path, images) -> np.ndarray:
 def _inputs(images) -> torch.Tensor:
     from flowerfeat.data import load_image
 
-    return torch.stack([backbone.build_transform()(load_image(p)) for p in images])  # as the JSON describes
+    return torch.stack([vgg_transform()(load_image(p)) for p in images])  # as the JSON describes
 
 
 @pytest.mark.parametrize("suffix", [".pt2", ".onnx"])

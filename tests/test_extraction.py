@@ -170,11 +170,9 @@ def test_disk_full_is_one_line_and_resumable(folder, tmp_path, tiny_trunk, monke
         raise OSError(28, "No space left on device", str(tmp_path / "f" / TINY / "train.h5.partial"))
 
     monkeypatch.setattr(store.ShardLog, "append", full)
-    monkeypatch.setattr("flowerfeat.backbone.build_trunk", lambda *a, **k: tiny_trunk)
-    monkeypatch.setattr("flowerfeat.extraction.FEATURE_DIMS", {"fc7": 24})
     r = CliRunner().invoke(
         cli.app,
-        ["features", "--data", str(folder), "--out", str(tmp_path / "f"), "--weights", "none", "--workers", "0"],
+        ["features", "--data", str(folder), "--out", str(tmp_path / "f"), "--model", "tiny", "--workers", "0"],
     )
     assert r.exit_code == 1 and "No space left on device; finished batches are saved" in r.output
     assert "Traceback" not in r.output
@@ -215,7 +213,7 @@ def test_broken_links_are_skipped_and_recorded_links_to_images_extracted(folder,
 def test_each_layer_and_weights_keeps_its_own_cache(folder, tmp_path, tiny_trunk):
     a = extract(folder, tmp_path / "f", tiny_trunk, layer="pool5-gap")
     b = extract(folder, tmp_path / "f", tiny_trunk, layer="pool5")
-    assert a["train"].path.parent.name == "pool5-gap-custom-tiny-trunk-v1" and b[
+    assert a["train"].path.parent.name == "vgg16-pool5-gap-custom-tiny-trunk-v1" and b[
         "train"
     ].path.parent.name == TINY.replace("fc7", "pool5")
     assert a["train"].path.exists() and b["train"].path.exists()  # switching --layer orphans nothing
@@ -223,21 +221,23 @@ def test_each_layer_and_weights_keeps_its_own_cache(folder, tmp_path, tiny_trunk
     assert store.find_features(tmp_path / "f", "train") == b["train"].path  # the latest extraction
     assert store.find_features(tmp_path / "f", "test", layer="pool5-gap") == a["test"].path
     assert store.find_features(a["train"].path.parent, "train") == a["train"].path
-    with pytest.raises(FlowerfeatError, match="no fc6 features .*there are: pool5-custom"):
+    with pytest.raises(FlowerfeatError, match="no features for --layer fc6 .*there are: vgg16-pool5-custom"):
         store.find_features(tmp_path / "f", "train", layer="fc6")
     again = extract(folder, tmp_path / "f", tiny_trunk, layer="pool5-gap")
     assert again["train"].status == "up to date" and store.find_features(tmp_path / "f", "train") == a["train"].path
 
 
-def test_a_cache_from_the_single_folder_layout_is_moved_not_recomputed(folder, tmp_path, tiny_trunk):
-    old = extract(folder, tmp_path / "f", tiny_trunk)
-    for split in ("train", "test"):  # where earlier versions kept the files: <out>/<split>.h5
-        old[split].path.rename(tmp_path / "f" / f"{split}.h5")
+def test_a_file_of_an_older_format_is_rebuilt_never_mixed(folder, tmp_path, tiny_trunk):
+    import h5py
+
+    first = extract(folder, tmp_path / "f", tiny_trunk)
+    with h5py.File(first["train"].path, "r+") as f:
+        f.attrs["format_version"] = 1  # as flowerfeat 0.1 wrote it, before the model was recorded
+    with pytest.raises(FlowerfeatError, match="made by an earlier flowerfeat .*extract again"):
+        store.read_meta(first["train"].path)
     res = extract(folder, tmp_path / "f", tiny_trunk)
-    assert res["train"].computed == 0 and res["train"].reused == 18 and "copied the rows of" in res["train"].reason
-    np.testing.assert_array_equal(
-        store.load_features(res["train"].path).X, store.load_features(tmp_path / "f" / "train.h5").X
-    )
+    assert res["train"].computed == 18 and res["train"].reused == 0 and "unusable" in res["train"].reason
+    assert store.read_meta(res["train"].path)["format_version"] == store.FORMAT_VERSION
 
 
 def test_the_split_is_recorded_and_fingerprinted(tmp_path, tiny_trunk):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flowerfeat import backbone, store
+from flowerfeat import runtime, store
 from flowerfeat.config import ExtractConfig
 from flowerfeat.data import scan_data
 from flowerfeat.extraction import decode_plan, default_workers, run_extraction
@@ -22,7 +22,7 @@ from flowerfeat.gpudecode import (
     collate_raw,
     gpu_eligible,
 )
-from conftest import TINY, extract, make_image, write_corpus
+from conftest import TINY, extract, make_image, vgg_transform, write_corpus
 
 
 def _jpeg(img, **kw):
@@ -89,7 +89,7 @@ def test_gpu_path_applies_exif_orientation_like_pil(tmp_path, orientation):
         (root / split / "a").mkdir(parents=True)
         img.save(root / split / "a" / "r.jpg", "JPEG", quality=95, exif=exif.tobytes())
     split = scan_data(root, ("train",))["train"]
-    transform = backbone.build_transform()
+    transform = vgg_transform()
     ds = RawUnitDataset(split, 0, transform, None, 0)
     assert ds[0][0][1] == orientation
     x, ids, skipped = GpuPreprocess(torch.device("cpu"), transform)(collate_raw([ds[0]]))
@@ -129,7 +129,7 @@ def test_resize_and_crop_give_pils_pixels(hw):
     # result once instead puts every fifth value a level off.
     from torchvision.transforms.v2 import functional as F
 
-    transform = backbone.build_transform()
+    transform = vgg_transform()
     a = np.random.default_rng(0).integers(0, 256, (*hw, 3), dtype=np.uint8)
     resized = F.resize(Image.fromarray(a), list(transform.resize_size), antialias=True)
     want = np.asarray(F.center_crop(resized, list(transform.crop_size)), dtype=np.float32)
@@ -144,7 +144,7 @@ def test_resize_and_crop_give_pils_pixels(hw):
 def test_threaded_preparation_keeps_the_loader_order(folder):
     # batches() prepares on several threads but must hand the batches over in the loader's order, each intact
     split = scan_data(folder, ("train",))["train"]
-    transform = backbone.build_transform()
+    transform = vgg_transform()
     ds = RawUnitDataset(split, 0, transform, None, 0)
     raw = [collate_raw([ds[i] for i in range(s, min(s + 3, len(ds)))]) for s in range(0, len(ds), 3)]
     pre = GpuPreprocess(torch.device("cpu"), transform)
@@ -194,7 +194,7 @@ def test_decoded_dataset_hands_over_pixels_and_falls_back_to_pil(tmp_path):
     (root / "train" / "a" / "b.jpg").write_bytes(_corrupt_jpeg())
     make_image(0, 2, (40, 40)).convert("CMYK").save(root / "train" / "a" / "c.jpg", "JPEG")
     split = scan_data(root, ("train",))["train"]
-    ds = DecodedUnitDataset(split, 0, backbone.build_transform(), None, 0)
+    ds = DecodedUnitDataset(split, 0, vgg_transform(), None, 0)
     (pixels, orientation, n), tensor, unit, reason, _path = ds[0]
     assert pixels.shape == (30, 50, 3) and pixels.is_contiguous() and (orientation, n) == (1, 1500) and tensor is None
     assert ds[1][0] is None and ds[1][1] is None and "broken" in ds[1][3]  # skipped with PIL's reason

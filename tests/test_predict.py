@@ -9,10 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flowerfeat import backbone, train
+from flowerfeat import train
 from flowerfeat.cli import app
 from flowerfeat.config import FitConfig
-from conftest import blobs, make_folder, write_features
+from conftest import blobs, make_folder, vgg_preprocessing, write_features
 
 runner = CliRunner()
 
@@ -23,7 +23,7 @@ def head_fc7(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("head")
     x, y = blobs(10, dim=4096)
     path = write_features(
-        tmp / "train.h5", x, y, classes=("daisy", "roses", "tulips"), preprocessing=backbone.preprocessing()
+        tmp / "train.h5", x, y, classes=("daisy", "roses", "tulips"), preprocessing=vgg_preprocessing()
     )
     cfg = FitConfig(features=path, out=tmp / "head.pt")
     res, meta = train.fit(cfg)
@@ -54,7 +54,7 @@ def test_predict_lines_and_files(head_fc7, tmp_path):
 def test_predict_refuses_an_unknown_output_format_before_classifying(head_fc7, tmp_path, monkeypatch):
     root = make_folder(tmp_path / "imgs", {"new": 1})
     monkeypatch.setattr(
-        backbone, "build_trunk", lambda *a: pytest.fail("the trunk was built before --output was checked")
+        "flowerfeat.predict.TrunkSpec.build", lambda self: pytest.fail("the trunk was built before --output was checked")
     )
     r = runner.invoke(app, ["predict", str(root), "--head", str(head_fc7), "--output", str(tmp_path / "p.txt")])
     assert r.exit_code == 2 and "p.txt: --output must end in .csv or .json" in r.output

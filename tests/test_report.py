@@ -52,7 +52,7 @@ def test_textbook_lines_for_a_known_case(case):
         "",
         "Test Accuracy (Overall): 77% ( 7/ 9)",
     ]
-    assert report.confusion(ev).tolist() == [[3, 1, 0], [0, 3, 0], [1, 0, 1]]
+    assert ev.confusion_matrix.tolist() == [[3, 1, 0], [0, 3, 0], [1, 0, 1]]
 
 
 def test_metrics_json_values(case):

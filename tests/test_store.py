@@ -15,7 +15,7 @@ import pytest
 
 from flowerfeat import store
 from flowerfeat.errors import FlowerfeatError
-from conftest import TINY, extract, make_folder
+from conftest import TINY, extract, make_folder, write_features
 
 HEADER = {"fingerprint": "abc", "feature_dim": 3, "dtype": "float32", "batch_size": 2}
 
@@ -132,3 +132,16 @@ def test_two_concurrent_extractions_one_refuses_neither_corrupts(tmp_path):
         h5py.File(tmp_path / "f" / TINY / "train.h5", "r") as b,
     ):
         np.testing.assert_array_equal(a["features"][...], b["features"][...])
+
+
+def test_every_written_attribute_is_in_the_schema(folder, tmp_path, tiny_trunk):
+    import h5py
+
+    res = extract(folder, tmp_path / "f", tiny_trunk)
+    with h5py.File(res["train"].path, "r") as f:
+        written = set(f.attrs)
+    assert written == set(store.ATTRS), written ^ set(store.ATTRS)
+    meta = store.read_meta(res["train"].path)
+    assert meta["model_key"] == store.model_key(meta) and set(store.MODEL_KEY_FIELDS) < written
+    with pytest.raises(ValueError, match="attributes colour are not in store.SCHEMA"):
+        write_features(tmp_path / "x.h5", np.zeros((3, 2), np.float32), np.arange(3), colour="blue")

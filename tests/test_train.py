@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowerfeat import train
+from flowerfeat import heads, train
 from flowerfeat.config import FitConfig
 from flowerfeat.errors import FlowerfeatError
 from conftest import blobs, write_features
@@ -24,10 +24,10 @@ def test_head_learns_well_above_chance(tmp_path):
     result, meta = train.fit(FitConfig(features=write_features(tmp_path / "t.h5", x, y), epochs=2), log=lines.append)
     assert result.weight.shape == (3, 16)
     x2, y2 = blobs(50, spread=2.0, seed=0, noise_seed=1)  # held-out: the same centres, other points
-    _, pred, _ = train.score(result.weight, result.bias, x2, y2)
+    _, pred, _ = heads.score(heads.LinearHead.of(result.weight, result.bias), x2, y2)
     assert (pred == y2).mean() > 0.8  # chance is 1/3
     # 900 rows / 20 = 45 batches per epoch: running-loss lines at batches 20 and 40, then the summary
-    assert lines[0].startswith("Settings: dropout 0.5 (fc7 features: VGG16 drops out") and "mean L1 norm" in lines[0]
+    assert lines[0].startswith("Settings: dropout 0.5 (vgg16 fc7 features: its own classifier drops out 0.5") and "mean L1 norm" in lines[0]
     assert lines[1] == "Start: the ridge fit (regularised least squares)"
     assert [s[:20] for s in lines[2:5]] == ["Epoch 1, Batch 20 lo", "Epoch 1, Batch 40 lo", "Epoch 1 done: train "]
 
@@ -134,7 +134,7 @@ def test_features_from_another_layer_are_refused(train_file, tmp_path):
     from flowerfeat import store
 
     with pytest.raises(FlowerfeatError, match="features do not match head.*layer fc7 vs fc6"):
-        train.check_compatible(train.Head.load(tmp_path / "head.pt"), store.read_meta(other), other)
+        heads.check_compatible(train.Head.load(tmp_path / "head.pt"), store.read_meta(other), other)
 
 
 def test_head_from_before_the_decoder_field_gets_a_clear_refusal(train_file, tmp_path):
@@ -147,14 +147,14 @@ def test_head_from_before_the_decoder_field_gets_a_clear_refusal(train_file, tmp
     from flowerfeat import store
 
     with pytest.raises(FlowerfeatError, match="features do not match head.*decoder None vs pil"):
-        train.check_compatible(ck, store.read_meta(train_file), train_file)
+        heads.check_compatible(ck, store.read_meta(train_file), train_file)
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(epochs=0), "--epochs must be > 0"),
-        (dict(lr=-1.0), "--lr must be >= 0"),
+        (dict(epochs=0), r"epochs \(--epochs\) must be > 0"),
+        (dict(lr=-1.0), r"lr \(--lr\) must be >= 0"),
         (dict(optimizer="rmsprop"), "unknown optimizer"),
         (dict(val_fraction=1.5), "--val-fraction"),
     ],
@@ -191,10 +191,9 @@ def test_the_settings_follow_the_features_and_are_recorded(tmp_path, layer, drop
     head = train.fit_head(path, epochs=1, log=lines.append)
     chosen = head.metrics["chosen"]
     assert head.metrics["dropout"] == dropout and head.metrics["average"] == 1
-    assert chosen["dropout"].startswith(f"{layer} features: VGG16 ") and "mean L1 norm" in chosen["lr"]
-    assert (
-        lines[0] == train.choose(FitConfig(), {"layer": layer, "feature_dim": 64}, np.abs(x).sum(1).mean(), 60).line()
-    )
+    assert chosen["dropout"].startswith(f"vgg16 {layer} features: its own classifier ") and "mean L1 norm" in chosen["lr"]
+    record = {"model": "vgg16", "layer": layer, "feature_dim": 64, "cut_dropout": dropout}
+    assert lines[0] == train.choose(FitConfig(), record, np.abs(x).sum(1).mean(), 60).line()
     asked = train.fit_head(path, epochs=1, dropout=0.2, average=2)
     assert asked.metrics["chosen"]["dropout"] == "as asked" and asked.metrics["dropout"] == 0.2
     assert len(asked.meta["history"]) == 2 and asked.metrics["chosen"]["average"].startswith("2 runs")
@@ -241,7 +240,7 @@ def test_an_averaged_head_is_the_mean_of_its_runs_and_run_0_is_the_single_run(tr
     means, mean_l1 = rows.stats(~val, 3)
     chosen = train.choose(cfg, rows.meta, mean_l1, rows.n)
     start = train.ridge_start(rows, ~val, 3, means)
-    runs = [train._sgd_run(cfg, chosen, rows, val, means, run, lambda s: None, start) for run in range(3)]
+    runs = [train._sgd_run(cfg, chosen, rows, val, means, run, lambda s: None, lambda s: None, start) for run in range(3)]
     rows.close()
     assert torch.equal(runs[0].weight, one.weight)  # run 0 draws what a single run draws
     assert not torch.equal(runs[1].weight, runs[0].weight)  # the others shuffle differently

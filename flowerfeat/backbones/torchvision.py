@@ -1,0 +1,172 @@
+"""Every torchvision classification model by its name: cut at the pooled pre-logits (the input of its last Linear),
+and for CNNs whose classifier does more than dropout, also at the last stage's pooled map."""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flowerfeat.backbones import Backbone, Cut, Preprocessing, seeded
+from flowerfeat.errors import FlowerfeatError
+from flowerfeat.weights import DOWNLOAD_ERRORS, WeightsInfo, check_keys, download_error, load_state_dict, resolve_local
+
+
+def hub_file_present(url: str) -> bool:
+    """Whether torchvision's download of ``url`` is already in torch's hub cache (then it loads offline)."""
+    return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)).is_file()
+
+
+class Family:
+    """torchvision's classification zoo (``torchvision.models.list_models(module=torchvision.models)``)."""
+
+    def names(self) -> list[str]:
+        import torchvision
+
+        return torchvision.models.list_models(module=torchvision.models)
+
+    def get(self, name: str) -> Backbone | None:
+        return TorchvisionModel(name) if name in self.names() else None
+
+
+def _last_linear(model: nn.Module) -> tuple[str, nn.Linear, float]:
+    """(name, module, dropout just before it) of the model's classification layer: its last nn.Linear."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise FlowerfeatError(f"{type(model).__name__}: no Linear classifier to cut before; choose another model")
+    name, linear = linears[-1]
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    dropout = 0.0
+    if isinstance(parent, nn.Sequential):
+        children = list(parent.named_children())
+        at = [n for n, _ in children].index(child)
+        if at and isinstance(children[at - 1][1], nn.Dropout):
+            dropout = float(children[at - 1][1].p)
+    return name, linear, dropout
+
+
+def _has_pool_cut(model: nn.Module) -> bool:
+    """A CNN (``features`` then a global ``avgpool``) whose classifier does more than dropout before its Linear."""
+    pool = getattr(model, "avgpool", None)
+    classifier = getattr(model, "classifier", None)
+    if not (hasattr(model, "features") and isinstance(pool, nn.AdaptiveAvgPool2d) and classifier is not None):
+        return False
+    if pool.output_size not in (1, (1, 1)):
+        return False
+    return any(not isinstance(m, (nn.Dropout, nn.Flatten, nn.Linear)) for m in classifier.children())
+
+
+class PoolTrunk(nn.Module):
+    """features -> global average pool -> flatten: the last stage's pooled map."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.features, self.avgpool = model.features, model.avgpool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(self.features(x)), 1)
+
+
+class TorchvisionModel(Backbone):
+    """A torchvision model; ``imagenet`` = its weights enum's DEFAULT, ``--weights PATH`` = its state dict."""
+
+    family = "torchvision"
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @functools.cached_property
+    def _enum(self):
+        from torchvision.models import get_model_weights
+
+        return get_model_weights(self.name).DEFAULT
+
+    def _random(self) -> nn.Module:
+        from torchvision.models import get_model
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # inception/googlenet's note on their init
+            return seeded(lambda: get_model(self.name, weights=None))
+
+    @functools.cached_property
+    def _shape(self) -> dict:
+        """The classifier's name, input dimension and dropout, read off the model built on the meta device (fast);
+        a model that cannot be built there (RegNet computes its widths with tensors) is built on the CPU."""
+        from torchvision.models import get_model
+
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                model = get_model(self.name, weights=None)
+        except (NotImplementedError, RuntimeError):
+            model = self._random()
+        name, linear, dropout = _last_linear(model)
+        shape = {"linear": name, "dim": linear.in_features, "dropout": dropout, "pool": None}
+        if _has_pool_cut(model):  # the classifier's first module takes the pooled map: a Linear or a norm
+            first = next(iter(model.classifier.children()))
+            shape["pool"] = first.in_features if isinstance(first, nn.Linear) else int(first.normalized_shape[0])
+        return shape
+
+    def cuts(self) -> dict[str, Cut]:
+        s = self._shape
+        cuts = {"pre-logits": Cut("pre-logits", s["dim"], s["dropout"], f"the input of {s['linear']}, pooled")}
+        if s["pool"]:
+            cuts["pool"] = Cut("pool", s["pool"], 0.0, "the last stage's map, global-average pooled")
+        return cuts
+
+    def resolve_weights(self, weights: str) -> WeightsInfo:
+        local = resolve_local(weights, self.name)
+        if local is not None:
+            return local
+        w = self._enum
+        return WeightsInfo("hub", f"{type(w).__name__}.{w.name}", url=w.url)
+
+    def preprocessing(self, weights: WeightsInfo) -> Preprocessing:
+        return Preprocessing.of(self._enum.transforms())  # a file or random init: the DEFAULT weights' transform
+
+    def describe(self) -> dict:
+        meta = self._enum.meta
+        return {
+            "gflops": meta.get("_ops"),
+            "imagenet_top1": meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1"),
+            "weights_offline": hub_file_present(self._enum.url),
+        }
+
+    def _full(self, weights: WeightsInfo, cut: str) -> nn.Module:
+        """The whole model with ``weights``; for a file, every tensor the cut uses is checked first."""
+        from torchvision.models import get_model
+
+        if weights.kind == "hub":
+            try:
+                return get_model(self.name, weights=self._enum, progress=False)
+            except DOWNLOAD_ERRORS as e:
+                raise download_error(self.name, weights.url, e, f"{torch.hub.get_dir()}/checkpoints/") from None
+        model = self._random()
+        if weights.kind == "file":
+            state = load_state_dict(weights.path, self.name)
+            own = self._cut(model, cut).state_dict()
+            check_keys(state, own, weights.path, self.name, cut)
+            model.load_state_dict({k: state[k] for k in own}, strict=False)
+        return model
+
+    def _cut(self, model: nn.Module, cut: str) -> nn.Module:
+        if cut == "pool":
+            return PoolTrunk(model)
+        model.set_submodule(self._shape["linear"], nn.Identity())  # its input is the pre-logits
+        return model
+
+    def load(self, weights: WeightsInfo, cut: str) -> nn.Module:
+        return self._cut(self._full(weights, cut), cut)
+
+    def torchvision_state(self, weights: WeightsInfo, cut: str, head) -> dict | None:
+        if cut != "pre-logits":
+            return None
+        state = self._full(weights, cut).state_dict()
+        state[f"{self._shape['linear']}.weight"] = head.weight.detach().clone()
+        state[f"{self._shape['linear']}.bias"] = head.bias.detach().clone()
+        return state

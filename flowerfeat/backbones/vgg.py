@@ -1,0 +1,111 @@
+"""VGG16, the textbook's trunk: cut at fc7 (the default), fc6, pool5 or pool5-gap; conv-only state dicts serve pool5."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flowerfeat.backbones import Backbone, Cut, Preprocessing, seeded
+from flowerfeat.weights import DOWNLOAD_ERRORS, WeightsInfo, check_keys, download_error, load_state_dict, resolve_local
+
+# Number of VGG16 classifier modules each cut keeps: classifier[:5] ends after fc7's ReLU, [:2] after fc6's.
+_CLASSIFIER_KEEP = {"fc7": 5, "fc6": 2, "pool5": 0, "pool5-gap": 0}
+# Positions of the 13 Conv2d modules in torchvision's vgg16().features.
+CONV_IDX = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+
+
+class Trunk(nn.Module):
+    """VGG16 up to the cut layer: (B, 3, 224, 224) -> (B, D)."""
+
+    def __init__(self, vgg: nn.Module, layer: str):
+        super().__init__()
+        self.layer = layer
+        self.features = vgg.features
+        self.avgpool = vgg.avgpool
+        keep = _CLASSIFIER_KEEP[layer]
+        self.classifier = vgg.classifier[:keep] if keep else nn.Sequential()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)  # (B, 512, 7, 7)
+        if self.layer == "pool5-gap":
+            return x.float().mean(dim=(2, 3))  # (B, 512)
+        x = torch.flatten(self.avgpool(x), 1)  # (B, 25088), channel-major as torchvision flattens it
+        return self.classifier(x)  # (B, 4096) for fc6/fc7
+
+
+def required_keys(layer: str) -> list[str]:
+    """State-dict keys the cut needs: the 13 conv layers, plus fc6 (and fc7) for the classifier cuts."""
+    keys = [f"features.{i}.{p}" for i in CONV_IDX for p in ("weight", "bias")]
+    fcs = {"fc7": (0, 3), "fc6": (0,)}.get(layer, ())
+    return keys + [f"classifier.{i}.{p}" for i in fcs for p in ("weight", "bias")]
+
+
+class VGG16(Backbone):
+    """torchvision's VGG16 with the textbook's cuts; ``imagenet`` = IMAGENET1K_V1 (IMAGENET1K_FEATURES has no
+    usable classifier: NaN)."""
+
+    name = "vgg16"
+    family = "torchvision"
+
+    def cuts(self) -> dict[str, Cut]:
+        return {
+            "fc7": Cut("fc7", 4096, 0.5, "after fc7's ReLU: classifier[6]'s input, the textbook's cut"),
+            "fc6": Cut("fc6", 4096, 0.5, "after fc6's ReLU"),
+            "pool5": Cut("pool5", 512 * 7 * 7, 0.0, "the last conv block's 512 x 7 x 7 map, flattened"),
+            "pool5-gap": Cut("pool5-gap", 512, 0.0, "pool5 averaged over its 7 x 7 positions"),
+        }
+
+    @staticmethod
+    def _enum():
+        from torchvision.models import VGG16_Weights
+
+        return VGG16_Weights.IMAGENET1K_V1
+
+    def resolve_weights(self, weights: str) -> WeightsInfo:
+        local = resolve_local("DEFAULT" if weights == "IMAGENET1K_V1" else weights, self.name)
+        if local is not None:
+            return local
+        w = self._enum()
+        return WeightsInfo("hub", f"VGG16_Weights.{w.name}", url=w.url)
+
+    def preprocessing(self, weights: WeightsInfo) -> Preprocessing:
+        return Preprocessing.of(self._enum().transforms())  # the same for every VGG16 weights file
+
+    def describe(self) -> dict:
+        from flowerfeat.backbones.torchvision import hub_file_present
+
+        w = self._enum()
+        return {
+            "gflops": w.meta["_ops"],
+            "imagenet_top1": w.meta["_metrics"]["ImageNet-1K"]["acc@1"],
+            "weights_offline": hub_file_present(w.url),
+        }
+
+    def load_vgg16(self, weights: WeightsInfo, layer: str) -> nn.Module:
+        """torchvision's VGG16 with the weights the cut needs (a conv-only file serves pool5 and pool5-gap)."""
+        from torchvision.models import vgg16
+
+        if weights.kind == "none":
+            return seeded(lambda: vgg16(weights=None))
+        if weights.kind == "hub":
+            try:
+                return vgg16(weights=self._enum(), progress=False)
+            except DOWNLOAD_ERRORS as e:
+                raise download_error(self.name, weights.url, e, f"{torch.hub.get_dir()}/checkpoints/") from None
+        state = load_state_dict(weights.path, self.name)
+        model = seeded(lambda: vgg16(weights=None))
+        own = model.state_dict()
+        check_keys(state, {k: own[k] for k in required_keys(layer)}, weights.path, self.name, layer)
+        model.load_state_dict({k: state[k] for k in required_keys(layer)}, strict=False)
+        return model
+
+    def load(self, weights: WeightsInfo, cut: str) -> nn.Module:
+        return Trunk(self.load_vgg16(weights, cut), cut)
+
+    def torchvision_state(self, weights: WeightsInfo, cut: str, head) -> dict | None:
+        if cut != "fc7":
+            return None
+        state = self.load_vgg16(weights, "fc7").state_dict()
+        state["classifier.6.weight"] = head.weight.detach().clone()  # (C, 4096)
+        state["classifier.6.bias"] = head.bias.detach().clone()  # (C,)
+        return state

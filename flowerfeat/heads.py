@@ -1,0 +1,211 @@
+"""The head: the new last layer (Dropout + Linear) as one module, and its self-sufficient checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from flowerfeat import store
+from flowerfeat.config import RUNS_DIR
+from flowerfeat.errors import FlowerfeatError
+from flowerfeat.weights import LOAD_ERRORS
+
+# 2: the model is recorded with the features (heads of version 1 predate the choice of model)
+CHECKPOINT_VERSION = 2
+
+
+class LinearHead(nn.Module):
+    """Dropout + Linear: the replacement for the model's classifier (for VGG16 at fc7, ``classifier[5:]``, the
+    Linear being ``classifier[6]``). Training, scoring, predict, export, report and bench all call this module."""
+
+    def __init__(self, dim: int, n_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(dim, n_classes)
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor, dropout: float = 0.0) -> LinearHead:
+        """A head in eval mode holding ``weight`` (C, D) and ``bias`` (C,)."""
+        head = cls(weight.shape[1], weight.shape[0], dropout)
+        with torch.no_grad():
+            head.linear.weight.copy_(weight)
+            head.linear.bias.copy_(bias)
+        return head.eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(x))  # (B, C) logits
+
+    def logits(self, x) -> np.ndarray:
+        """(N, C) logits of (N, D) features, as numpy."""
+        with torch.no_grad():
+            return self(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+
+def score(head: LinearHead, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """(mean cross-entropy, predictions, probabilities) of the head (in eval mode) on features ``x``."""
+    logits = torch.from_numpy(head.eval().logits(x))  # (N, C)
+    loss = (
+        nn.functional.cross_entropy(logits, torch.from_numpy(y).long(), reduction="mean").item()
+        if len(y)
+        else float("nan")
+    )
+    probs = logits.softmax(1)
+    return loss, probs.argmax(1).numpy(), probs.numpy()
+
+
+
+
+@dataclass
+class Head:
+    """A trained head with everything needed to use it again: the trunk's record (model, layer, weights,
+    preprocessing, classes), the fit's configuration, its metrics and history.
+
+    Example::
+
+        head = flowerfeat.Head.load("data/runs/vgg16-fc7-imagenet/head.pt")
+        head.predict(te.X)        # (N,) class indices; head.classes names them
+        head.predict_proba(te.X)  # (N, C) probabilities
+    """
+
+    module: LinearHead  # in eval mode
+    meta: dict  # checkpoint_version, features (the trunk's record), config, metrics, history
+    path: Path | None = None  # the checkpoint file, once saved or loaded
+
+    @classmethod
+    def from_fit(cls, result, feature_meta: dict, cfg) -> Head:
+        """The head of a ``train.FitResult`` on features described by ``feature_meta``, fitted with ``cfg``."""
+        meta = {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "features": {k: feature_meta.get(k) for k in store.HEAD_FIELDS},
+            "config": cfg.to_dict(),
+            "metrics": result.metrics,
+            "history": result.history,
+        }
+        return cls(LinearHead.of(result.weight, result.bias, result.metrics.get("dropout", 0.0)), meta)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.linear.weight  # (C, D)
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.module.linear.bias  # (C,)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["features"]["classes"])
+
+    @property
+    def layer(self) -> str:
+        return self.meta["features"]["layer"]
+
+    @property
+    def model(self) -> str:
+        return self.meta["features"]["model"]
+
+    @property
+    def metrics(self) -> dict:
+        return self.meta["metrics"]
+
+    def logits(self, X) -> np.ndarray:
+        """(N, C) logits for features ``X`` ((N, D) array, or loaded Features)."""
+        return self.module.eval().logits(getattr(X, "X", X))
+
+    def predict_proba(self, X) -> np.ndarray:
+        """(N, C) class probabilities (softmax of the logits)."""
+        return torch.from_numpy(self.logits(X)).softmax(1).numpy()
+
+    def predict(self, X) -> np.ndarray:
+        """(N,) predicted class indices (``self.classes[i]`` names them)."""
+        return self.logits(X).argmax(1)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the checkpoint atomically: tensors and one JSON string, loadable with
+        ``torch.load(path, weights_only=True)`` (no code runs on load)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = {"weight": self.weight.contiguous(), "bias": self.bias.contiguous(), "meta": json.dumps(self.meta)}
+        with store.atomic_path(path) as tmp:
+            torch.save(blob, tmp)
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Head:
+        """Read a checkpoint written by ``save`` (or ``flowerfeat fit-head``); one-line FlowerfeatError otherwise."""
+        path = Path(path)
+        if path.is_dir():
+            raise FlowerfeatError(f"{path}: is a directory; pass the checkpoint file, e.g. --head {path / 'head.pt'}")
+        if not path.is_file():
+            raise FlowerfeatError(f"{path}: head checkpoint not found; run `flowerfeat fit-head` first (or pass --head)")
+        refusal = FlowerfeatError(
+            f"{path}: not a flowerfeat head checkpoint (corrupt, truncated or foreign); rerun `flowerfeat fit-head`"
+        )
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            meta = json.loads(blob["meta"])
+            version = meta.get("checkpoint_version")
+            shape = (len(meta["features"]["classes"]), meta["features"]["feature_dim"])
+        except (*LOAD_ERRORS, KeyError, TypeError, IndexError, ValueError):  # not torch's format, or not ours
+            raise refusal from None
+        if isinstance(version, int) and version < CHECKPOINT_VERSION:
+            raise FlowerfeatError(
+                f"{path}: a head from an earlier flowerfeat (checkpoint {version}); extract the features again with "
+                "`flowerfeat features` and refit with `flowerfeat fit-head`"
+            )
+        if version != CHECKPOINT_VERSION or tuple(blob["weight"].shape) != shape:
+            raise refusal
+        dropout = float(meta["metrics"].get("dropout", 0.0))
+        return cls(LinearHead.of(blob["weight"], blob["bias"], dropout), meta, path)
+
+    def __repr__(self) -> str:
+        return (
+            f"Head({self.model} {self.layer}, {self.weight.shape[1]}-d -> {len(self.classes)} classes {self.classes})"
+        )
+
+
+def default_head_path(features_file: Path) -> Path:
+    """Where fit-head saves a head by default: beside its siblings of other models and layers, by the features'
+    folder."""
+    return RUNS_DIR / Path(features_file).resolve().parent.name / "head.pt"
+
+
+def find_head(path: Path, layer: str | None = None, model: str | None = None) -> Path:
+    """The head checkpoint ``path`` designates: a file as given; a folder's ``head.pt``; under the root of the runs
+    (``data/runs``), the head saved last (of ``model`` and ``layer``, when given)."""
+    path = Path(path)
+    if path.suffix == ".pt" or path.is_file():
+        return path
+    heads = sorted(path.glob("*/head.pt")) + ([path / "head.pt"] if (path / "head.pt").is_file() else [])
+    if not heads:
+        raise FlowerfeatError(f"{path}: no head.pt here; run `flowerfeat fit-head` first (or pass --head FILE)")
+    if layer is None and model is None:
+        return max(heads, key=lambda h: h.stat().st_mtime_ns)
+    records = {h: Head.load(h).meta["features"] for h in heads}
+    kept = [h for h in heads if layer in (None, records[h]["layer"]) and model in (None, records[h]["model"])]
+    if not kept:
+        asked = " ".join(f"--{k} {v}" for k, v in (("model", model), ("layer", layer)) if v)
+        there = ", ".join(h.parent.name for h in heads)
+        raise FlowerfeatError(
+            f"{path}: no head fitted on features of {asked} (there are: {there}); run `flowerfeat fit-head {asked}`"
+        )
+    return max(kept, key=lambda h: h.stat().st_mtime_ns)
+
+
+def check_compatible(ck: Head, feature_meta: dict, features_path) -> None:
+    """Refuse a head and a feature file that were not made by the same trunk, layer, preprocessing and classes."""
+    own = ck.meta["features"]
+    diffs = [k for k in store.CHECKED_FIELDS if own.get(k) != feature_meta.get(k)]
+    if not diffs and own["model_key"] != feature_meta["model_key"]:
+        diffs = ["model_key"]
+    if diffs:
+        what = ", ".join(f"{k} {str(own.get(k))[:50]} vs {str(feature_meta.get(k))[:50]}" for k in diffs[:3])
+        raise FlowerfeatError(
+            f"{features_path}: features do not match head {ck.path or ''} ({what}); extract them with the head's "
+            "settings or refit the head on features from the same run"
+        )

@@ -1,0 +1,162 @@
+"""The backbone registry: VGG16's cuts and weights files, torchvision's and timm's models, bad choices refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowerfeat import backbones, runtime
+from flowerfeat.backbones.vgg import CONV_IDX, VGG16, Trunk
+from flowerfeat.errors import FlowerfeatError
+from flowerfeat.weights import WeightsInfo
+from conftest import make_image
+
+NONE = WeightsInfo("none", "none")
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    return VGG16().load_vgg16(NONE, "fc7")
+
+
+def test_each_vgg16_cut_has_its_documented_dimension(vgg):
+    x = torch.randn(2, 3, 224, 224)
+    outs = {}
+    for name, cut in VGG16().cuts().items():
+        with torch.inference_mode():
+            outs[name] = Trunk(vgg, name).eval()(x)
+        assert outs[name].shape == (2, cut.dim) and torch.isfinite(outs[name]).all(), name
+    assert (outs["fc7"] >= 0).all() and (outs["fc6"] >= 0).all()  # after ReLU
+    # pool5-gap is the per-channel mean of pool5's 512 x 7 x 7 map
+    torch.testing.assert_close(outs["pool5-gap"], outs["pool5"].view(2, 512, 49).mean(2))
+    with torch.inference_mode():  # fc6 is the first classifier layer applied to pool5
+        torch.testing.assert_close(outs["fc6"], torch.relu(vgg.classifier[0](outs["pool5"])))
+    assert VGG16().default_cut == "fc7" and VGG16().cut("fc7").dropout == 0.5 and VGG16().cut("pool5").dropout == 0
+
+
+def test_random_init_is_reproducible_and_frozen():
+    a, b = (backbones.get_backbone("vgg16").build(NONE, "pool5-gap") for _ in range(2))
+    assert not a.training and not any(p.requires_grad for p in a.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_preprocessing_comes_from_the_weights():
+    from torchvision.models import ResNet50_Weights, VGG16_Weights
+
+    pre = VGG16().preprocessing(NONE)
+    assert pre.resize_size == (256,) and pre.crop_size == (224,) and pre.interpolation == "bilinear"
+    assert pre.mean == (0.485, 0.456, 0.406) and pre.std == (0.229, 0.224, 0.225)
+    img = make_image(0, 0, (61, 40))
+    assert torch.equal(pre.transform()(img), VGG16_Weights.IMAGENET1K_V1.transforms()(img))
+    r50 = backbones.get_backbone("resnet50").preprocessing(NONE)
+    assert r50.resize_size == tuple(ResNet50_Weights.DEFAULT.transforms().resize_size) == (232,)
+
+
+def test_features_only_state_dict_serves_pool5_but_not_fc7(vgg, tmp_path):
+    path = tmp_path / "conv_only.pth"
+    torch.save({k: v for k, v in vgg.state_dict().items() if k.startswith("features.")}, path)
+    model = VGG16()
+    info = model.resolve_weights(str(path))
+    assert info.kind == "file" and len(info.sha256) == 64
+    torch.testing.assert_close(model.load_vgg16(info, "pool5").features[0].weight, vgg.features[0].weight)
+    with pytest.raises(FlowerfeatError, match=r"missing classifier\.0\.weight.*needed for --layer fc7 of vgg16"):
+        model.load_vgg16(info, "fc7")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (lambda p: p.write_text("not torch"), "not a loadable state dict"),
+        (lambda p: torch.save([1, 2, 3], p), "not a state dict of tensors"),
+        (
+            lambda p: torch.save({f"features.{i}.{w}": torch.zeros(2) for i in CONV_IDX for w in ("weight", "bias")}, p),
+            r"features\.0\.weight has shape \(2,\), vgg16 needs \(64, 3, 3, 3\)",
+        ),
+    ],
+)
+def test_bad_weights_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "w.pth"
+    content(path)
+    with pytest.raises(FlowerfeatError, match=message):
+        VGG16().load_vgg16(VGG16().resolve_weights(str(path)), "pool5")
+
+
+def test_missing_weights_file_names_the_ways_out(tmp_path):
+    with pytest.raises(FlowerfeatError, match="weights file not found.*--weights imagenet.*--weights none"):
+        VGG16().resolve_weights(str(tmp_path / "nope.pth"))
+    with pytest.raises(FlowerfeatError, match="is a directory, not a weights file; pass --weights PATH"):
+        VGG16().resolve_weights(str(tmp_path))
+
+
+def test_offline_download_names_both_ways_out(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: torchvision must download
+
+    def no_network(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    for name in ("vgg16", "resnet18"):
+        model = backbones.get_backbone(name)
+        with pytest.raises(
+            FlowerfeatError, match=rf"could not download {name} weights from https://download\.pytorch\.org/.*--weights PATH"
+        ):
+            model.build(model.resolve_weights("imagenet"), model.default_cut)
+
+
+def test_a_state_dict_of_another_architecture_names_the_missing_keys(tmp_path):
+    path = tmp_path / "vgg_as_resnet.pth"
+    torch.save({f"features.{i}.weight": torch.zeros(1) for i in CONV_IDX}, path)
+    model = backbones.get_backbone("resnet18")
+    with pytest.raises(FlowerfeatError, match=r"missing conv1\.weight, bn1\.weight.*needed for --layer pre-logits"):
+        model.build(model.resolve_weights(str(path)), "pre-logits")
+
+
+def test_torchvision_cuts_are_read_off_the_model():
+    mobilenet = backbones.get_backbone("mobilenet_v3_small")
+    assert {n: (c.dim, c.dropout) for n, c in mobilenet.cuts().items()} == {"pre-logits": (1024, 0.2), "pool": (576, 0)}
+    assert list(backbones.get_backbone("resnet18").cuts()) == ["pre-logits"]  # fc follows the pool directly
+    assert backbones.get_backbone("vit_b_16").cut(None).dim == 768
+    trunk = mobilenet.build(NONE, "pool")
+    with torch.inference_mode():
+        assert trunk(torch.randn(1, 3, 224, 224)).shape == (1, 576)
+
+
+def test_bad_model_choices_are_refused_in_one_line():
+    with pytest.raises(FlowerfeatError, match="unknown model 'resnet5'; close matches: resnet50"):
+        backbones.get_backbone("resnet5")
+    with pytest.raises(FlowerfeatError, match="vgg16 has no layer 'fc8'; choose one of: fc7, fc6, pool5, pool5-gap"):
+        backbones.get_backbone("vgg16").cut("fc8")
+
+
+def test_timm_without_the_extra_names_the_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else real(name, *a))
+    monkeypatch.setattr(backbones, "_BUILT", {})  # as in a fresh process
+    with pytest.raises(FlowerfeatError, match=r"needs timm; install the extra: pip install 'flowerfeat\[timm\]'"):
+        backbones.get_backbone("timm:tf_efficientnet_lite0")
+
+
+def test_timm_model_preprocessing_matches_timm_and_its_state_dict_loads(tmp_path):
+    timm = pytest.importorskip("timm")
+    model = backbones.get_backbone("timm:tf_efficientnet_lite0")
+    pre = model.preprocessing(NONE)
+    assert (pre.resize_size, pre.crop_size, pre.interpolation, pre.mean) == ((256,), (224,), "bicubic", (0.5,) * 3)
+    reference = timm.data.create_transform(**timm.data.resolve_model_data_config(timm.create_model("tf_efficientnet_lite0")))
+    img = make_image(1, 0, (90, 61))
+    torch.testing.assert_close(pre.transform()(img), reference(img), atol=1e-6, rtol=0)
+    full = timm.create_model("tf_efficientnet_lite0")  # with its classifier, as the shared file has it
+    torch.save(full.state_dict(), tmp_path / "lite0.pth")
+    trunk = model.build(model.resolve_weights(str(tmp_path / "lite0.pth")), "pre-logits")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(trunk(x), full.eval().forward_head(full.forward_features(x), pre_logits=True))
+    assert model.cut(None).dim == 1280 and model.cut(None).dropout == full.drop_rate == 0  # timm creates it without
+
+
+def test_precision_auto():
+    assert runtime.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert runtime.resolve_precision("fp32", torch.device("cuda")) == "fp32"
+    expected = "bf16" if runtime.cpu_has_bf16() else "fp32"
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == expected
