@@ -36,6 +36,8 @@ _LAZY = {
     "Classifier": "flowerfeat.predict",
     "Prediction": "flowerfeat.predict",
     "export_model": "flowerfeat.export",
+    "compare": "flowerfeat.comparison",
+    "Comparison": "flowerfeat.comparison",
     "LineReporter": "flowerfeat.progress",
     "Reporter": "flowerfeat.progress",
 }

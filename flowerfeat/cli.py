@@ -450,6 +450,49 @@ def model_configs(base: ExtractConfig, choices: list[str], weights: list[str], l
     return cfgs
 
 
+@command(resumable=True)
+def compare(
+    data: Path = typer.Option(ExtractConfig.data, help=DATA_HELP),
+    model: Optional[List[str]] = typer.Option(
+        None, metavar="MODEL[@LAYER]", help="A candidate (repeatable); default: vgg16, resnet50, efficientnet_b0, "
+        "convnext_tiny, timm:tf_efficientnet_lite0.",
+    ),
+    weights: Optional[List[str]] = typer.Option(None, metavar="MODEL=PATH", help="Local weights for a model (repeatable)."),
+    sample: int = typer.Option(500, help="Training images to measure on (stratified, seeded; all when fewer)."),
+    folds: int = typer.Option(5, help="Cross-validation folds (stratified, seeded; the same for every candidate)."),
+    seed: int = typer.Option(0, help="Seed of the sample, the folds and the heads."),
+    out: Path = typer.Option(Path("data/compare"), help="Where the candidates' sample features are cached."),
+    test_fraction: float = typer.Option(
+        ExtractConfig.test_fraction, help="As for features: the share of a folder without test/ that is held out."
+    ),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the comparison as JSON."),
+    figure: Optional[Path] = typer.Option(None, help="Write accuracy against images/s, the front drawn, to this PNG."),
+):
+    """Which model for my photos: each candidate's features of a sample of your training images, the same
+    cross-validation folds for all, the default head's and a converged probe's accuracy beside the images/s measured
+    here, and the accuracy-versus-speed front. A rerun reuses the cached features; a larger --sample adds to them.
+
+    Example: flowerfeat compare --data my_photos --model vgg16@pool5-gap --model resnet50 --weights vgg16=conv.pth
+    """
+    from flowerfeat import comparison as cmp
+
+    if sample < 10 or folds < 2:
+        _fail(f"--sample must be >= 10 and --folds >= 2, got {sample} and {folds}")
+    pairs = dict(w.partition("=")[::2] for w in weights or [])
+    if any(not v for v in pairs.values()):
+        _fail("--weights takes MODEL=PATH, e.g. --weights vgg16=vgg16_conv.pth")
+    _sigterm_to_interrupt()
+    reporter = _extraction_reporter(True)
+    with reporter:
+        result = cmp.compare(data, model or [], pairs, sample=sample, folds=folds, seed=seed, out=out,
+                             progress=reporter, test_fraction=test_fraction)  # fmt: skip
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(cmp.table_lines(result)))
+    if figure is not None:
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        cmp.figure(result).savefig(figure, dpi=120)
+        typer.echo(f"wrote {figure}", err=as_json)
+
+
 @command()
 def models(
     pattern: Optional[str] = typer.Argument(None, help="Only names matching this shell pattern, e.g. 'resnet*'."),

@@ -1,0 +1,83 @@
+"""compare: candidates measured on a sample of the user's own images, the same folds for all, cached and resumable."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import flowerfeat
+from flowerfeat import comparison
+from flowerfeat.cli import app
+from conftest import make_folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("cmp") / "flowers", {"train": 8, "test": 1})
+
+
+def test_a_larger_sample_starts_with_the_smaller_one_and_stays_stratified(photos):
+    small, n = comparison.sample_split(photos, 9, seed=0)
+    large, _ = comparison.sample_split(photos, 15, seed=0)
+    assert n == 24 and large.items[:9] == small.items
+    assert sorted(np.bincount([it.label for it in small.items])) == [3, 3, 3]  # stratified
+    other, _ = comparison.sample_split(photos, 9, seed=1)
+    assert other.items != small.items  # seeded
+    everything, _ = comparison.sample_split(photos, 500, seed=0)
+    assert len(everything.items) == 24  # every image when fewer
+
+
+def test_compare_scores_each_candidate_on_the_same_folds_and_reports_the_ones_that_cannot_run(photos, tmp_path):
+    result = flowerfeat.compare(photos, ["tiny@grid", "tiny@mean", "nonsense"], sample=18, folds=3, out=tmp_path, workers=0)
+    grid, mean, bad = result.rows
+    assert (grid.layer, grid.dim, mean.layer, mean.dim) == ("grid", 24, "mean", 6)
+    for r in (grid, mean):
+        assert 0 <= r.head_mean <= 1 and 0 <= r.probe_mean <= 1 and r.head_std >= 0
+        assert r.images_per_s > 0 and r.speed_measured == "this run"
+        assert r.full_disk_bytes == 24 * r.dim * 4 and r.full_extract_s == pytest.approx(24 / r.images_per_s)
+    assert bad.error.startswith("unknown model 'nonsense'") and bad.head_mean is None
+    assert any(r.on_front for r in (grid, mean)) and result.sample == 18 and result.folds == 3
+    lines = comparison.table_lines(result)
+    assert "nonsense" in lines[-2] and "could not run" in lines[-2] and "tiny" in lines[2]
+
+
+def test_a_rerun_extracts_nothing_and_a_larger_sample_adds_only_the_new_images(photos, tmp_path, monkeypatch):
+    from flowerfeat import extraction
+
+    flowerfeat.compare(photos, ["tiny"], sample=12, folds=3, out=tmp_path, workers=0)
+    computed = []
+    real = extraction.extract_split
+    monkeypatch.setattr(extraction, "extract_split", lambda *a, **k: computed.append(r := real(*a, **k)) or r)
+    again = flowerfeat.compare(photos, ["tiny"], sample=12, folds=3, out=tmp_path, workers=0)
+    assert computed[-1].computed == 0 and again.rows[0].speed_measured.startswith("earlier run")
+    flowerfeat.compare(photos, ["tiny"], sample=18, folds=3, out=tmp_path, workers=0)
+    assert computed[-1].computed == 6 and computed[-1].reused == 12
+
+
+def test_the_same_folds_serve_every_candidate():
+    labels = np.repeat([0, 1, 2], 5)
+    split = type("S", (), {})()
+    split.items = [type("I", (), {"label": int(y), "relpath": f"{i}.jpg"})() for i, y in enumerate(labels)]
+    a = comparison.make_folds(split, 5, seed=0)
+    b = comparison.make_folds(split, 5, seed=0)
+    assert all(np.array_equal(x[1], y[1]) for x, y in zip(a, b))
+    assert sorted(np.concatenate([v for _t, v in a]).tolist()) == list(range(15))  # each image held out once
+
+
+def test_cli_prints_the_table_json_and_figure(photos, tmp_path):
+    out = tmp_path / "c"
+    args = ["compare", "--data", photos, "--model", "tiny", "--model", "tiny@mean", "--sample", "12", "--folds", "3",
+            "--out", out, "--figure", tmp_path / "f.png"]  # fmt: skip
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    assert "default head" in r.output and "accuracy-versus-speed front" in r.output
+    assert (tmp_path / "f.png").stat().st_size > 5000
+    r = CliRunner().invoke(app, [str(a) for a in args[:-2]] + ["--json"])
+    rows = json.loads(r.output[r.output.index("{"):])["rows"]
+    assert [row["layer"] for row in rows] == ["grid", "mean"] and all(row["speed_measured"] for row in rows)
+    r = CliRunner().invoke(app, ["compare", "--data", str(photos), "--weights", "vgg16"])
+    assert r.exit_code == 2 and "--weights takes MODEL=PATH" in r.output
+
