@@ -144,7 +144,9 @@ def features(
         "or hybrid (JPEG decode in the workers, PIL's pixels; resize on the device).",
     ),
     precision: Literal[choices.PRECISIONS] = typer.Option(
-        ExtractConfig.precision, help="auto, fp32 or bf16 (auto: bf16 on CUDA or CPUs with native bf16)."
+        ExtractConfig.precision,
+        help="auto, fp32, bf16 or int8 (auto: bf16 on CUDA or CPUs with native bf16; int8: a quantized trunk on "
+        "the CPU, the [onnx] extra).",
     ),
     dtype: Literal[choices.DTYPES] = typer.Option(ExtractConfig.dtype, help="Storage dtype of the features: float32 or float16."),
     compression: Literal[choices.COMPRESSIONS] = typer.Option(
@@ -162,6 +164,9 @@ def features(
         help="torch.compile the trunk (compiling costs seconds, so for large image sets on CUDA).",
     ),
     engine: Literal[choices.ENGINE_CHOICES] = typer.Option(ExtractConfig.engine, help=ENGINE_HELP),
+    calibration: int = typer.Option(
+        ExtractConfig.calibration, help="--precision int8: training images that calibrate the quantized trunk."
+    ),
 ):
     """Extract frozen-trunk features for every split into HDF5 (resumable; a second run with nothing changed does nothing).
 
@@ -174,7 +179,7 @@ def features(
     options = dict(model=model, splits=tuple(split or ExtractConfig.splits), test_fraction=test_fraction)
     options.update(batch_size=batch_size, workers=workers)
     options.update(precision=precision, dtype=dtype, compression=compression, views=views, view_seed=view_seed)
-    options.update(device=device, decode=decode, strict=strict, compile=compile, engine=engine)
+    options.update(device=device, decode=decode, strict=strict, compile=compile, engine=engine, calibration=calibration)
     ExtractConfig(**options)  # every option checked before the reporter starts
     _sigterm_to_interrupt()
     show = int(os.environ.get("RANK", "0")) == 0

@@ -3,7 +3,6 @@ same stratified cross-validation folds with the default head and a converged pro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -13,7 +12,7 @@ import numpy as np
 
 from flowerfeat.backbones import get_backbone, parse_choice
 from flowerfeat.config import ExtractConfig
-from flowerfeat.data import Split, scan_data
+from flowerfeat.data import Split, scan_data, stratified_order
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.progress import Reporter
 
@@ -46,7 +45,14 @@ class Row:
 
 @dataclass
 class Comparison:
-    """What ``compare`` found: one Row per candidate, the sample and folds behind them, and the time it took."""
+    """What ``compare`` found: one Row per candidate, the sample and folds behind them, and the time it took.
+
+    Example::
+
+        result = flowerfeat.compare("my_photos", ["vgg16@pool5-gap", "resnet50"])
+        best = max((r for r in result.rows if not r.error), key=lambda r: r.head_mean)
+        print("\\n".join(flowerfeat.comparison.table_lines(result)))
+    """
 
     rows: list[Row]
     sample: int
@@ -60,24 +66,6 @@ class Comparison:
         d = asdict(self)
         d["out"] = str(self.out)
         return d
-
-
-def stratified_order(split: Split, seed: int) -> list[int]:
-    """Every item of ``split`` in an order whose every prefix is a stratified, seeded sample: within each class a
-    seeded hash of the path ranks the images, and the classes interleave by their share (rank + 0.5) / size. So
-    the first 500 of the order are also the first 500 of any larger sample, and a larger ``--sample`` reuses them."""
-
-    def rank(relpath: str) -> bytes:
-        return hashlib.sha256(f"{seed}\0{relpath}".encode("utf-8", "surrogateescape")).digest()
-
-    by_class: dict[int, list[int]] = {}
-    for i, item in enumerate(split.items):
-        by_class.setdefault(item.label, []).append(i)
-    keys = []
-    for members in by_class.values():
-        members.sort(key=lambda i: rank(split.items[i].relpath))
-        keys += [((k + 0.5) / len(members), rank(split.items[i].relpath), i) for k, i in enumerate(members)]
-    return [i for *_k, i in sorted(keys)]
 
 
 def sample_split(data: Path, n: int, seed: int, test_fraction: float = 0.0) -> tuple[Split, int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from flowerfeat.errors import FlowerfeatError
 
 DEFAULT_MODEL = "vgg16"  # the textbook's; `flowerfeat models` lists the others
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")  # int8: the CPU, on the onnxruntime engine (quantize.py)
 DTYPES = ("float32", "float16")
 ENGINES = ("torch", "onnxruntime")
 ENGINE_CHOICES = ("auto", *ENGINES)
@@ -93,6 +93,8 @@ class ExtractConfig:
     # docs/benchmarks.md) or "auto": the engine of the existing cache if it has one, else onnxruntime where it is
     # installed and the run is on the CPU in fp32, else torch.
     engine: str = "auto"
+    # --precision int8: training images (a seeded, stratified sample) that calibrate the quantized trunk, once per cache
+    calibration: int = 64
 
     def __post_init__(self) -> None:
         _check_choice("precision", self.precision, PRECISIONS)
@@ -104,6 +106,7 @@ class ExtractConfig:
         if self.workers is not None:
             _check_positive("workers", self.workers, allow_zero=True)
         _check_positive("views", self.views, allow_zero=True)
+        _check_positive("calibration", self.calibration)
         _check_range("test_fraction", self.test_fraction)
         if not self.splits:
             raise FlowerfeatError("no split to extract; pass --split train (or test)")

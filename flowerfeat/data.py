@@ -177,6 +177,24 @@ def held_out(relpaths: list[str], test_fraction: float) -> set[str]:
     return set(ranked[: round(test_fraction * len(ranked))])
 
 
+def stratified_order(split: Split, seed: int) -> list[int]:
+    """Every item of ``split`` in an order whose every prefix is a stratified, seeded sample: within each class a
+    seeded hash of the path ranks the images, and the classes interleave by their share (rank + 0.5) / size. So
+    the first 500 of the order are also the first 500 of any larger sample (compare's samples, int8 calibration)."""
+
+    def rank(relpath: str) -> bytes:
+        return hashlib.sha256(f"{seed}\0{relpath}".encode("utf-8", "surrogateescape")).digest()
+
+    by_class: dict[int, list[int]] = {}
+    for i, item in enumerate(split.items):
+        by_class.setdefault(item.label, []).append(i)
+    keys = []
+    for members in by_class.values():
+        members.sort(key=lambda i: rank(split.items[i].relpath))
+        keys += [((k + 0.5) / len(members), rank(split.items[i].relpath), i) for k, i in enumerate(members)]
+    return [i for *_k, i in sorted(keys)]
+
+
 def carve(pool: Split, splits, test_fraction: float) -> dict[str, Split]:
     """Split ``pool`` into train and test, class by class, by ``held_out``."""
     test: set[int] = set()

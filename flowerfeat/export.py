@@ -96,6 +96,8 @@ def export_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "torchvision":
         _write_torchvision(head, spec, out)
+    elif fmt == "onnx" and head.meta["features"]["precision"] == "int8":
+        _write_onnx_int8(head, out)
     else:
         model = ExportedClassifier(spec.build(), head.module)
         (_write_pt2 if fmt == "pt2" else _write_onnx)(model, out, spec.input_shape)
@@ -138,20 +140,58 @@ def _write_onnx(model: nn.Module, out: Path, input_shape) -> None:
         )
 
 
+class _Probabilities(nn.Module):
+    def __init__(self, head: LinearHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.head(rows), dim=1)
+
+
+def _write_onnx_int8(head: Head, out: Path) -> None:
+    """The very int8 trunk the head's features came from (its QDQ graph) with the head after it, as one ONNX model:
+    the head exported on its own, then joined to the trunk's output by onnx.compose."""
+    import tempfile
+
+    import onnx
+    from onnx import compose, version_converter
+
+    from flowerfeat.predict import int8_trunk
+
+    trunk_path = Path(int8_trunk(head.meta["features"]).path)  # checked: the file the features were made with
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(
+            _Probabilities(head.module).eval(), (torch.zeros(2, head.weight.shape[1]),), f"{tmp}/head.onnx",
+            dynamo=True, dynamic_shapes={"rows": {0: torch.export.Dim.DYNAMIC}}, input_names=["rows"],
+            output_names=["probabilities"], external_data=False,
+        )  # fmt: skip
+        head_model = compose.add_prefix(onnx.load(f"{tmp}/head.onnx"), "head/")
+    trunk = onnx.load(str(trunk_path))
+    head_model.ir_version = trunk.ir_version  # onnx.compose wants one IR version and the same opset imports
+    joined = compose.merge_models(
+        trunk, version_converter.convert_version(head_model, trunk.opset_import[0].version),
+        io_map=[("rows", "head/rows")],
+    )  # fmt: skip
+    with store.atomic_path(out) as tmp_out:
+        onnx.save(joined, str(tmp_out))
+
+
 def _description(head: Head, out: Path, fmt: str, input_shape) -> dict:
     """The JSON beside the model: what goes in, what comes out, how to load it, where it came from."""
     load = {
         "torchvision": f"m = torchvision.models.get_model('{head.model}', num_classes={len(head.classes)}); "
         f"m.load_state_dict(torch.load('{out.name}')); m.eval()  # outputs logits",
         "pt2": f"m = torch.export.load('{out.name}').module()  # outputs probabilities",
-        "onnx": f"s = onnxruntime.InferenceSession('{out.name}'); s.run(None, {{'image': x}})  # probabilities",
+        "onnx": f"s = onnxruntime.InferenceSession('{out.name}'); s.run(None, {{'{_input_name(head, fmt)}': x}})"
+        "  # probabilities",
     }[fmt]
     return {
         "format": fmt,
         "model": out.name,
         "load": load,
         "classes": head.classes,
-        "input": {"name": "image", "shape": ["batch", *input_shape], "dtype": "float32"},
+        "input": {"name": _input_name(head, fmt), "shape": ["batch", *input_shape], "dtype": "float32"},
         "output": {"shape": ["batch", len(head.classes)], "is": "logits" if fmt == "torchvision" else "probabilities"},
         "preprocessing": head.meta["features"]["preprocessing"],
         "model": head.model,
@@ -159,3 +199,8 @@ def _description(head: Head, out: Path, fmt: str, input_shape) -> dict:
         "weights": head.meta["features"]["weights"],
         "metrics": head.metrics,
     }
+
+
+def _input_name(head: Head, fmt: str) -> str:
+    """The exported model's input: "image"; an int8 ONNX model keeps its quantized trunk's, "x"."""
+    return "x" if fmt == "onnx" and head.meta["features"]["precision"] == "int8" else "image"

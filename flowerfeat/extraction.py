@@ -29,9 +29,9 @@ from flowerfeat import FORMAT_VERSION, __version__, runtime, store
 from flowerfeat.backbones import Backbone, Cut, Preprocessing, get_backbone
 from flowerfeat.config import ExtractConfig, batch_size_for
 from flowerfeat.data import Augment, Split, UnitDataset, collate_units, scan_data
+from flowerfeat.errors import FlowerfeatError
 from flowerfeat.runtime import trunk_rows
 from flowerfeat.weights import WeightsInfo
-from flowerfeat.errors import FlowerfeatError
 from flowerfeat.progress import LineReporter, Progress, Reporter
 
 PREP_THREADS = 2  # threads preparing GPU-decoded batches: the fastest count measured (docs/benchmarks.md)
@@ -120,7 +120,9 @@ class Setup:
     workers: int
     transform: Callable  # PIL image -> normalised (3, H, W) tensor, the weights' own
     augment: Augment
-    get_trunk: Callable[[], torch.nn.Module]  # built on first use, so an up-to-date run never loads weights
+    # built on first use, so an up-to-date run never loads weights; an int8 trunk is calibrated on the split given
+    get_trunk: Callable[..., torch.nn.Module]
+    quantization: object = None  # quantize.Settings for --precision int8, else None
 
 
 def resolve_setup(
@@ -146,18 +148,8 @@ def resolve_setup(
     folder = store.cache_dir(cfg.out, backbone.folder_name, cut.name, winfo.tag)
     precision = runtime.resolve_precision(cfg.precision, device)
     engine = runtime.resolve_engine(cfg.engine, device, precision, _cache_engine(folder, cfg.splits))
-    built: list[torch.nn.Module] = []
-
-    def get_trunk() -> torch.nn.Module:
-        if not built:
-            t = trunk
-            if t is None:
-                what = "random init" if winfo.kind == "none" else winfo.name
-                with (reporter or Reporter()).stage(f"loading {backbone.name} weights ({what})"):
-                    t = backbone.build(winfo, cut.name)
-            built.append(_on_device(t, cfg, engine, device, pre, reporter))
-        return built[0]
-
+    quantization = int8_settings(folder, cfg) if precision == "int8" else None
+    get_trunk = LazyTrunk(cfg, backbone, cut.name, winfo, trunk, pre, engine, device, quantization, folder, reporter)
     return Setup(
         backbone=backbone,
         cut=cut,
@@ -175,7 +167,102 @@ def resolve_setup(
         transform=pre.transform(),
         augment=Augment(pre.crop_size, pre.resize_size),
         get_trunk=get_trunk,
+        quantization=quantization,
     )
+
+
+@dataclass
+class LazyTrunk:
+    """The trunk, built on the first call (so an up-to-date run never loads weights): the model's own (or the one
+    handed in), as the engine runs it; for int8 the quantized trunk kept in the cache folder, made first when it is
+    not there (calibrated on the split passed: the run's training images)."""
+
+    cfg: ExtractConfig
+    backbone: Backbone
+    cut: str
+    weights: WeightsInfo
+    given: torch.nn.Module | None  # a trunk handed in (tests), instead of the model's
+    pre: Preprocessing
+    engine: str
+    device: torch.device
+    quantization: object  # quantize.Settings, or None
+    folder: Path
+    reporter: Reporter | None
+    built: torch.nn.Module | None = None
+
+    def __call__(self, calibrate_on: Split | None = None) -> torch.nn.Module:
+        if self.built is None:
+            if self.quantization is not None and _int8_ready(self.folder, self.quantization):
+                self.built = _load_int8(self.folder, self.reporter)
+                return self.built
+            t = self.given
+            if t is None:
+                what = "random init" if self.weights.kind == "none" else self.weights.name
+                with (self.reporter or Reporter()).stage(f"loading {self.backbone.name} weights ({what})"):
+                    t = self.backbone.build(self.weights, self.cut)
+            if self.quantization is not None:
+                _make_int8(t, self.pre, self.quantization, self.folder, calibrate_on, self.reporter)
+                self.built = _load_int8(self.folder, self.reporter)
+            else:
+                self.built = _on_device(t, self.cfg, self.engine, self.device, self.pre, self.reporter)
+        return self.built
+
+
+def int8_settings(folder: Path, cfg: ExtractConfig):
+    """The quantization of the int8 trunk kept in ``folder`` when its calibration size matches, so a later run (new
+    images, a resume) keys and computes with the very same model; else the settings for this CPU."""
+    from flowerfeat import quantize
+
+    record = quantize.read_record(folder)
+    if record is not None and record["settings"].get("calibration") == cfg.calibration:
+        return quantize.Settings(**record["settings"])
+    return quantize.settings_for_this_cpu(cfg.calibration, seed=0)
+
+
+def _int8_ready(folder: Path, settings) -> bool:
+    from flowerfeat import quantize
+    from flowerfeat.weights import sha256_file
+
+    record = quantize.read_record(folder)
+    path = folder / quantize.MODEL_FILE
+    return (
+        record is not None and record["settings"] == settings.to_dict() and path.is_file()
+        and sha256_file(path) == record["sha256"]
+    )  # fmt: skip
+
+
+def _make_int8(trunk, pre: Preprocessing, settings, folder: Path, split: Split | None, reporter) -> None:
+    """Quantize ``trunk`` into ``folder``, calibrated on the first ``settings.calibration`` images of ``split``'s
+    seeded stratified order (the run's training images), and record what was done."""
+    from flowerfeat import quantize
+    from flowerfeat.data import BadImage, load_image, stratified_order
+    from flowerfeat.weights import sha256_file
+
+    if split is None:
+        raise FlowerfeatError("--precision int8 calibrates on training images; extract the train split in this run")
+    quantize.check_calibration(settings.calibration, len(split.classes))
+    order = stratified_order(split, settings.seed)
+    transform, images, used = pre.transform(), [], []
+    for i in order:
+        if len(images) == settings.calibration:
+            break
+        try:
+            images.append(transform(load_image(split.root / split.items[i].relpath)).numpy())
+            used.append(split.items[i].relpath)
+        except BadImage:  # an unreadable image calibrates nothing; the next one in the order does
+            continue
+    folder.mkdir(parents=True, exist_ok=True)
+    what = f"quantizing the trunk to int8 ({len(images)} calibration images, {settings.activations} activations"
+    with (reporter or Reporter()).stage(what + f"{', reduce_range' if settings.reduce_range else ''})"):
+        quantize.quantize(trunk, pre.input_shape, np.stack(images), settings, folder / quantize.MODEL_FILE)
+    quantize.write_record(folder, settings, used, sha256_file(folder / quantize.MODEL_FILE))
+
+
+def _load_int8(folder: Path, reporter) -> torch.nn.Module:
+    from flowerfeat import quantize
+
+    with (reporter or Reporter()).stage("loading the int8 trunk"):
+        return quantize.OnnxModel(folder / quantize.MODEL_FILE)
 
 
 def _on_device(t, cfg: ExtractConfig, engine: str, device, pre: Preprocessing, reporter) -> torch.nn.Module:
@@ -236,6 +323,8 @@ def split_meta(cfg: ExtractConfig, split: Split, setup: Setup) -> dict:
         "preprocessing": setup.preprocessing.to_dict(),
         "precision": setup.precision,
         "engine": setup.engine,
+        "quantization": setup.quantization.to_dict() if setup.quantization is not None else None,
+        "quantized_model": None,  # set once the int8 trunk exists (extract_split)
         "decoder": setup.decoder,
         "dtype": cfg.dtype,
         "compression": cfg.compression,
@@ -459,8 +548,10 @@ def extract_split(
     setup: Setup,
     reporter: Reporter | None = None,
     dist: Dist = Dist(),
+    calibrate_on: Split | None = None,
 ) -> SplitResult:
-    """Bring ``<folder>/<split>.h5`` up to date: nothing if its fingerprint matches, else extract what is missing."""
+    """Bring ``<folder>/<split>.h5`` up to date: nothing if its fingerprint matches, else extract what is missing
+    (an int8 trunk is calibrated on ``calibrate_on``, the run's training split, when it does not exist yet)."""
     t_start = time.perf_counter()
     final = setup.folder / f"{split.name}.h5"
     meta = split_meta(cfg, split, setup)
@@ -477,8 +568,10 @@ def extract_split(
         )
     reuse, reason, removed = _reusable_rows(prev, meta, split)
     t_trunk = time.perf_counter()
-    setup.get_trunk()  # built (and its weights checked) before anything is written
+    setup.get_trunk(calibrate_on)  # built (and its weights checked) before anything is written
     t_trunk = time.perf_counter() - t_trunk
+    if setup.quantization is not None:
+        meta["quantized_model"] = _int8_file(setup.folder)
     n_units = len(split.items) * (1 + meta["views"])
     partial_root = final.with_name(final.name + ".partial")
     header = _shard_header(meta, setup.batch_size, n_units - len(reuse), dist)
@@ -492,7 +585,8 @@ def extract_split(
     result.trunk_s = t_trunk
     reporter = reporter or Reporter()
     if plan.resume_at or reuse:
-        reporter.status(f"{split.name}: {plan.done_before:,} of {plan.total:,} images already done ({reason})")
+        why = f" ({reason})" if reason else ""
+        reporter.status(f"{split.name}: {plan.done_before:,} of {plan.total:,} images already done{why}")
     _run_plan(cfg, split, setup, plan, log, result, reporter)
     t_finish = time.perf_counter()
     dist.barrier()
@@ -503,6 +597,12 @@ def extract_split(
     dist.barrier()
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _int8_file(folder: Path) -> dict:
+    from flowerfeat import quantize
+
+    return {"path": str((folder / quantize.MODEL_FILE).resolve()), "sha256": quantize.read_record(folder)["sha256"]}
 
 
 def _shard_header(meta: dict, batch_size: int, todo: int, dist: Dist) -> dict:
@@ -646,7 +746,8 @@ def run_extraction(
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest convolutions
     setup.folder.mkdir(parents=True, exist_ok=True)
     with store.exclusive_lock(setup.folder, f"features-rank{dist.rank}of{dist.world}"):
-        results = [extract_split(cfg, split, setup, reporter, dist) for split in splits.values()]
+        calibrate_on = splits.get("train") or next(iter(splits.values()))
+        results = [extract_split(cfg, split, setup, reporter, dist, calibrate_on) for split in splits.values()]
     if dist.rank == 0:
         store.mark_latest(out, setup.folder)  # what fit-head, report and predict pick by default
     return results

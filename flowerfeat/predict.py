@@ -77,6 +77,20 @@ def _remembered_weights(record: dict) -> str:
     )
 
 
+def int8_trunk(record: dict) -> torch.nn.Module:
+    """The very int8 trunk the head's features were made with (kept beside them), checked by its sha256."""
+    from flowerfeat.quantize import OnnxModel
+
+    kept = record.get("quantized_model") or {}
+    path = Path(kept.get("path", ""))
+    if not path.is_file() or sha256_file(path) != kept.get("sha256"):
+        raise FlowerfeatError(
+            f"{path}: the int8 trunk the head's features were made with is gone or changed; extract the features "
+            "again with --precision int8 and refit, or pass --precision fp32"
+        )
+    return OnnxModel(path)
+
+
 def _image_files(p: Path) -> list[Path]:
     """A file as given, a folder's image files searched recursively (sorted); a missing path refused."""
     if p.is_dir():
@@ -146,8 +160,10 @@ class Classifier:
         dev = runtime.resolve_device(device)
         record = head.meta["features"]
         precision = record["precision"] if precision == "auto" else precision
-        if precision not in ("fp32", "bf16"):
+        if precision not in ("fp32", "bf16", "int8"):
             raise FlowerfeatError(f"unknown precision (--precision) {precision!r}; choose one of: auto, fp32, bf16")
+        if precision == "int8" and record["precision"] != "int8":
+            raise FlowerfeatError("--precision int8 runs the int8 trunk an int8 extraction made; this head's is not")
         engine = runtime.resolve_engine(engine, dev, precision, previous=store.engine_of(record))
         return cls(head, weights_for(head, weights), dev, engine, precision)
 
@@ -158,8 +174,11 @@ class Classifier:
     def trunk(self) -> torch.nn.Module:
         """The frozen trunk on this classifier's device, channels-last; built once."""
         if self._trunk is None:
-            trunk = runtime.on_engine(self.spec.build(), self.engine, self.spec.input_shape)
-            self._trunk = trunk.to(self.device).to(memory_format=torch.channels_last)
+            if self.precision == "int8":
+                self._trunk = int8_trunk(self.head.meta["features"])
+            else:
+                trunk = runtime.on_engine(self.spec.build(), self.engine, self.spec.input_shape)
+                self._trunk = trunk.to(self.device).to(memory_format=torch.channels_last)
         return self._trunk
 
     def predict(self, images, top_k: int = 1, batch_size: int = 0) -> list[Prediction]:

@@ -26,7 +26,10 @@ def trunk_rows(trunk: nn.Module, x: torch.Tensor, precision: str) -> torch.Tenso
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto -> bf16 on CUDA or a CPU with native bf16 units, else fp32 (emulated bf16 is ~100x slower)."""
+    """auto -> bf16 on CUDA or a CPU with native bf16 units, else fp32 (emulated bf16 is ~100x slower); int8 is the
+    CPU's only (a quantized trunk on ONNX Runtime; auto never picks it, docs/benchmarks.md says why)."""
+    if precision == "int8" and device.type != "cpu":
+        raise FlowerfeatError(f"--precision int8 runs on the CPU (here: {device}); use bf16 or fp32 on CUDA")
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
@@ -54,16 +57,23 @@ def engine_available(engine: str) -> bool:
 def resolve_engine(engine: str, device: torch.device, precision: str, previous: str | None = None) -> str:
     """The engine to run: as asked (refused with one line where it cannot run), or for "auto" the one an existing
     cache was made with (so nothing is recomputed), else onnxruntime where it is installed and the run is on the CPU
-    in fp32, else torch."""
+    in fp32, else torch. int8 runs on onnxruntime only."""
+    install = "install the extra: pip install 'flowerfeat[onnx]'"
+    if precision == "int8":
+        if engine == "torch":
+            raise FlowerfeatError("--precision int8 runs on the onnxruntime engine; drop --engine torch")
+        if not engine_available("onnxruntime"):
+            raise FlowerfeatError(f"--precision int8 needs onnxruntime; {install}")
+        return "onnxruntime"
     fits = device.type == "cpu" and precision == "fp32"
     if engine == "auto":
         if previous in ("torch", "onnxruntime") and (previous == "torch" or (fits and engine_available(previous))):
             return previous
         return "onnxruntime" if fits and engine_available("onnxruntime") else "torch"
     if engine == "onnxruntime" and not fits:
-        raise FlowerfeatError(f"--engine onnxruntime runs on the CPU in fp32 (here: {device.type}, {precision})")
+        raise FlowerfeatError(f"--engine onnxruntime runs on the CPU in fp32 or int8 (here: {device.type}, {precision})")
     if not engine_available(engine):
-        raise FlowerfeatError(f"--engine {engine} needs onnxruntime; install the extra: pip install 'flowerfeat[onnx]'")
+        raise FlowerfeatError(f"--engine {engine} needs onnxruntime; {install}")
     return engine
 
 
@@ -71,28 +81,17 @@ class OnnxTrunk(nn.Module):
     """A trunk run by ONNX Runtime: exported from the torch trunk once (free batch size), called like it."""
 
     def __init__(self, trunk: nn.Module, input_shape: tuple[int, int, int], threads: int | None = None):
-        import contextlib
-        import io
         import tempfile
 
-        import onnxruntime
+        from flowerfeat.quantize import OnnxModel, export_onnx
 
         super().__init__()
-        example = torch.zeros(2, *input_shape)
-        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # its progress lines
-            path = f"{tmp}/trunk.onnx"
-            trunk = trunk.to(memory_format=torch.contiguous_format)
-            torch.onnx.export(
-                trunk, (example,), path, dynamo=True, dynamic_shapes={"x": {0: torch.export.Dim.DYNAMIC}},
-                input_names=["x"], output_names=["rows"], external_data=False,
-            )  # fmt: skip
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = threads or torch.get_num_threads()
-            self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory() as tmp:
+            export_onnx(trunk, input_shape, Path(tmp) / "trunk.onnx")
+            self.model = OnnxModel(Path(tmp) / "trunk.onnx", threads)  # the session holds the graph: the file may go
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous().numpy()  # ONNX Runtime takes NCHW float32
-        return torch.from_numpy(self.session.run(None, {"x": x})[0])
+        return self.model(x)
 
 
 def on_engine(trunk: nn.Module, engine: str, input_shape: tuple[int, int, int]) -> nn.Module:

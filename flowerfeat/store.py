@@ -51,6 +51,10 @@ SCHEMA = (
     Attr("decoder", key=True, head=True, checked=True),
     Attr("precision", key=True, head=True, checked=True),
     Attr("engine", key=True, head=True, checked=True),
+    # int8 only (else null): how the trunk was quantized (quantize.Settings), and the quantized model kept beside the
+    # files ({path, sha256}), so predict runs the very same one
+    Attr("quantization", key=True, head=True, checked=True, json=True),
+    Attr("quantized_model", head=True, json=True),
     Attr("dtype", key=True, head=True, checked=True),
     Attr("classes", settings=True, head=True, checked=True),
     Attr("compression", settings=True),

@@ -1,0 +1,140 @@
+"""int8 trunks for the CPU: ONNX Runtime's static quantization, calibrated once per cache on a seeded sample of the
+run's own training images, and kept beside the features so resumed runs, later images and predict use the very
+same model."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from flowerfeat.errors import FlowerfeatError
+
+MODEL_FILE = "trunk-int8.onnx"  # in the cache folder, beside the split files
+RECORD_FILE = "trunk-int8.json"  # its settings and the images that calibrated it
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the trunk is quantized (recorded in every feature file and head, and part of the cache key)."""
+
+    activations: str  # "uint8": what ONNX Runtime's x86 kernels take best (docs/benchmarks.md)
+    weights: str  # "int8", per output channel
+    reduce_range: bool  # 7-bit weights: needed where there is no VNNI, whose absence makes 8-bit products saturate
+    method: str  # calibration: minmax (the default), entropy or percentile over the sample
+    preprocess: bool  # ONNX Runtime's quant_pre_process (shape inference, graph optimisation) before quantizing
+    calibration: int  # images in the calibration sample
+    seed: int  # of the sample
+    onnxruntime: str  # the version that quantized it
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def settings_for_this_cpu(calibration: int, seed: int) -> Settings:
+    """The settings that follow the CPU: without VNNI (AVX2 only), u8 activations with reduce_range (s8 activations
+    saturate there, as ONNX Runtime documents); with VNNI (AVX512-VNNI, AVX-VNNI or AMX) the full 8-bit range."""
+    import onnxruntime
+
+    vnni = bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return Settings("uint8", "int8", not vnni, "minmax", True, calibration, seed, onnxruntime.__version__)
+
+
+def export_onnx(trunk: nn.Module, input_shape: tuple[int, int, int], path: Path) -> None:
+    """The torch trunk as an fp32 ONNX graph with a free batch size (input "x", output "rows")."""
+    example = torch.zeros(2, *input_shape)
+    with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx's progress lines
+        torch.onnx.export(
+            trunk.to(memory_format=torch.contiguous_format), (example,), str(path), dynamo=True,
+            dynamic_shapes={"x": {0: torch.export.Dim.DYNAMIC}}, input_names=["x"], output_names=["rows"],
+            external_data=False,
+        )  # fmt: skip
+
+
+def quantize(trunk: nn.Module, input_shape, images: np.ndarray, settings: Settings, out: Path, batch: int = 16) -> None:
+    """Quantize ``trunk`` statically (QDQ, per-channel int8 weights) calibrated on ``images`` (N, 3, H, W), to
+    ``out`` (written under a temporary name, then renamed)."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quant_pre_process, quantize_static
+
+    from flowerfeat.store import atomic_path
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.left = iter(range(0, len(images), batch))
+
+        def get_next(self):
+            start = next(self.left, None)
+            return None if start is None else {"x": np.ascontiguousarray(images[start : start + batch], np.float32)}
+
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy}
+    methods["percentile"] = CalibrationMethod.Percentile
+    with tempfile.TemporaryDirectory() as tmp, atomic_path(out) as target:
+        fp32 = Path(tmp) / "fp32.onnx"
+        export_onnx(trunk, input_shape, fp32)
+        if settings.preprocess:
+            quant_pre_process(str(fp32), str(Path(tmp) / "pre.onnx"))
+            fp32 = Path(tmp) / "pre.onnx"
+        quantize_static(
+            str(fp32), str(target), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+            reduce_range=settings.reduce_range, activation_type=types[settings.activations],
+            weight_type=types[settings.weights], calibrate_method=methods[settings.method],
+            extra_options={"CalibMaxIntermediateOutputs": 4},  # merge ranges every 4 batches: the same result, flat memory
+        )  # fmt: skip
+
+
+class OnnxModel(nn.Module):
+    """An ONNX trunk file run by ONNX Runtime on the CPU, called like the torch trunk: (B, 3, H, W) -> (B, D)."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime
+
+        super().__init__()
+        self.path = Path(path)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"x": x.contiguous().numpy()})[0])
+
+
+def read_record(folder: Path) -> dict | None:
+    """The record of the quantized trunk kept in ``folder`` (None: none there, or unreadable)."""
+    try:
+        return json.loads((folder / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_record(folder: Path, settings: Settings, sample: list[str], sha256: str) -> None:
+    from flowerfeat.store import atomic_path
+
+    record = {"settings": settings.to_dict(), "calibration_images": sample, "sha256": sha256}
+    with atomic_path(folder / RECORD_FILE) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def check_calibration(n: int, n_classes: int) -> None:
+    if n < n_classes:
+        raise FlowerfeatError(
+            f"calibration (--calibration) of {n} images is smaller than the {n_classes} classes; pass at least "
+            f"{n_classes} (64 is the default)"
+        )
