@@ -165,7 +165,7 @@ def features(
     ),
     engine: Literal[choices.ENGINE_CHOICES] = typer.Option(ExtractConfig.engine, help=ENGINE_HELP),
     calibration: int = typer.Option(
-        ExtractConfig.calibration, help="--precision int8: training images that calibrate the quantized trunk."
+        ExtractConfig.calibration, help="--precision int8: training images (a seeded, stratified sample) that calibrate the quantized trunk."
     ),
 ):
     """Extract frozen-trunk features for every split into HDF5 (resumable; a second run with nothing changed does nothing).

@@ -94,7 +94,7 @@ class ExtractConfig:
     # installed and the run is on the CPU in fp32, else torch.
     engine: str = "auto"
     # --precision int8: training images (a seeded, stratified sample) that calibrate the quantized trunk, once per cache
-    calibration: int = 64
+    calibration: int = 256  # the size measured to keep int8 heads within 0.5 points of fp32 (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
         _check_choice("precision", self.precision, PRECISIONS)
