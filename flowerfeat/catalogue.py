@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 
 from flowerfeat.backbones import get_backbone, gflops_text, list_models
+from flowerfeat.errors import FlowerfeatError
 
 
 def catalogue(pattern: str | None = None, timm: bool = False) -> list[dict]:
@@ -15,7 +16,13 @@ def catalogue(pattern: str | None = None, timm: bool = False) -> list[dict]:
     rows = []
     for name in names:
         backbone = get_backbone(name)
-        cuts = [{"layer": c.name, "dim": c.dim, "dropout": c.dropout, "about": c.about} for c in backbone.cuts().values()]
+        try:
+            cuts = [
+                {"layer": c.name, "dim": c.dim, "dropout": c.dropout, "about": c.about} for c in backbone.cuts().values()
+            ]
+        except FlowerfeatError as e:  # listed, with why it cannot be cut (SqueezeNet's classifier is a convolution)
+            rows.append({"model": name, "family": backbone.family, "cuts": [], "error": str(e)})
+            continue
         rows.append({"model": name, "family": backbone.family, "cuts": cuts, **backbone.describe()})
     return rows
 
@@ -24,6 +31,9 @@ def catalogue_lines(rows: list[dict]) -> list[str]:
     """The records as a table: model, cuts with dimensions (the default first), GFLOPs, top-1, offline."""
     lines = [f"{'model':<32} {'layers (dimension; the first is the default)':<46} {'GFLOPs':>7} {'top-1':>6}  offline"]
     for r in rows:
+        if r.get("error"):
+            lines.append(f"{r['model']:<32} not usable: {r['error']}")
+            continue
         cuts = ", ".join(f"{c['layer']} ({c['dim']})" for c in r["cuts"])
         top1 = f"{r['imagenet_top1']:.1f}" if r.get("imagenet_top1") else "?"
         offline = {True: "yes", False: "no", None: "?"}[r.get("weights_offline")]

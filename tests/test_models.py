@@ -113,6 +113,8 @@ def test_models_lists_cuts_dimensions_and_costs():
     r = run("models", "resnet1*")
     assert r.exit_code == 0, r.output
     assert "resnet18" in r.output and "pre-logits (512)" in r.output and "1.81" in r.output  # torchvision's GFLOPs
+    r = run("models", "squeezenet1_*")  # a model that cannot be cut is listed with why, the listing goes on
+    assert r.exit_code == 0 and r.output.count("not usable: SqueezeNet: no Linear classifier") == 2, r.output
     rows = json.loads(run("models", "vgg16", "--json").output)
     assert rows[0]["cuts"][0] == {"layer": "fc7", "dim": 4096, "dropout": 0.5, "about": rows[0]["cuts"][0]["about"]}
     assert rows[0]["gflops"] == pytest.approx(15.47) and rows[0]["imagenet_top1"] == pytest.approx(71.592)
