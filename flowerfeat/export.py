@@ -157,9 +157,9 @@ def _write_onnx_int8(head: Head, out: Path) -> None:
     import onnx
     from onnx import compose, version_converter
 
-    from flowerfeat.predict import int8_trunk
+    from flowerfeat.predict import int8_model
 
-    trunk_path = Path(int8_trunk(head.meta["features"]).path)  # checked: the file the features were made with
+    trunk_path = int8_model(head.meta["features"])  # checked: the file the features were made with
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         torch.onnx.export(
             _Probabilities(head.module).eval(), (torch.zeros(2, head.weight.shape[1]),), f"{tmp}/head.onnx",

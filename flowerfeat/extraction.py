@@ -262,7 +262,7 @@ def _load_int8(folder: Path, reporter) -> torch.nn.Module:
     from flowerfeat import quantize
 
     with (reporter or Reporter()).stage("loading the int8 trunk"):
-        return quantize.OnnxModel(folder / quantize.MODEL_FILE)
+        return runtime.OnnxModel(folder / quantize.MODEL_FILE)
 
 
 def _on_device(t, cfg: ExtractConfig, engine: str, device, pre: Preprocessing, reporter) -> torch.nn.Module:

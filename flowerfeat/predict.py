@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from flowerfeat import runtime, store
 from flowerfeat.backbones import Backbone, get_backbone
-from flowerfeat.config import batch_size_for
+from flowerfeat.config import PRECISIONS, batch_size_for
 from flowerfeat.data import IMAGE_EXTENSIONS, BadImage, load_image, to_rgb
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.heads import Head
@@ -77,10 +77,8 @@ def _remembered_weights(record: dict) -> str:
     )
 
 
-def int8_trunk(record: dict) -> torch.nn.Module:
-    """The very int8 trunk the head's features were made with (kept beside them), checked by its sha256."""
-    from flowerfeat.quantize import OnnxModel
-
+def int8_model(record: dict) -> Path:
+    """The very int8 trunk file the head's features were made with (kept beside them), checked by its sha256."""
     kept = record.get("quantized_model") or {}
     path = Path(kept.get("path", ""))
     if not path.is_file() or sha256_file(path) != kept.get("sha256"):
@@ -88,7 +86,7 @@ def int8_trunk(record: dict) -> torch.nn.Module:
             f"{path}: the int8 trunk the head's features were made with is gone or changed; extract the features "
             "again with --precision int8 and refit, or pass --precision fp32"
         )
-    return OnnxModel(path)
+    return path
 
 
 def _image_files(p: Path) -> list[Path]:
@@ -160,8 +158,8 @@ class Classifier:
         dev = runtime.resolve_device(device)
         record = head.meta["features"]
         precision = record["precision"] if precision == "auto" else precision
-        if precision not in ("fp32", "bf16", "int8"):
-            raise FlowerfeatError(f"unknown precision (--precision) {precision!r}; choose one of: auto, fp32, bf16")
+        if precision not in PRECISIONS:
+            raise FlowerfeatError(f"unknown precision (--precision) {precision!r}; choose one of: {', '.join(PRECISIONS)}")
         if precision == "int8" and record["precision"] != "int8":
             raise FlowerfeatError("--precision int8 runs the int8 trunk an int8 extraction made; this head's is not")
         engine = runtime.resolve_engine(engine, dev, precision, previous=store.engine_of(record))
@@ -175,7 +173,7 @@ class Classifier:
         """The frozen trunk on this classifier's device, channels-last; built once."""
         if self._trunk is None:
             if self.precision == "int8":
-                self._trunk = int8_trunk(self.head.meta["features"])
+                self._trunk = runtime.OnnxModel(int8_model(self.head.meta["features"]))
             else:
                 trunk = runtime.on_engine(self.spec.build(), self.engine, self.spec.input_shape)
                 self._trunk = trunk.to(self.device).to(memory_format=torch.channels_last)

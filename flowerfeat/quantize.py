@@ -4,8 +4,6 @@ same model."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import tempfile
 from dataclasses import asdict, dataclass
@@ -16,18 +14,10 @@ import torch
 from torch import nn
 
 from flowerfeat.errors import FlowerfeatError
+from flowerfeat.runtime import cpu_flags, export_onnx
 
 MODEL_FILE = "trunk-int8.onnx"  # in the cache folder, beside the split files
 RECORD_FILE = "trunk-int8.json"  # its settings and the images that calibrated it
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    return set(line.split(":", 1)[-1].split())
 
 
 @dataclass(frozen=True)
@@ -52,19 +42,8 @@ def settings_for_this_cpu(calibration: int, seed: int) -> Settings:
     saturate there, as ONNX Runtime documents); with VNNI (AVX512-VNNI, AVX-VNNI or AMX) the full 8-bit range."""
     import onnxruntime
 
-    vnni = bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    vnni = bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})  # /proc/cpuinfo's, as for bf16
     return Settings("uint8", "int8", not vnni, "minmax", True, calibration, seed, onnxruntime.__version__)
-
-
-def export_onnx(trunk: nn.Module, input_shape: tuple[int, int, int], path: Path) -> None:
-    """The torch trunk as an fp32 ONNX graph with a free batch size (input "x", output "rows")."""
-    example = torch.zeros(2, *input_shape)
-    with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx's progress lines
-        torch.onnx.export(
-            trunk.to(memory_format=torch.contiguous_format), (example,), str(path), dynamo=True,
-            dynamic_shapes={"x": {0: torch.export.Dim.DYNAMIC}}, input_names=["x"], output_names=["rows"],
-            external_data=False,
-        )  # fmt: skip
 
 
 def quantize(trunk: nn.Module, input_shape, images: np.ndarray, settings: Settings, out: Path, batch: int = 16) -> None:
@@ -109,22 +88,6 @@ def quantize(trunk: nn.Module, input_shape, images: np.ndarray, settings: Settin
             # memory (collecting every batch's activations first grows with the sample: gigabytes for VGG16)
             extra_options={"CalibStridedMinMax": 1},
         )  # fmt: skip
-
-
-class OnnxModel(nn.Module):
-    """An ONNX trunk file run by ONNX Runtime on the CPU, called like the torch trunk: (B, 3, H, W) -> (B, D)."""
-
-    def __init__(self, path: Path, threads: int | None = None):
-        import onnxruntime
-
-        super().__init__()
-        self.path = Path(path)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {"x": x.contiguous().numpy()})[0])
 
 
 def read_record(folder: Path) -> dict | None:

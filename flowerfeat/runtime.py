@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import torch
@@ -10,13 +12,19 @@ from torch import nn
 from flowerfeat.errors import FlowerfeatError
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return set(line.split(":", 1)[-1].split())
+
+
 def cpu_has_bf16() -> bool:
     """True where the CPU has native bf16 matrix instructions (AMX or AVX512-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def trunk_rows(trunk: nn.Module, x: torch.Tensor, precision: str) -> torch.Tensor:
@@ -45,7 +53,7 @@ def resolve_device(device: str) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------------------
 # Engines: what runs the trunk. "torch" is the reference; "onnxruntime" runs the same graph, exported once per process,
-# on the CPU in fp32 (its speed and agreement with torch: docs/benchmarks.md).
+# on the CPU in fp32, or the int8 graph quantize.py made (their speed and agreement with torch: docs/benchmarks.md).
 
 
 def engine_available(engine: str) -> bool:
@@ -77,23 +85,39 @@ def resolve_engine(engine: str, device: torch.device, precision: str, previous: 
     return engine
 
 
-class OnnxTrunk(nn.Module):
-    """A trunk run by ONNX Runtime: exported from the torch trunk once (free batch size), called like it."""
+def export_onnx(trunk: nn.Module, input_shape: tuple[int, int, int], path: Path) -> None:
+    """The torch trunk as an fp32 ONNX graph with a free batch size (input "x", output "rows")."""
+    example = torch.zeros(2, *input_shape)
+    with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx's progress lines
+        torch.onnx.export(
+            trunk.to(memory_format=torch.contiguous_format), (example,), str(path), dynamo=True,
+            dynamic_shapes={"x": {0: torch.export.Dim.DYNAMIC}}, input_names=["x"], output_names=["rows"],
+            external_data=False,
+        )  # fmt: skip
 
-    def __init__(self, trunk: nn.Module, input_shape: tuple[int, int, int], threads: int | None = None):
-        import tempfile
 
-        from flowerfeat.quantize import OnnxModel, export_onnx
+class OnnxModel(nn.Module):
+    """An ONNX trunk file run by ONNX Runtime on the CPU, called like the torch trunk: (B, 3, H, W) -> (B, D)."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime
 
         super().__init__()
-        with tempfile.TemporaryDirectory() as tmp:
-            export_onnx(trunk, input_shape, Path(tmp) / "trunk.onnx")
-            self.model = OnnxModel(Path(tmp) / "trunk.onnx", threads)  # the session holds the graph: the file may go
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return torch.from_numpy(self.session.run(None, {"x": x.contiguous().numpy()})[0])
 
 
 def on_engine(trunk: nn.Module, engine: str, input_shape: tuple[int, int, int]) -> nn.Module:
-    """``trunk`` as ``engine`` runs it; ``input_shape`` (3, H, W) of one preprocessed image."""
-    return OnnxTrunk(trunk, input_shape) if engine == "onnxruntime" else trunk
+    """``trunk`` as ``engine`` runs it; ``input_shape`` (3, H, W) of one preprocessed image. For onnxruntime it is
+    exported once (the session keeps the graph, so the file may go)."""
+    if engine != "onnxruntime":
+        return trunk
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(trunk, input_shape, Path(tmp) / "trunk.onnx")
+        return OnnxModel(Path(tmp) / "trunk.onnx")
