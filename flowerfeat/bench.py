@@ -17,6 +17,8 @@ from flowerfeat import runtime
 from flowerfeat.backbones import get_backbone, gflops_text
 from flowerfeat.config import ExtractConfig, FitConfig
 from flowerfeat.data import Split, UnitDataset, collate_units, scan_data
+from flowerfeat.errors import FlowerfeatError
+from flowerfeat.recipe import build, resolve
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 1.5) -> float:
@@ -61,28 +63,27 @@ def _loader(split: Split, batch_size: int, workers: int, transform):
     return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_units)
 
 
-def textbook_loop(train: Split, test: Split, vgg: nn.Module, transform, epochs: int = 2, batch_size: int = 20) -> float:
-    """The textbook: full VGG16 fp32 in train mode, classifier[6] replaced and trained with SGD, every epoch
-    through the whole network; then a test pass. Returns seconds."""
-    n_classes = len(train.classes)
-    vgg.classifier[6] = nn.Linear(4096, n_classes)
-    for p in vgg.features.parameters():
-        p.requires_grad = False
-    opt = torch.optim.SGD(vgg.classifier[6].parameters(), lr=0.001)
+def textbook_loop(train: Split, test: Split, model: nn.Module, last: nn.Module, transform, epochs: int = 2,
+                  batch_size: int = 20) -> float:  # fmt: skip
+    """The textbook: the whole network in fp32 and train mode, its last layer ``last`` replaced and trained with
+    SGD, every epoch through the whole network; then a test pass. Returns seconds."""
+    model.requires_grad_(False)
+    last.requires_grad_(True)
+    opt = torch.optim.SGD(last.parameters(), lr=0.001)
     criterion = nn.CrossEntropyLoss()
     t = time.perf_counter()
-    vgg.train()
+    model.train()
     for _ in range(epochs):
         for x, ids, _bad in _loader(train, batch_size, 0, transform):
             y = torch.tensor([train.items[i].label for i in ids])
             opt.zero_grad()
-            loss = criterion(vgg(x), y)
+            loss = criterion(model(x), y)
             loss.backward()
             opt.step()
-    vgg.eval()
+    model.eval()
     with torch.no_grad():
         for x, ids, _bad in _loader(test, batch_size, 0, transform):
-            vgg(x)
+            model(x)
     return time.perf_counter() - t
 
 
@@ -217,9 +218,8 @@ def run_bench(
     n_images = len(train.items) + len(test.items)
     device = torch.device("cpu")
     cfg = cfg.replace(device="cpu", precision=runtime.resolve_precision(cfg.precision, device))
-    backbone = get_backbone(cfg.model)
-    prec, info, cut = cfg.precision, backbone.resolve_weights(cfg.weights), backbone.cut(cfg.layer).name
-    pre = backbone.preprocessing(info)
+    recipe = resolve(cfg, device)
+    backbone, prec, cut, pre = recipe.backbone, cfg.precision, recipe.layer, recipe.preprocessing
     fig = {"train_images": len(train.items), "test_images": len(test.items), "threads": torch.get_num_threads()}
     fig.update(precision=prec, model=backbone.name, layer=cut, batch_size=cfg.batch_size, workers=cfg.workers)
     log(
@@ -230,7 +230,7 @@ def run_bench(
     fig["bf16_peak"] = matmul_peak(torch.bfloat16, device, n=1024 if not runtime.cpu_has_bf16() else 2048)
     log(f"matmul peak: fp32 {fig['fp32_peak']:.0f} GFLOP/s, bf16 {fig['bf16_peak']:.1f} GFLOP/s")
 
-    naive = backbone.build(info, cut)
+    naive = build(recipe.exportable(), channels_last=False).module  # plain torch, fp32, NCHW
     fig["gflop_per_image"] = gflop_per_image(naive, pre.input_shape)
     overall = _flowerfeat_run(cfg, train, test, fig)
     fig["extract_ips"] = n_images / fig["extract_s"]
@@ -248,7 +248,7 @@ def run_bench(
     fig["naive_s"] = naive_loop(train, naive, transform) + naive_loop(test, naive, transform)
     fig["naive_ips"] = n_images / fig["naive_s"]
     log(f"(b) naive loop: {fig['naive_s']:.1f} s ({fig['naive_ips']:.2f} images/s)")
-    _textbook_row(backbone, info, train, test, transform, fig, log)
+    _textbook_row(recipe, train, test, transform, fig, log)
     fig["fit_2600x4096_s"] = fit_timing(2600, 4096, len(train.classes))
     log(f"fit-head --epochs 2 on 2,600 x 4,096 synthetic rows: {fig['fit_2600x4096_s']:.3f} s")
     if agreement_images:
@@ -261,14 +261,15 @@ def run_bench(
     return BenchResult(summary, fig)
 
 
-def _textbook_row(backbone, info, train: Split, test: Split, transform, fig: dict, log) -> None:
-    """(a) The textbook's loop: its whole VGG16 (offline, the conv weights alone are what a local file holds)."""
-    if backbone.name != "vgg16":
-        log("(a) textbook loop: the textbook's model is vgg16; not timed for " + backbone.name)
+def _textbook_row(recipe, train: Split, test: Split, transform, fig: dict, log) -> None:
+    """(a) The textbook's loop: the model's whole network, its last layer replaced (offline, a local file holds the
+    weights it has: VGG16's conv weights alone)."""
+    whole = recipe.backbone.whole_model(recipe.weights, len(train.classes))
+    if whole is None:
+        log(f"(a) textbook loop: not timed for {recipe.model} (its family gives no whole network)")
         fig["textbook_s"] = fig["textbook_ips"] = float("nan")
         return
-    vgg = backbone.load_vgg16(info, "pool5" if info.kind != "hub" else "fc7")
-    fig["textbook_s"] = textbook_loop(train, test, vgg, transform)
+    fig["textbook_s"] = textbook_loop(train, test, *whole, transform)
     fig["textbook_ips"] = (len(train.items) + len(test.items)) / fig["textbook_s"]
     log(f"(a) textbook loop: {fig['textbook_s']:.1f} s ({fig['textbook_ips']:.2f} images/s over the image set)")
 
@@ -312,3 +313,24 @@ def _summary(fig: dict, achieved: float, peak: float, n_train: int, log) -> list
     for s in summary:
         log(s)
     return summary
+
+
+def model_configs(base: ExtractConfig, choices: list[str], weights: list[str], layer: str | None = None):
+    """One ExtractConfig per ``MODEL[@LAYER]``, with its weights from ``MODEL=PATH`` (or one value for all)."""
+    from flowerfeat.backbones import parse_choice
+
+    per_model, common = {}, ExtractConfig.weights
+    for w in weights:
+        name, sep, path = w.partition("=")
+        if sep:
+            per_model[name] = path
+        else:
+            common = w
+    cfgs = []
+    for k, choice in enumerate(choices):
+        name, cut = parse_choice(choice)
+        cfgs.append(base.replace(model=name, layer=cut or (layer if k == 0 else None), weights=per_model.get(name, common)))
+    unknown = sorted(set(per_model) - {c.model for c in cfgs})
+    if unknown:
+        raise FlowerfeatError(f"--weights {unknown[0]}=...: no --model {unknown[0]} to give them to")
+    return cfgs

@@ -10,17 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from flowerfeat.backbones import get_backbone, parse_choice
+from flowerfeat import store
+from flowerfeat.backbones import get_backbone, parse_choice, suggested_models
 from flowerfeat.config import ExtractConfig
 from flowerfeat.data import Split, scan_data, stratified_order
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.progress import Reporter
 
-# With no --model: the default first, then one small member of the families users reach for next. A candidate whose
-# weights cannot be had (offline, no local file, no extra) is reported in its row and the others still run.
-DEFAULT_CANDIDATES = ("vgg16", "resnet50", "efficientnet_b0", "convnext_tiny", "timm:tf_efficientnet_lite0")
 PROBE_C = 0.1  # the probe: full-batch logistic regression (L-BFGS), L2 strength 1/C
-SPEED_FILE = "speed.json"  # beside each candidate's sample features: images/s of the run that extracted them
 
 
 @dataclass
@@ -144,10 +141,11 @@ def _rows_of(features, sample: Split, folds) -> list[tuple[np.ndarray, np.ndarra
 
 def _speed(result) -> tuple[float | None, str]:
     """Images/s of this run's extraction, kept beside the features; an up-to-date rerun reads the earlier one."""
-    record = result.path.with_name(SPEED_FILE)
+    record = store.speed_file(result.path)
     if result.computed and result.loop_s > 0:
         ips = result.computed / result.loop_s
-        record.write_text(json.dumps({"images_per_s": ips, "images": result.computed, "at": time.ctime()}) + "\n")
+        measured = {"images_per_s": ips, "images": result.computed, "at": time.ctime()}
+        store.write_text(record, json.dumps(measured) + "\n")
         return ips, "this run"
     if record.is_file():
         earlier = json.loads(record.read_text())
@@ -178,7 +176,8 @@ def compare(
     progress: bool | Reporter = False,
     **options,
 ) -> Comparison:
-    """Measure the candidate models (``MODEL`` or ``MODEL@LAYER``; default ``DEFAULT_CANDIDATES``) on a stratified,
+    """Measure the candidate models (``MODEL`` or ``MODEL@LAYER``; default: the families' suggestions,
+    ``backbones.suggested_models()``; a candidate whose weights cannot be had is reported in its row) on a stratified,
     seeded sample of ``data``'s training images: each one's features are extracted once (cached under ``out``, so a
     rerun or a larger sample reuses them), timed, and scored by the same stratified ``folds``-fold cross-validation
     with the default head and a converged probe. ``weights`` maps a model (or a candidate) to a weights file;
@@ -186,7 +185,7 @@ def compare(
 
     Example::
 
-        result = flowerfeat.compare("my_photos", ["vgg16@pool5-gap", "resnet50"], {"vgg16": "vgg16_conv.pth"})
+        result = flowerfeat.compare("my_photos", ["vgg16@pool5-gap", "resnet50"], {"vgg16@pool5-gap": "vgg16_conv.pth"})
         for row in result.rows:
             print(row.model, row.layer, row.head_mean, row.images_per_s, row.on_front)
     """
@@ -198,7 +197,7 @@ def compare(
     part, n_images = sample_split(Path(data), sample, seed, base.test_fraction)
     fold_list = make_folds(part, folds, seed)
     rows = []
-    for choice in models or DEFAULT_CANDIDATES:
+    for choice in models or suggested_models():
         try:
             cfg = candidate_config(base, choice, weights or {})
             rows.append(score_candidate(cfg, choice, part, fold_list, n_images, seed, reporter))

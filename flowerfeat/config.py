@@ -1,4 +1,5 @@
-"""Frozen configuration dataclasses; CLI options map one-to-one onto their fields."""
+"""Frozen configuration dataclasses: each option's name, type, default, choices and help are declared once, here;
+the CLI generates its options from these fields (cli.py, ``config_options``) and passes the validated object down."""
 
 from __future__ import annotations
 
@@ -10,20 +11,20 @@ from flowerfeat.errors import FlowerfeatError
 
 DEFAULT_MODEL = "vgg16"  # the textbook's; `flowerfeat models` lists the others
 PRECISIONS = ("auto", "fp32", "bf16", "int8")  # int8: the CPU, on the onnxruntime engine (quantize.py)
-DTYPES = ("float32", "float16")
 ENGINES = ("torch", "onnxruntime")
-ENGINE_CHOICES = ("auto", *ENGINES)
-DECODES = ("auto", "cpu", "gpu", "hybrid")
-COMPRESSIONS = ("none", "lzf", "gzip")
-OPTIMIZERS = ("adam", "sgd")
-SOLVERS = ("sgd", "lbfgs")
-SCHEDULES = ("cosine", "constant")
-INITS = ("ridge", "class-means", "random")
-EXPORT_FORMATS = ("auto", "torchvision", "pt2", "onnx")
 # --batch-size 0 (auto) per device type: the fastest size measured on each (docs/benchmarks.md has the figures)
 AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 256}
 # Heads go to RUNS_DIR/<the features' folder name>/head.pt unless told otherwise
 RUNS_DIR = Path("data/runs")
+
+
+def option(default, help: str, *, choices: tuple | None = None, flag: str | None = None, metavar: str | None = None,
+           cli: bool = True):  # fmt: skip
+    """A config field and its command-line option: ``help`` is the option's help, ``choices`` the values it takes
+    (checked here and offered by the CLI), ``flag`` the option's name where it is not the field's (``--split`` for
+    ``splits``), ``cli=False`` a field the CLI does not offer."""
+    meta = {"help": help, "choices": choices, "flag": flag, "metavar": metavar, "cli": cli}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def batch_size_for(device_type: str, batch_size: int) -> int:
@@ -31,14 +32,21 @@ def batch_size_for(device_type: str, batch_size: int) -> int:
     return batch_size or AUTO_BATCH_SIZE["cuda" if device_type == "cuda" else "cpu"]
 
 
+def flag_of(field: dataclasses.Field) -> str:
+    """The option's name on the command line: ``batch_size`` -> ``--batch-size``."""
+    return "--" + (field.metadata.get("flag") or field.name).replace("_", "-")
+
+
 def field_name(name: str) -> str:
     """A field as both of its readers know it: ``batch_size (--batch-size)``."""
     return f"{name} (--{name.replace('_', '-')})"
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise FlowerfeatError(f"unknown {field_name(name)} {value!r}; choose one of: {', '.join(choices)}")
+def _check_choices(cfg) -> None:
+    for f in dataclasses.fields(cfg):
+        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if choices and value not in choices:
+            raise FlowerfeatError(f"unknown {field_name(f.name)} {value!r}; choose one of: {', '.join(choices)}")
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -51,8 +59,29 @@ def _check_range(name: str, value: float) -> None:
         raise FlowerfeatError(f"{field_name(name)} must be in [0, 1), got {value}")
 
 
+class _Config:
+    """What both configs share: ``replace`` and ``to_dict`` (paths as strings, tuples as lists)."""
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_options(cls, caller: str, options: dict, **given):
+        """The config of a library call's keyword ``options``; an unknown keyword is a TypeError naming it."""
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"{caller}() got unknown option(s) {', '.join(unknown)}; see flowerfeat.{cls.__name__}")
+        if isinstance(options.get("splits"), str):
+            options = {**options, "splits": (options["splits"],)}
+        return cls(**given, **options)
+
+
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(_Config):
     """Everything that decides how features are extracted (and, where it changes them, their fingerprint); every
     field is a ``flowerfeat features`` option and a keyword of ``flowerfeat.extract``.
 
@@ -61,48 +90,74 @@ class ExtractConfig:
         flowerfeat.extract("data/flower_photos", layer="pool5", batch_size=32, dtype="float16")
     """
 
-    data: Path = Path("data/flower_photos")
-    out: Path = Path("data/features")
-    # vgg16, any torchvision classification model (resnet50, vit_b_16, ...) or timm:<name> (the [timm] extra)
-    model: str = DEFAULT_MODEL
-    layer: str | None = None  # the model's cut; None = its default (vgg16: fc7; others: pre-logits)
-    # "imagenet" = the model's published weights (VGG16: IMAGENET1K_V1); "none" = seeded random init; else a path.
-    weights: str = "imagenet"
-    splits: tuple[str, ...] = ("train", "test")
-    # > 0: carve a test split of this fraction out of a folder without one (flat <class>/ folders, train/ alone, a
-    # CSV without a split column), stratified and by file name
-    test_fraction: float = 0.0
-    batch_size: int = 0  # 0 = auto: AUTO_BATCH_SIZE for the device
-    workers: int | None = None  # reader processes beside the trunk; None = auto (extraction.default_workers)
-    precision: str = "auto"
-    dtype: str = "float32"  # storage dtype of the features dataset
-    # HDF5 filter on the features. Sparse rows (pool5, after a ReLU) compress well at the cost of a slower full
-    # read; dense rows gain little, so the default is none (docs/benchmarks.md has the figures).
-    compression: str = "none"
-    views: int = 0  # extra augmented views per training image (test splits always get the centre crop only)
-    view_seed: int = 0
-    device: str = "auto"
-    # "cpu" = PIL decode + transforms() in workers; "gpu" = batched torchvision.io JPEG decode (nvjpeg on CUDA) +
-    # resize on the device; "hybrid" = JPEG decode in the workers (libjpeg-turbo, PIL's pixels) + resize on the
-    # device; other files fall back to the CPU path; "auto" = gpu on CUDA, else cpu.
-    decode: str = "auto"
-    strict: bool = False  # exit non-zero when any image was skipped
-    channels_last: bool = True
-    compile: bool = False  # torch.compile the trunk: compiling costs seconds, so it pays on CUDA for large sets
-    # What runs the trunk on a CPU: "torch" (oneDNN), "onnxruntime" (the [onnx] extra; see docs/benchmarks.md,
-    # docs/benchmarks.md) or "auto": the engine of the existing cache if it has one, else onnxruntime where it is
-    # installed and the run is on the CPU in fp32, else torch.
-    engine: str = "auto"
-    # --precision int8: training images (a seeded, stratified sample) that calibrate the quantized trunk, once per cache
-    calibration: int = 256  # the size measured to keep int8 heads within 0.5 points of fp32 (docs/benchmarks.md)
+    data: Path = option(
+        Path("data/flower_photos"),
+        "Images: a folder with train/<class>/ and test/<class>/, a folder of <class>/ folders (with "
+        "--test-fraction), or a CSV of path,label rows (paths relative to the CSV).",
+    )
+    out: Path = option(Path("data/features"), "Root of the caches: <out>/<model>-<layer>-<weights>/<split>.h5.")
+    model: str = option(
+        DEFAULT_MODEL,
+        "vgg16 (the textbook's), any torchvision classification model (resnet50, efficientnet_b0, ...) or a "
+        "family's PREFIX:NAME (timm:tf_efficientnet_lite0 with the timm extra); `flowerfeat models` lists them.",
+        metavar="MODEL",
+    )
+    layer: str | None = option(
+        None, "Where the model is cut; default: its first cut (vgg16: fc7; others: pre-logits). "
+        "`flowerfeat models` lists each model's cuts.", metavar="LAYER",
+    )  # fmt: skip
+    weights: str = option(
+        "imagenet",
+        "imagenet (the model's published weights; VGG16: torchvision IMAGENET1K_V1), a local state-dict PATH in "
+        "the model's own key names, or none (seeded random init).",
+    )
+    splits: tuple[str, ...] = option(("train", "test"), "Split(s) to extract (repeatable).", flag="split")
+    test_fraction: float = option(
+        0.0,
+        "Carve a test split of this fraction out of data without one (flat <class>/ folders, train/ alone, a CSV "
+        "without a split column); stratified, by file name.",
+    )
+    batch_size: int = option(
+        0, f"Images per trunk batch; 0 = auto ({AUTO_BATCH_SIZE['cpu']} on a CPU, {AUTO_BATCH_SIZE['cuda']} on CUDA)."
+    )
+    workers: int | None = option(None, "Reader processes beside the trunk; default: auto (README, section GPUs).")
+    precision: str = option(
+        "auto", "auto (bf16 on CUDA or CPUs with native bf16, else fp32), fp32, bf16 or int8 (a quantized trunk "
+        "on the CPU, the onnx extra).", choices=PRECISIONS,
+    )  # fmt: skip
+    # float16 halves the files (the activations of a cut below the top are stored so by the cut's own default)
+    dtype: str = option("float32", "Storage dtype of the features: float32 or float16.", choices=("float32", "float16"))
+    # Sparse rows (pool5, after a ReLU) compress well at the cost of a slower full read; dense rows gain little, so
+    # the default is none (docs/benchmarks.md has the figures).
+    compression: str = option(
+        "none", "HDF5 filter for the features: none, lzf or gzip (pays for sparse pool5).",
+        choices=("none", "lzf", "gzip"),
+    )  # fmt: skip
+    views: int = option(0, "Extra augmented views per training image (RandomResizedCrop + flip, seeded).")
+    view_seed: int = option(0, "Seed of the augmented views.")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    decode: str = option(
+        "auto", "auto (gpu on CUDA, else cpu), cpu (PIL in the workers), gpu (nvjpeg: batched JPEG decode on the "
+        "device) or hybrid (JPEG decode in the workers, PIL's pixels; resize on the device).",
+        choices=("auto", "cpu", "gpu", "hybrid"),
+    )  # fmt: skip
+    strict: bool = option(False, "Exit 1 when any image was skipped as unreadable.")
+    channels_last: bool = option(True, "channels-last memory format for the torch trunk.", cli=False)
+    # compiling costs seconds, so it pays on CUDA for large sets (docs/benchmarks.md)
+    compile: bool = option(False, "torch.compile the trunk (compiling costs seconds, so for large image sets on CUDA).")
+    engine: str = option(
+        "auto", "What runs the trunk on a CPU: torch, onnxruntime (the onnx extra), or auto (the cache's engine, "
+        "else onnxruntime where installed and the run is fp32 on the CPU, else torch).",
+        choices=("auto", *ENGINES),
+    )  # fmt: skip
+    # 256: the size measured to keep int8 heads within 0.5 points of fp32 (docs/benchmarks.md)
+    calibration: int = option(
+        256, "--precision int8: training images (a seeded, stratified sample) that calibrate the quantized trunk."
+    )
 
     def __post_init__(self) -> None:
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("compression", self.compression, COMPRESSIONS)
+        _check_choices(self)
         _check_positive("batch_size", self.batch_size, allow_zero=True)
-        _check_choice("decode", self.decode, DECODES)
-        _check_choice("engine", self.engine, ENGINE_CHOICES)
         if self.workers is not None:
             _check_positive("workers", self.workers, allow_zero=True)
         _check_positive("views", self.views, allow_zero=True)
@@ -111,16 +166,9 @@ class ExtractConfig:
         if not self.splits:
             raise FlowerfeatError("no split to extract; pass --split train (or test)")
 
-    def replace(self, **changes) -> "ExtractConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
 
 @dataclass(frozen=True)
-class FitConfig:
+class FitConfig(_Config):
     """How the replacement head is trained on cached features; every field is a ``flowerfeat fit-head`` option and
     a keyword of ``flowerfeat.fit_head``.
 
@@ -129,39 +177,44 @@ class FitConfig:
         flowerfeat.fit_head(train, epochs=2, solver="lbfgs", C=0.1)
     """
 
-    # a feature file, one cache folder, or the root of the caches (then the latest extraction, or --layer's)
-    features: Path = Path("data/features")
-    out: Path | None = None  # None: RUNS_DIR/<the features' folder name>/head.pt
-    epochs: int = 2
-    batch_size: int = 20  # the textbook's
+    features: Path = option(
+        Path("data/features"),
+        "A feature file, a cache folder, or the root of the caches (then the latest extraction, or --layer's).",
+    )
+    out: Path | None = option(None, f"Where the head goes; default {RUNS_DIR}/<the features' folder>/head.pt.")
+    epochs: int = option(2, "Passes over the training features.")
+    batch_size: int = option(20, "Mini-batch size (the textbook's 20).")
     # Adam with a cosine decay from the ridge start, at a learning rate set from the features, gets within 1 point
-    # of a converged probe in 2 epochs (README, "Choosing the head's settings");
-    # `--optimizer sgd --lr 0.001 --schedule constant --init random --dropout 0.5` is the textbook's.
-    optimizer: str = "adam"
+    # of a converged probe in 2 epochs (README, "Choosing the head's settings")
+    optimizer: str = option("adam", "adam or sgd (the textbook's, with --lr 0.001).", choices=("adam", "sgd"))
     # 0 = auto (train.choose): 2.7 / (mean L1 norm of a training row), times rows / features when the features
     # outnumber the rows
-    lr: float = 0.0
-    momentum: float = 0.0  # sgd only; the textbook uses plain SGD
-    schedule: str = "cosine"  # learning rate over all steps: "cosine" decays to 0, "constant" is the textbook's
-    # "ridge": start from the regularised least-squares fit (closed form); "class-means": each class's weights along
-    # its mean feature; "random": nn.Linear's (the textbook's)
-    init: str = "ridge"
-    weight_decay: float = 0.0
+    lr: float = option(0.0, "Learning rate (peak with --schedule cosine); 0 = auto from the features' scale.")
+    momentum: float = option(0.0, "SGD momentum (the textbook: 0).")
+    schedule: str = option(
+        "cosine", "cosine (decays to 0 over the run) or constant (the textbook's).", choices=("cosine", "constant")
+    )
+    init: str = option(
+        "ridge", "ridge (start at the regularised least-squares fit), class-means, or random (the textbook).",
+        choices=("ridge", "class-means", "random"),
+    )  # fmt: skip
+    weight_decay: float = option(0.0, "L2 weight decay.")
     # None = auto: the dropout the model's own classifier applies at the cut (backbones.Cut.dropout: VGG16 fc7 0.5)
-    dropout: float | None = None
-    average: int = 1  # runs averaged into the head, each its epochs over another shuffle (steadier, k times the time)
-    solver: str = "sgd"  # "sgd" = mini-batch training with --optimizer; "lbfgs" = full-batch logistic regression
-    C: float = 0.1  # inverse L2 strength for --solver lbfgs
-    val_fraction: float = 0.0
-    seed: int = 0
-    max_memory: float = 4.0  # GiB; larger feature files are streamed from disk chunk by chunk
-    log_every: int = 20  # batches between running-loss lines, as the textbook
+    dropout: float | None = option(
+        None, "Dropout before the layer; default: the model's own classifier's at the cut (VGG16: 0.5 at fc6/fc7)."
+    )
+    average: int = option(1, "Runs averaged into the head, each over another shuffle (k times the training time).")
+    solver: str = option(
+        "sgd", "sgd (mini-batch, uses --optimizer) or lbfgs (full-batch logistic regression).", choices=("sgd", "lbfgs")
+    )
+    C: float = option(0.1, "Inverse L2 strength for --solver lbfgs.")
+    val_fraction: float = option(0.0, "Hold out this fraction of training images (stratified); keep the best epoch.")
+    seed: int = option(0, "Seed for init, shuffling and dropout: same seed, bit-identical head.")
+    max_memory: float = option(4.0, "GiB; larger feature files are streamed from disk.")
+    log_every: int = option(20, "Batches between running-loss lines, as the textbook.", cli=False)
 
     def __post_init__(self) -> None:
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("solver", self.solver, SOLVERS)
-        _check_choice("schedule", self.schedule, SCHEDULES)
-        _check_choice("init", self.init, INITS)
+        _check_choices(self)
         _check_positive("epochs", self.epochs)
         _check_positive("batch_size", self.batch_size)
         _check_positive("lr", self.lr, allow_zero=True)
@@ -174,9 +227,3 @@ class FitConfig:
         if self.dropout is not None:
             _check_range("dropout", self.dropout)
         _check_range("val_fraction", self.val_fraction)
-
-    def replace(self, **changes) -> "FitConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}

@@ -38,6 +38,15 @@ class Split:
     test_fraction: float = 0.0  # > 0: the test split was carved out of the images by file name
 
 
+def files_split(paths: list[Path], name: str = "files") -> Split:
+    """Image files as a split of one unlabelled class, relative to their common folder: what the extraction's reader
+    takes, for predict."""
+    resolved = [Path(os.path.abspath(p)) for p in paths]  # links kept as links: a dangling one is named so
+    root = Path(os.path.commonpath([str(p.parent) for p in resolved]))
+    items = tuple(Item(p.relative_to(root).as_posix(), 0, -1, 0) for p in resolved)
+    return Split(name, root, ("?",), items, ())
+
+
 class BadImage(Exception):
     """An image file that cannot be used; the message is the reason recorded in the feature file."""
 

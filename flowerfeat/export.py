@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from flowerfeat import store
-from flowerfeat.backbones import get_backbone
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.heads import Head, LinearHead
-from flowerfeat.predict import TrunkSpec, weights_for
+from flowerfeat.predict import head_recipe
+from flowerfeat.recipe import Recipe, build
 
 FORMATS = {".pth": "torchvision", ".pt2": "pt2", ".onnx": "onnx"}  # suffix -> format
 ONNX_MODULES = ("onnx", "onnxscript")  # what torch.onnx.export needs; onnxruntime runs the result
@@ -62,12 +62,12 @@ def choose_format(out: Path, fmt: str | None) -> str:
 
 def check_exportable(head: Head, fmt: str) -> None:
     """Refuse what cannot be exported before anything else is asked for (weights, time)."""
-    backbone = get_backbone(head.model)
-    whole = {"vgg16": "fc7"}.get(head.model, "pre-logits")  # the cut whose head is the model's own last layer
-    if fmt == "torchvision" and (backbone.family != "torchvision" or head.layer != whole):
+    backbone = head.recipe.backbone
+    if fmt == "torchvision" and (backbone.classifier_cut is None or head.layer != backbone.classifier_cut):
+        own = f"{head.model}'s is {backbone.classifier_cut}" if backbone.classifier_cut else f"{head.model} has none"
         raise FlowerfeatError(
-            f"the head was trained on {head.model} {head.layer} features; a torchvision state dict holds heads on a "
-            f"torchvision model's last-layer input (vgg16 fc7, others pre-logits): export it with --format pt2 or onnx"
+            f"the head was trained on {head.model} {head.layer} features; a torchvision state dict holds a head on "
+            f"the rows the model's own last layer takes ({own}): export it with --format pt2 or onnx"
         )
     missing = [m for m in ONNX_MODULES if fmt == "onnx" and importlib.util.find_spec(m) is None]
     if missing:
@@ -92,17 +92,20 @@ def export_model(
     out = Path(out)
     fmt = choose_format(out, fmt)
     check_exportable(head, fmt)
-    spec = weights_for(head, weights)
+    recipe = head_recipe(head, weights)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "torchvision":
-        _write_torchvision(head, spec, out)
-    elif fmt == "onnx" and head.meta["features"]["precision"] == "int8":
-        _write_onnx_int8(head, out)
+        _write_torchvision(head, recipe, out)
     else:
-        model = ExportedClassifier(spec.build(), head.module)
-        (_write_pt2 if fmt == "pt2" else _write_onnx)(model, out, spec.input_shape)
+        int8 = fmt == "onnx" and recipe.precision == "int8"  # the very int8 trunk, joined to the head
+        trunk = build(recipe if int8 else recipe.exportable(), channels_last=False)
+        if int8:
+            _write_onnx_int8(head, trunk.module.path, out)
+        else:
+            model = ExportedClassifier(trunk.module, head.module)
+            (_write_pt2 if fmt == "pt2" else _write_onnx)(model, out, recipe.preprocessing.input_shape)
     sidecar = out.with_suffix(".json")
-    sidecar.write_text(json.dumps(_description(head, out, fmt, spec.input_shape), indent=2) + "\n")
+    sidecar.write_text(json.dumps(_description(head, out, fmt, recipe.preprocessing.input_shape), indent=2) + "\n")
     return Exported(out, sidecar, fmt)
 
 
@@ -111,8 +114,8 @@ def _example(input_shape: tuple[int, int, int]) -> tuple[torch.Tensor, dict]:
     return torch.zeros(2, *input_shape), {"x": {0: torch.export.Dim.DYNAMIC}}
 
 
-def _write_torchvision(head: Head, spec: TrunkSpec, out: Path) -> None:
-    state = spec.backbone.torchvision_state(spec.weights, spec.cut, head)
+def _write_torchvision(head: Head, recipe: Recipe, out: Path) -> None:
+    state = recipe.backbone.torchvision_state(recipe.weights, head)
     with store.atomic_path(out) as tmp:
         torch.save(state, tmp)
 
@@ -149,7 +152,7 @@ class _Probabilities(nn.Module):
         return torch.softmax(self.head(rows), dim=1)
 
 
-def _write_onnx_int8(head: Head, out: Path) -> None:
+def _write_onnx_int8(head: Head, trunk_path: Path, out: Path) -> None:
     """The very int8 trunk the head's features came from (its QDQ graph) with the head after it, as one ONNX model:
     the head exported on its own, then joined to the trunk's output by onnx.compose."""
     import tempfile
@@ -157,9 +160,6 @@ def _write_onnx_int8(head: Head, out: Path) -> None:
     import onnx
     from onnx import compose, version_converter
 
-    from flowerfeat.predict import int8_model
-
-    trunk_path = int8_model(head.meta["features"])  # checked: the file the features were made with
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         torch.onnx.export(
             _Probabilities(head.module).eval(), (torch.zeros(2, head.weight.shape[1]),), f"{tmp}/head.onnx",
@@ -188,7 +188,7 @@ def _description(head: Head, out: Path, fmt: str, input_shape) -> dict:
     }[fmt]
     return {
         "format": fmt,
-        "model": out.name,
+        "file": out.name,
         "load": load,
         "classes": head.classes,
         "input": {"name": _input_name(head, fmt), "shape": ["batch", *input_shape], "dtype": "float32"},

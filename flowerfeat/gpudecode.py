@@ -202,9 +202,10 @@ def collate_raw(batch: list[Sample]) -> RawBatch:
 
 
 class GpuPreprocess:
-    """Turn a RawBatch into (normalised (B, 3, H, W) tensor on ``device``, unit ids, skipped), as transforms()
-    would: from libjpeg's pixels (hybrid) PIL's images up to PIL's fixed-point resize weights; nvjpeg's pixels
-    differ slightly from libjpeg's (scripts/gpu_check.sh measures the agreement with the PIL path).
+    """Turn a RawBatch into (normalised (B, 3, H, W) tensor on ``device``, unit ids, skipped), as the weights'
+    transform (``Preprocessing.transform``) would: from libjpeg's pixels (hybrid) PIL's images up to PIL's
+    fixed-point resize weights; nvjpeg's pixels differ slightly from libjpeg's (scripts/gpu_check.sh measures the
+    agreement with the PIL path).
 
     Images of one size are resized together (one kernel per size, not per image), and nothing here waits for the
     trunk, so the next batch is prepared while it still runs on the previous one. Rows come out grouped by size;
@@ -212,15 +213,15 @@ class GpuPreprocess:
     (64 Mpx: about 0.8 GB as floats), so a batch of 12-megapixel photos does not need tens of GB of GPU memory.
     """
 
-    def __init__(self, device: torch.device, transform, chunk_pixels: int = 64 * 2**20):
-        self.device, self.transform = device, transform
-        self.resize = list(transform.resize_size)
-        self.crop = list(transform.crop_size) * (2 if len(transform.crop_size) == 1 else 1)  # [h, w]
-        self.mean = torch.tensor(transform.mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(transform.std, device=device).view(1, 3, 1, 1) * 255
+    def __init__(self, device: torch.device, preprocessing, chunk_pixels: int = 64 * 2**20):
+        self.device, self.transform = device, preprocessing.transform()  # the CPU path, for what the device refuses
+        self.resize = list(preprocessing.resize_size)
+        self.crop = list(preprocessing.crop_size) * (2 if len(preprocessing.crop_size) == 1 else 1)  # [h, w]
+        self.mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1) * 255
         if len(self.resize) != 1:  # transforms() resizes the shorter side to one size
             raise ValueError(f"expected one resize size, got {self.resize}")
-        self.mode = transform.interpolation.value  # the model's own: bilinear (VGG16) or bicubic (EfficientNets)
+        self.mode = preprocessing.interpolation  # the model's own: bilinear (VGG16) or bicubic (EfficientNets)
         if self.mode not in ("bilinear", "bicubic"):  # torch's antialiased kernels match PIL's for these two
             raise ValueError(f"no device resize for {self.mode} interpolation; use --decode cpu")
         self.chunk_pixels = chunk_pixels

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,9 +10,7 @@ import torch
 from torch import nn
 
 from flowerfeat import store
-from flowerfeat.config import RUNS_DIR
 from flowerfeat.errors import FlowerfeatError
-from flowerfeat.weights import LOAD_ERRORS
 
 # 2: the model is recorded with the features (heads of version 1 predate the choice of model)
 CHECKPOINT_VERSION = 2
@@ -56,8 +53,6 @@ def score(head: LinearHead, x: np.ndarray, y: np.ndarray) -> tuple[float, np.nda
     )
     probs = logits.softmax(1)
     return loss, probs.argmax(1).numpy(), probs.numpy()
-
-
 
 
 @dataclass
@@ -124,77 +119,46 @@ class Head:
         """(N,) predicted class indices (``self.classes[i]`` names them)."""
         return self.logits(X).argmax(1)
 
+    @property
+    def recipe(self):
+        """The recipe of the trunk whose rows the head takes (recipe.Recipe)."""
+        from flowerfeat.recipe import Recipe
+
+        return Recipe.from_attrs(self.meta["features"])
+
     def save(self, path: str | Path) -> Path:
         """Write the checkpoint atomically: tensors and one JSON string, loadable with
         ``torch.load(path, weights_only=True)`` (no code runs on load)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        blob = {"weight": self.weight.contiguous(), "bias": self.bias.contiguous(), "meta": json.dumps(self.meta)}
-        with store.atomic_path(path) as tmp:
-            torch.save(blob, tmp)
-        self.path = path
-        return path
+        self.path = store.save_checkpoint(Path(path), {"weight": self.weight, "bias": self.bias}, self.meta)
+        return self.path
 
     @classmethod
     def load(cls, path: str | Path) -> Head:
         """Read a checkpoint written by ``save`` (or ``flowerfeat fit-head``); one-line FlowerfeatError otherwise."""
         path = Path(path)
-        if path.is_dir():
-            raise FlowerfeatError(f"{path}: is a directory; pass the checkpoint file, e.g. --head {path / 'head.pt'}")
-        if not path.is_file():
-            raise FlowerfeatError(f"{path}: head checkpoint not found; run `flowerfeat fit-head` first (or pass --head)")
-        refusal = FlowerfeatError(
-            f"{path}: not a flowerfeat head checkpoint (corrupt, truncated or foreign); rerun `flowerfeat fit-head`"
-        )
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            meta = json.loads(blob["meta"])
-            version = meta.get("checkpoint_version")
-            shape = (len(meta["features"]["classes"]), meta["features"]["feature_dim"])
-        except (*LOAD_ERRORS, KeyError, TypeError, IndexError, ValueError):  # not torch's format, or not ours
-            raise refusal from None
+        tensors, meta = store.load_checkpoint(path)
+        version = meta.get("checkpoint_version")
         if isinstance(version, int) and version < CHECKPOINT_VERSION:
             raise FlowerfeatError(
                 f"{path}: a head from an earlier flowerfeat (checkpoint {version}); extract the features again with "
                 "`flowerfeat features` and refit with `flowerfeat fit-head`"
             )
-        if version != CHECKPOINT_VERSION or tuple(blob["weight"].shape) != shape:
-            raise refusal
+        try:
+            shape = (len(meta["features"]["classes"]), meta["features"]["feature_dim"])
+            fits = version == CHECKPOINT_VERSION and tuple(tensors["weight"].shape) == shape
+        except (KeyError, TypeError):
+            fits = False
+        if not fits:
+            raise FlowerfeatError(
+                f"{path}: not a flowerfeat head checkpoint (corrupt, truncated or foreign); rerun `flowerfeat fit-head`"
+            )
         dropout = float(meta["metrics"].get("dropout", 0.0))
-        return cls(LinearHead.of(blob["weight"], blob["bias"], dropout), meta, path)
+        return cls(LinearHead.of(tensors["weight"], tensors["bias"], dropout), meta, path)
 
     def __repr__(self) -> str:
         return (
             f"Head({self.model} {self.layer}, {self.weight.shape[1]}-d -> {len(self.classes)} classes {self.classes})"
         )
-
-
-def default_head_path(features_file: Path) -> Path:
-    """Where fit-head saves a head by default: beside its siblings of other models and layers, by the features'
-    folder."""
-    return RUNS_DIR / Path(features_file).resolve().parent.name / "head.pt"
-
-
-def find_head(path: Path, layer: str | None = None, model: str | None = None) -> Path:
-    """The head checkpoint ``path`` designates: a file as given; a folder's ``head.pt``; under the root of the runs
-    (``data/runs``), the head saved last (of ``model`` and ``layer``, when given)."""
-    path = Path(path)
-    if path.suffix == ".pt" or path.is_file():
-        return path
-    heads = sorted(path.glob("*/head.pt")) + ([path / "head.pt"] if (path / "head.pt").is_file() else [])
-    if not heads:
-        raise FlowerfeatError(f"{path}: no head.pt here; run `flowerfeat fit-head` first (or pass --head FILE)")
-    if layer is None and model is None:
-        return max(heads, key=lambda h: h.stat().st_mtime_ns)
-    records = {h: Head.load(h).meta["features"] for h in heads}
-    kept = [h for h in heads if layer in (None, records[h]["layer"]) and model in (None, records[h]["model"])]
-    if not kept:
-        asked = " ".join(f"--{k} {v}" for k, v in (("model", model), ("layer", layer)) if v)
-        there = ", ".join(h.parent.name for h in heads)
-        raise FlowerfeatError(
-            f"{path}: no head fitted on features of {asked} (there are: {there}); run `flowerfeat fit-head {asked}`"
-        )
-    return max(kept, key=lambda h: h.stat().st_mtime_ns)
 
 
 def check_compatible(ck: Head, feature_meta: dict, features_path) -> None:

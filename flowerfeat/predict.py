@@ -1,4 +1,5 @@
-"""Use a trained head: classify new images with the trunk that made its features (files, PIL images, arrays)."""
+"""Use a trained head: classify new images with the very trunk its features came from, decoded as they were (files,
+PIL images, arrays)."""
 
 from __future__ import annotations
 
@@ -11,82 +12,72 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from flowerfeat import runtime, store
-from flowerfeat.backbones import Backbone, get_backbone
-from flowerfeat.config import PRECISIONS, batch_size_for
-from flowerfeat.data import IMAGE_EXTENSIONS, BadImage, load_image, to_rgb
+from flowerfeat import runtime
+from flowerfeat.config import batch_size_for
+from flowerfeat.data import IMAGE_EXTENSIONS, BadImage, files_split, to_rgb
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.heads import Head
-from flowerfeat.weights import WeightsInfo, sha256_file
+from flowerfeat.recipe import Recipe, Trunk, build
+from flowerfeat.weights import WeightsInfo, resolve_local
+
+# decoder recorded -> the reader's mode that decodes so (extraction/reader.py)
+DECODE_MODES = {"pil": "cpu", "libjpeg": "hybrid", "nvjpeg": "gpu"}
 
 
-@dataclass(frozen=True)
-class TrunkSpec:
-    """The trunk a head's features came from: the model, its cut, the weights found for it."""
-
-    backbone: Backbone
-    cut: str
-    weights: WeightsInfo
-
-    def build(self) -> torch.nn.Module:
-        return self.backbone.build(self.weights, self.cut)
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.backbone.preprocessing(self.weights).input_shape
-
-
-def weights_for(ck: Head, weights: str | None) -> TrunkSpec:
-    """The trunk the head's features came from: its model and cut from the head's record, ``weights`` when given,
-    else found from the record (the model's published ones for imagenet; a file at its recorded path with its
-    recorded sha256). Other weights or preprocessing are refused with one line, before anything is loaded."""
-    record = ck.meta["features"]
-    backbone = get_backbone(record["model"])
-    want = record["weights"]
-    if weights is None:
-        weights = _remembered_weights(record)
-    info = backbone.resolve_weights(weights)
-    moved = info.kind == "file" and info.sha256 and info.sha256 == record.get("weights_sha256")  # renamed: same bytes
-    if info.identity != want and not moved:
+def head_recipe(head: Head, weights: str | None = None) -> Recipe:
+    """The recipe of the trunk the head's features came from, with its weights found: ``weights`` when given, else
+    from the record (the model's published ones; a file at its recorded path, checked by its sha256). Other weights
+    or preprocessing are refused with one line, before anything is loaded."""
+    recipe = head.recipe
+    backbone = recipe.backbone
+    info = backbone.resolve_weights(weights) if weights is not None else _remembered(recipe, backbone)
+    moved = info.kind == "file" and info.sha256 and info.sha256 == recipe.weights.sha256  # renamed: same bytes
+    if info.identity != recipe.weights.identity and not moved:
         raise FlowerfeatError(
-            f"--weights {weights} is {info.identity[:70]}, but the head was trained on features from {want[:70]}; "
-            "pass the same weights"
+            f"--weights {weights} is {info.identity[:70]}, but the head was trained on features from "
+            f"{recipe.weights.identity[:70]}; pass the same weights"
         )
-    if record["preprocessing"] != backbone.preprocessing(info).to_dict():
+    if backbone.preprocessing(info) != recipe.preprocessing:
         raise FlowerfeatError("the head was trained on features with other preprocessing; re-extract and refit it")
-    return TrunkSpec(backbone, record["layer"], info)
+    return recipe.replace(weights=info)
 
 
-def _remembered_weights(record: dict) -> str:
-    """The --weights value that reproduces the head's trunk, from its record; a one-line error when the file moved."""
-    want = record["weights"]
-    if want.startswith(("torchvision:", "timm:")):
-        return "imagenet"
-    if want.startswith("none:"):
-        return "none"
-    name, sha, path = want.split(":")[1], record.get("weights_sha256") or "", record.get("weights_path") or ""
-    if path and Path(path).is_file():
-        if sha256_file(Path(path)) == sha:
-            return path
-        where = f"; {path} has changed since"
+def _remembered(recipe: Recipe, backbone) -> WeightsInfo:
+    """The weights that reproduce the head's trunk, from its record; a one-line error when the file moved."""
+    w = recipe.weights
+    if w.kind == "hub":
+        return backbone.resolve_weights("imagenet")
+    if w.kind == "none":
+        return backbone.resolve_weights("none")
+    if w.path and Path(w.path).is_file():
+        found = resolve_local(w.path, recipe.model)
+        if found.sha256 == w.sha256:
+            return found
+        where = f"; {w.path} has changed since"
     else:
-        where = f", no longer at {path}" if path else ""
+        where = f", no longer at {w.path}" if w.path else ""
     raise FlowerfeatError(
-        f"the head's features came from weights {name} (sha256 {sha or 'unknown'}){where}; "
+        f"the head's features came from weights {w.name} (sha256 {w.sha256 or 'unknown'}){where}; "
         "pass --weights PATH to that file"
     )
 
 
-def int8_model(record: dict) -> Path:
-    """The very int8 trunk file the head's features were made with (kept beside them), checked by its sha256."""
-    kept = record.get("quantized_model") or {}
-    path = Path(kept.get("path", ""))
-    if not path.is_file() or sha256_file(path) != kept.get("sha256"):
-        raise FlowerfeatError(
-            f"{path}: the int8 trunk the head's features were made with is gone or changed; extract the features "
-            "again with --precision int8 and refit, or pass --precision fp32"
-        )
-    return path
+def run_here(recipe: Recipe, device: torch.device, engine: str | None, precision: str | None):
+    """(recipe, decode mode, notes): the head's recipe as it runs on ``device``, with ``precision`` and ``engine``
+    when asked (None: as the features were made), and one line for each way it cannot be as they were made."""
+    notes = []
+    if precision is not None and precision != recipe.precision:
+        if precision == "int8":
+            raise FlowerfeatError("--precision int8 runs the int8 trunk an int8 extraction made; this head's is not")
+        recipe = recipe.replace(precision=precision, quantization=None, artefact=None)
+    engine = runtime.resolve_engine(engine or "auto", device, recipe.precision, previous=recipe.engine)
+    recipe = recipe.replace(engine=engine)
+    mode = DECODE_MODES.get(recipe.decoder, "cpu")
+    if mode == "gpu" and device.type != "cuda":
+        mode = "hybrid"
+        notes.append("note: the head's features were decoded by nvjpeg on a GPU; here libjpeg decodes (pixels differ "
+                     "slightly: nvjpeg replicates chroma samples where libjpeg interpolates)")  # fmt: skip
+    return recipe, mode, notes
 
 
 def _image_files(p: Path) -> list[Path]:
@@ -135,10 +126,11 @@ class Classifier:
             print(p.path, p.label, p.probability)
     """
 
-    def __init__(self, head: Head, spec: TrunkSpec, device: torch.device, engine: str, precision: str):
-        self.head, self.spec, self.device, self.engine, self.precision = head, spec, device, engine, precision
-        self._trunk: torch.nn.Module | None = None  # built on the first predict, after the inputs are checked
-        self._transform = spec.backbone.preprocessing(spec.weights).transform()  # as at extraction
+    def __init__(self, head: Head, recipe: Recipe, device: torch.device, mode: str = "cpu", notes=()):
+        self.head, self.recipe, self.device, self.mode = head, recipe, device, mode
+        self.notes = list(notes)  # where this run cannot be as the features were made, one line each
+        self._trunk: Trunk | None = None  # built on the first predict, after the inputs are checked
+        self._transform = recipe.preprocessing.transform()  # as at extraction
         self._head = head.module.to(device).eval()
 
     @classmethod
@@ -147,36 +139,30 @@ class Classifier:
         head: str | Path | Head,
         weights: str | None = None,
         device: str = "auto",
-        engine: str = "auto",
-        precision: str = "auto",
+        engine: str | None = None,
+        precision: str | None = None,
     ) -> Classifier:
-        """The head at ``head`` (or a loaded Head) and the trunk weights its features came from; ``weights`` names
-        them when they are not where the head's record says. Refuses other weights, layer or preprocessing.
-        ``engine`` and ``precision`` auto run the trunk as the head's features were made (the engine where it is
-        installed); ``precision="fp32"`` computes as exported models do."""
+        """The head at ``head`` (or a loaded Head) and the trunk its features came from; ``weights`` names the
+        weights file when it is not where the head's record says. Refuses other weights, layer or preprocessing.
+        ``engine`` and ``precision`` (None: as the head's features were made) change how the trunk runs;
+        ``precision="fp32"`` computes as exported models do."""
         head = head if isinstance(head, Head) else Head.load(head)
         dev = runtime.resolve_device(device)
-        record = head.meta["features"]
-        precision = record["precision"] if precision == "auto" else precision
-        if precision not in PRECISIONS:
-            raise FlowerfeatError(f"unknown precision (--precision) {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        if precision == "int8" and record["precision"] != "int8":
-            raise FlowerfeatError("--precision int8 runs the int8 trunk an int8 extraction made; this head's is not")
-        engine = runtime.resolve_engine(engine, dev, precision, previous=store.engine_of(record))
-        return cls(head, weights_for(head, weights), dev, engine, precision)
+        recipe, mode, notes = run_here(head_recipe(head, weights), dev, engine, precision)
+        return cls(head, recipe, dev, mode, notes)
 
     @property
     def classes(self) -> list[str]:
         return self.head.classes
 
-    def trunk(self) -> torch.nn.Module:
-        """The frozen trunk on this classifier's device, channels-last; built once."""
+    @property
+    def precision(self) -> str:
+        return self.recipe.precision
+
+    def trunk(self) -> Trunk:
+        """The frozen trunk on this classifier's device; built once."""
         if self._trunk is None:
-            if self.precision == "int8":
-                self._trunk = runtime.OnnxModel(int8_model(self.head.meta["features"]))
-            else:
-                trunk = runtime.on_engine(self.spec.build(), self.engine, self.spec.input_shape)
-                self._trunk = trunk.to(self.device).to(memory_format=torch.channels_last)
+            self._trunk = build(self.recipe, self.device)
         return self._trunk
 
     def predict(self, images, top_k: int = 1, batch_size: int = 0) -> list[Prediction]:
@@ -189,30 +175,49 @@ class Classifier:
             raise FlowerfeatError(f"--batch-size must be >= 0, got {batch_size}")
         batch_size = batch_size_for(self.device.type, batch_size)
         inputs = _expand(images)
+        preds = [Prediction(name, []) for name, _ in inputs]
         k = min(top_k, len(self.classes))
-        results: list[Prediction] = []
-        for start in range(0, len(inputs), batch_size):
-            results += self._batch(inputs[start : start + batch_size], k)
-        return results
+        files = [i for i, (_, image) in enumerate(inputs) if isinstance(image, Path)]
+        if files:
+            self._files([inputs[i][1] for i in files], [preds[i] for i in files], batch_size, k)
+        memory = [i for i, (_, image) in enumerate(inputs) if not isinstance(image, Path)]
+        for start in range(0, len(memory), batch_size):
+            part = memory[start : start + batch_size]
+            self._images([inputs[i][1] for i in part], [preds[i] for i in part], k)
+        return preds
 
-    def _batch(self, inputs: list[tuple[str, object]], k: int) -> list[Prediction]:
-        preds, tensors = [], []
-        for name, image in inputs:
-            preds.append(Prediction(name, []))
+    def _files(self, paths: list[Path], preds: list[Prediction], batch_size: int, k: int) -> None:
+        """Files through the extraction's own reader, so they are decoded as the features were."""
+        from flowerfeat.extraction.reader import make_loader
+
+        batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
+        loader = make_loader(files_split(paths), 0, 0, batches, preprocessing=self.recipe.preprocessing,
+                             mode=self.mode, device=self.device, workers=0)  # fmt: skip
+        for x, ids, skipped in loader:
+            for unit, reason in skipped:
+                preds[unit].error = reason
+            if x is not None:
+                self._top(x, [preds[u] for u in ids], k)
+
+    def _images(self, images: list, preds: list[Prediction], k: int) -> None:
+        """Images in memory (PIL or arrays) through the weights' transform."""
+        tensors, good = [], []
+        for image, pred in zip(images, preds):
             try:
                 tensors.append(self._transform(_as_rgb(image)))
+                good.append(pred)
             except BadImage as e:
-                preds[-1].error = str(e)
-        good = [p for p in preds if not p.error]
+                pred.error = str(e)
         if good:
-            x = torch.stack(tensors).to(self.device).contiguous(memory_format=torch.channels_last)
-            feats = runtime.trunk_rows(self.trunk(), x, self.precision)  # (B, D)
-            with torch.no_grad():
-                probs = self._head(feats).softmax(1).cpu()  # (B, C)
-            top_p, top_i = probs.topk(k, dim=1)  # (B, k)
-            for pred, ps, idx in zip(good, top_p.tolist(), top_i.tolist()):
-                pred.top = [(self.classes[i], p) for i, p in zip(idx, ps)]
-        return preds
+            self._top(torch.stack(tensors), good, k)
+
+    def _top(self, x: torch.Tensor, preds: list[Prediction], k: int) -> None:
+        feats = self.trunk().rows(x.to(self.device))  # (B, D)
+        with torch.no_grad():
+            probs = self._head(feats).softmax(1).cpu()  # (B, C)
+        top_p, top_i = probs.topk(k, dim=1)  # (B, k)
+        for pred, ps, idx in zip(preds, top_p.tolist(), top_i.tolist()):
+            pred.top = [(self.classes[i], p) for i, p in zip(idx, ps)]
 
 
 def _expand(images) -> list[tuple[str, object]]:
@@ -231,9 +236,7 @@ def _expand(images) -> list[tuple[str, object]]:
 
 
 def _as_rgb(image) -> Image.Image:
-    """A file, PIL image or uint8 array as an RGB PIL image, EXIF orientation applied (as for files)."""
-    if isinstance(image, Path):
-        return load_image(image)
+    """A PIL image or uint8 array as an RGB PIL image, EXIF orientation applied (as for files)."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
             raise BadImage(f"array of shape {image.shape} and dtype {image.dtype}; pass (H, W, 3) uint8 RGB")

@@ -167,3 +167,22 @@ class BarReporter(Reporter):
             self.tasks[p.split] = self.bar.add_task(p.split, total=p.total, rate="")
         rate = f"{p.rate:.2f} images/s, ETA {duration(p.eta_s)}" if p.rate else "starting"
         self.bar.update(self.tasks[p.split], completed=p.done, rate=rate)
+
+
+def result_line(r) -> str:
+    """What happened to one split, in words: ``train: 44 extracted, 10 skipped -> .../train.h5 (44 rows) ...``."""
+    if r.status == "up to date":
+        return f"{r.split}: up to date, {r.rows:,} rows in {r.path}"
+    counts = [f"{r.rows - r.reused:,} extracted"]
+    counts += [
+        f"{n:,} {what}" for n, what in ((len(r.skipped), "skipped"), (r.reused, "reused"), (r.removed, "removed")) if n
+    ]
+    if r.done_before:
+        counts.append(f"resumed after {r.done_before:,}")
+    rate = f", {r.computed / r.loop_s:.2f} images/s" if r.loop_s and r.computed else ""
+    why = f" ({r.reason})" if r.reason else ""
+    return (
+        f"{r.split}: {', '.join(counts)} -> {r.path} ({r.rows:,} rows) in {r.seconds:.1f} s{rate}{why}; "
+        f"waiting on reads {r.read_s:.1f} s, compute {r.compute_s:.1f} s, writes {r.write_s:.1f} s, "
+        f"finishing the file {r.finish_s:.1f} s"
+    )

@@ -1,6 +1,6 @@
 """int8 trunks for the CPU: ONNX Runtime's static quantization, calibrated once per cache on a seeded sample of the
-run's own training images, and kept beside the features so resumed runs, later images and predict use the very
-same model."""
+run's own training images, and kept beside the features (where the store says) so resumed runs, later images and
+predict use the very same model."""
 
 from __future__ import annotations
 
@@ -10,14 +10,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.runtime import cpu_flags, export_onnx
-
-MODEL_FILE = "trunk-int8.onnx"  # in the cache folder, beside the split files
-RECORD_FILE = "trunk-int8.json"  # its settings and the images that calibrated it
 
 
 @dataclass(frozen=True)
@@ -90,20 +86,57 @@ def quantize(trunk: nn.Module, input_shape, images: np.ndarray, settings: Settin
         )  # fmt: skip
 
 
-def read_record(folder: Path) -> dict | None:
-    """The record of the quantized trunk kept in ``folder`` (None: none there, or unreadable)."""
+def read_record(path: Path) -> dict | None:
+    """The record of a kept int8 trunk (None: none there, or unreadable)."""
     try:
-        return json.loads((folder / RECORD_FILE).read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
 
 
-def write_record(folder: Path, settings: Settings, sample: list[str], sha256: str) -> None:
-    from flowerfeat.store import atomic_path
+def kept(model: Path, record: Path, settings: dict) -> str | None:
+    """The sha256 of the int8 trunk kept at ``model`` when it was made with ``settings`` and is intact; else None."""
+    from flowerfeat.weights import sha256_file
 
-    record = {"settings": settings.to_dict(), "calibration_images": sample, "sha256": sha256}
-    with atomic_path(folder / RECORD_FILE) as tmp:
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
+    made = read_record(record)
+    if made is None or made.get("settings") != settings or not model.is_file():
+        return None
+    return made["sha256"] if sha256_file(model) == made["sha256"] else None
+
+
+def make(trunk, preprocessing, settings: dict, calibration, keep, reporter) -> str:
+    """Quantize ``trunk`` into ``keep.model``, calibrated on ``calibration()`` -> (images (N, 3, H, W), their paths),
+    record how in ``keep.record``; returns the file's sha256."""
+    from flowerfeat.store import atomic_path
+    from flowerfeat.weights import sha256_file
+
+    s = Settings(**settings)
+    images, used = calibration()
+    keep.model.parent.mkdir(parents=True, exist_ok=True)
+    what = f"quantizing the trunk to int8 ({len(images)} calibration images, {s.activations} activations"
+    with reporter.stage(what + f"{', reduce_range' if s.reduce_range else ''})"):
+        quantize(trunk, preprocessing.input_shape, images, s, keep.model)
+    sha = sha256_file(keep.model)
+    with atomic_path(keep.record) as tmp:
+        tmp.write_text(json.dumps({"settings": settings, "calibration_images": used, "sha256": sha}, indent=1) + "\n")
+    return sha
+
+
+def calibration_sample(split, preprocessing, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """The first ``n`` readable images of ``split``'s seeded stratified order, preprocessed: (N, 3, H, W), paths."""
+    from flowerfeat.data import BadImage, load_image, stratified_order
+
+    check_calibration(n, len(split.classes))
+    transform, images, used = preprocessing.transform(), [], []
+    for i in stratified_order(split, seed):
+        if len(images) == n:
+            break
+        try:
+            images.append(transform(load_image(split.root / split.items[i].relpath)).numpy())
+            used.append(split.items[i].relpath)
+        except BadImage:  # an unreadable image calibrates nothing; the next one in the order does
+            continue
+    return np.stack(images), used
 
 
 def check_calibration(n: int, n_classes: int) -> None:

@@ -82,7 +82,7 @@ def evaluate(head: Head | str | Path, test: store.Features | str | Path | None =
     """
     head = head if isinstance(head, Head) else Head.load(head)
     if test is None:
-        test = Path(head.meta["config"]["features"]).with_name("test.h5")
+        test = store.sibling_split(Path(head.meta["config"]["features"]), "test")
     fs = test if isinstance(test, store.Features) else store.load_features(store.find_features(test, "test"))
     check_compatible(head, fs.meta, fs.path or "test features")
     keep = fs.views == 0

@@ -99,25 +99,24 @@ def export_onnx(trunk: nn.Module, input_shape: tuple[int, int, int], path: Path)
 class OnnxModel(nn.Module):
     """An ONNX trunk file run by ONNX Runtime on the CPU, called like the torch trunk: (B, 3, H, W) -> (B, D)."""
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, keep_path: bool = True):
         import onnxruntime
 
         super().__init__()
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path = Path(path) if keep_path else None  # the file it runs (None: a temporary one, gone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {"x": x.contiguous().numpy()})[0])
 
 
-def on_engine(trunk: nn.Module, engine: str, input_shape: tuple[int, int, int]) -> nn.Module:
-    """``trunk`` as ``engine`` runs it; ``input_shape`` (3, H, W) of one preprocessed image. For onnxruntime it is
-    exported once (the session keeps the graph, so the file may go)."""
-    if engine != "onnxruntime":
-        return trunk
+def onnx_trunk(trunk: nn.Module, input_shape: tuple[int, int, int]) -> OnnxModel:
+    """``trunk`` exported to ONNX and run by ONNX Runtime; ``input_shape`` (3, H, W) of one preprocessed image. The
+    session keeps the graph, so the file may go."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         export_onnx(trunk, input_shape, Path(tmp) / "trunk.onnx")
-        return OnnxModel(Path(tmp) / "trunk.onnx")
+        return OnnxModel(Path(tmp) / "trunk.onnx", keep_path=False)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,99 +16,10 @@ from flowerfeat import store
 from flowerfeat.config import FitConfig
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.heads import Head, LinearHead, score
+from flowerfeat.rows import Rows, epoch_windows, split_validation, window_rows
 
-# Rows shuffled together when streaming (and, so both give the same head, in memory too): 256 MiB of features.
-WINDOW_BYTES = 256 << 20
 # --lr 0 (auto) sets Adam's lr to this over the mean L1 norm of a training row (a logit moves about this much a step).
 AUTO_LOGIT_STEP = 2.7
-
-def window_rows(dim: int) -> int:
-    return max(1, WINDOW_BYTES // (dim * 4))
-
-
-def epoch_windows(n: int, block: int, window: int, seed, epoch: int):
-    """Row order of one epoch, as windows: shuffle blocks of ``block`` rows, then rows within each window.
-
-    Depends only on (n, block, window, seed, epoch), so in-memory and streamed training see the same batches.
-    When ``window >= n`` (every data set that fits the window) it is a full random permutation.
-    """
-    rng = np.random.default_rng([*np.atleast_1d(seed), epoch])  # seed: an int, or (seed, run) for averaged runs
-    n_blocks = math.ceil(n / block)
-    blocks = rng.permutation(n_blocks)
-    per_window = max(1, window // block)
-    for g in range(0, n_blocks, per_window):
-        rows = np.concatenate([np.arange(b * block, min((b + 1) * block, n)) for b in blocks[g : g + per_window]])
-        rng.shuffle(rows)
-        yield rows
-
-
-class Rows:
-    """Row access to training features: a file read whole or streamed block by block from HDF5 (flat memory), or
-    features already in memory. Blocks follow the file's HDF5 chunks, so both give the same batches."""
-
-    def __init__(self, source: Path | store.Features, max_memory_gib: float):
-        self.file = self.ds = None
-        if isinstance(source, store.Features):
-            self.meta, self.name, self.data, self.labels = (
-                source.meta,
-                str(source.path or "features"),
-                source.X,
-                source.y,
-            )
-            self.n, self.dim = source.X.shape
-            # the chunk rows the file has (or would have), so in-memory features train exactly as the file does
-            itemsize = np.dtype(self.meta.get("dtype", "float32")).itemsize
-            self.block, self.streamed = min(max(self.n, 1), store.chunk_rows(self.dim, itemsize)), False
-            self._paths = np.array(source.paths, dtype=object)
-            return
-        import h5py
-
-        self.meta, self.name = store.read_meta(source), str(source)
-        self.file = h5py.File(source, "r")
-        self.ds = self.file["features"]
-        self.n, self.dim = self.ds.shape
-        self.labels = self.file["labels"][...]  # (N,) int64: 8 bytes a row beside 4*D of features
-        self.block = self.ds.chunks[0] if self.ds.chunks else max(1, self.n)
-        self.streamed = self.n * self.dim * 4 > max_memory_gib * (1 << 30)
-        self.data = None if self.streamed else self.ds[...].astype(np.float32, copy=False)
-        self._paths = None
-
-    def paths(self) -> np.ndarray:
-        """Each row's image path (views of one image share it)."""
-        return self._paths if self._paths is not None else self.file["paths"][...]
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """Features of ``rows`` (any order) as float32; streamed reads go block by block, in file order."""
-        if self.data is not None:
-            return self.data[rows]
-        out = np.empty((len(rows), self.dim), np.float32)
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        blocks = sorted_rows // self.block
-        for b in np.unique(blocks):
-            sel = blocks == b
-            chunk = self.ds[b * self.block : min((b + 1) * self.block, self.n)]
-            out[order[sel]] = chunk[sorted_rows[sel] - b * self.block]
-        return out
-
-    def stats(self, mask: np.ndarray, n_classes: int) -> tuple[np.ndarray, float]:
-        """(C, D) mean feature per class and the mean L1 norm of a row, over the rows in ``mask``; read in file
-        order, one window at a time."""
-        sums, counts, l1 = np.zeros((n_classes, self.dim)), np.zeros(n_classes), 0.0
-        step = max(self.block, window_rows(self.dim) // self.block * self.block)
-        for start in range(0, self.n, step):
-            rows = np.arange(start, min(start + step, self.n))
-            rows = rows[mask[rows]]
-            x, y = self.take(rows), self.labels[rows]
-            l1 += float(np.abs(x).sum(dtype=np.float64))
-            onehot = np.eye(n_classes, dtype=np.float32)[y]  # (B, C): per-class sums as one matmul
-            sums += onehot.T @ x
-            counts += onehot.sum(0)
-        return sums / np.maximum(counts, 1)[:, None], l1 / max(counts.sum(), 1)
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
 
 
 @dataclass
@@ -119,26 +28,6 @@ class FitResult:
     bias: torch.Tensor  # (C,)
     metrics: dict
     history: list[dict] = field(default_factory=list)
-
-
-def split_validation(labels: np.ndarray, paths: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of validation rows: scikit-learn's StratifiedShuffleSplit over images, so it is stratified by
-    class and all views of an image go together."""
-    mask = np.zeros(len(labels), bool)
-    if fraction <= 0:
-        return mask
-    from sklearn.model_selection import StratifiedShuffleSplit
-
-    group_of: dict = {}  # (label, path) of an image -> its group index
-    groups = np.array([group_of.setdefault((y, p), len(group_of)) for y, p in zip(labels.tolist(), paths.tolist())])
-    group_labels = np.array([y for y, _p in group_of])
-    try:
-        shuffle = StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
-        _, val_groups = next(shuffle.split(np.zeros(len(group_labels)), group_labels))
-    except ValueError as e:  # too few images for a stratified split of this size
-        raise FlowerfeatError(f"--val-fraction {fraction}: {e}; raise it, or use 0") from None
-    mask[np.isin(groups, val_groups)] = True
-    return mask
 
 
 def fit(cfg: FitConfig, log: Callable[[str], None] = lambda s: None, train=None) -> tuple[FitResult, dict]:
@@ -187,11 +76,15 @@ def fit_head(
         loaded, path = train, Path(train.path) if train.path else Path("(features in memory)")
     else:
         loaded, path = None, store.find_features(Path(train), "train")
-    unknown = sorted(set(options) - ({f.name for f in dataclasses.fields(FitConfig)} - {"features", "out"}))
-    if unknown:
-        raise TypeError(f"fit_head() got unknown option(s) {', '.join(unknown)}; see flowerfeat.FitConfig")
-    cfg = FitConfig(features=path, epochs=epochs, **options)
-    result, meta = fit(cfg, log or (lambda s: None), loaded)
+    if {"features", "out"} & set(options):
+        raise TypeError("fit_head() takes the features as its first argument and saves nothing (use Head.save)")
+    cfg = FitConfig.from_options("fit_head", options, features=path, epochs=epochs)
+    return fit_config(cfg, log, loaded)
+
+
+def fit_config(cfg: FitConfig, log: Callable[[str], None] | None = None, train: store.Features | None = None) -> Head:
+    """The head ``cfg`` describes, fitted on ``train`` (loaded Features) or else the file ``cfg.features``."""
+    result, meta = fit(cfg, log or (lambda s: None), train)
     return Head.from_fit(result, meta, cfg)
 
 

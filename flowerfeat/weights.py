@@ -26,12 +26,12 @@ DOWNLOAD_ERRORS = (OSError, http.client.HTTPException, RuntimeError)
 class WeightsInfo:
     """Where a trunk's weights come from, precisely enough to key a cache on."""
 
-    kind: str  # "hub" (the model's published weights), "file", "none" (seeded random init), or "custom"
+    kind: str  # "hub" (the model's published weights), "file" or "none" (seeded random init)
     name: str  # the published weights' name (e.g. VGG16_Weights.IMAGENET1K_V1), the file name, or "none"
     sha256: str = ""  # of the file ("" for published weights: their URL carries their hash)
     url: str = ""
     path: str = ""  # the file's absolute path when it was resolved (kind "file"), so a head can find it again
-    source: str = "torchvision"  # who publishes hub weights: torchvision or timm
+    source: str = ""  # who publishes hub weights (the family says: torchvision, timm, ...)
 
     @property
     def identity(self) -> str:
@@ -39,8 +39,6 @@ class WeightsInfo:
             return f"{self.source}:{self.name}:{self.url}"
         if self.kind == "file":
             return f"file:{self.name}:sha256={self.sha256}"
-        if self.kind == "custom":
-            return f"custom:{self.name}"
         return "none:random-init-seed-0"
 
     @property
@@ -50,7 +48,18 @@ class WeightsInfo:
             return "imagenet"
         if self.kind == "file":
             return f"{safe_name(Path(self.name).stem)}-{self.sha256[:8]}"
-        return f"custom-{safe_name(self.name)}" if self.kind == "custom" else "random"
+        return "random"
+
+    @classmethod
+    def from_identity(cls, identity: str, sha256: str = "", path: str = "") -> WeightsInfo:
+        """The WeightsInfo a feature file or head recorded (its ``weights``, ``weights_sha256``, ``weights_path``)."""
+        kind, _, rest = identity.partition(":")
+        if kind == "none":
+            return cls("none", "none")
+        if kind == "file":
+            return cls("file", rest.rsplit(":sha256=", 1)[0], sha256, path=path)
+        name, _, url = rest.partition(":")  # the published weights of ``kind``'s hub: torchvision, timm, ...
+        return cls("hub", name, url=url, source=kind)
 
 
 def safe_name(text: str) -> str:

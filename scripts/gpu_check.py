@@ -32,15 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowerfeat import runtime, store
-from flowerfeat.backbones import get_backbone
-from flowerfeat.weights import WeightsInfo
-from flowerfeat.bench import matmul_peak
+from flowerfeat import store
+from flowerfeat.bench import gflop_per_image, matmul_peak
 from flowerfeat.bench import row_cosines as cosine
 from flowerfeat.config import ExtractConfig
-from flowerfeat.extraction import run_extraction
+from flowerfeat.extraction import default_workers, reader, run_extraction
+from flowerfeat.recipe import build, resolve
 
-GFLOP = {"fc7": 30.9, "pool5": 30.7}  # per 224x224 image (docs/benchmarks.md)
 KINDS = ("plain", "gray", "exif", "progressive", "cmyk")
 
 
@@ -92,51 +90,53 @@ def sync():
         torch.cuda.synchronize()
 
 
-def model_only(layer: str, batch: int, iters: int = 20, compile: bool = False) -> tuple[float, float]:
-    """(images/s, seconds of the first call, which includes compiling) for the trunk alone on random input."""
-    trunk = get_backbone("vgg16").build(WeightsInfo("none", "none"), layer).to(DEV).to(memory_format=torch.channels_last)
-    if compile:
-        trunk = torch.compile(trunk)
-    x = torch.randn(batch, 3, 224, 224, device=DEV).contiguous(memory_format=torch.channels_last)
+def model_only(cfg: ExtractConfig, batch: int, iters: int = 20, compile: bool = False) -> tuple[float, float, float]:
+    """(images/s, seconds of the first call, which includes compiling, GFLOP per image) for the trunk of ``cfg``
+    alone, bf16 on random input."""
+    recipe = resolve(cfg.replace(precision="bf16", engine="torch"), DEV)
+    trunk = build(recipe, DEV, compile=compile)
+    gflop = gflop_per_image(build(recipe.exportable(), channels_last=False).module, recipe.preprocessing.input_shape)
+    x = torch.randn(batch, *recipe.preprocessing.input_shape, device=DEV)
     t = time.perf_counter()
-    runtime.trunk_rows(trunk, x, "bf16")
+    trunk.rows(x)
     sync()
     first = time.perf_counter() - t
     for _ in range(min(2, iters)):
-        runtime.trunk_rows(trunk, x, "bf16")
+        trunk.rows(x)
     sync()
     t = time.perf_counter()
     for _ in range(iters):
-        runtime.trunk_rows(trunk, x, "bf16")
+        trunk.rows(x)
     sync()
-    return iters * batch / (time.perf_counter() - t), first
+    return iters * batch / (time.perf_counter() - t), first, gflop
 
 
-def raw_dataset(root: Path, n: int | None = None, mode: str = "gpu"):
+def raw_dataset(cfg: ExtractConfig, n: int | None = None, mode: str = "gpu"):
     """The dataset of the gpu (workers read bytes) or hybrid (workers decode) mode over the first ``n`` (default all)
-    synthetic training files."""
+    synthetic training files, with the preprocessing of ``cfg``'s model."""
     from flowerfeat.data import scan_data
     from flowerfeat.gpudecode import DecodedUnitDataset, RawUnitDataset
 
-    split = scan_data(root, ("train",))["train"]
+    split = scan_data(cfg.data, ("train",))["train"]
     split = dataclasses.replace(split, items=split.items[:n])
-    return (DecodedUnitDataset if mode == "hybrid" else RawUnitDataset)(split, 0, get_backbone("vgg16").preprocessing(WeightsInfo("none", "none")).transform(), None, 0)
+    pre = resolve(cfg, DEV).preprocessing
+    return (DecodedUnitDataset if mode == "hybrid" else RawUnitDataset)(split, 0, pre.transform(), None, 0)
 
 
-def raw_batches(root: Path, batch: int, n: int = 4096, mode: str = "gpu"):
+def raw_batches(cfg: ExtractConfig, batch: int, n: int = 4096, mode: str = "gpu"):
     from flowerfeat.gpudecode import collate_raw
 
-    ds = raw_dataset(root, n, mode)
+    ds = raw_dataset(cfg, n, mode)
     return [collate_raw([ds[i] for i in range(s, min(s + batch, len(ds)))]) for s in range(0, len(ds), batch)]
 
 
-def prep_rates(batches) -> dict:
+def prep_rates(cfg: ExtractConfig, batches) -> dict:
     """images/s of the device-side preparation alone: nvjpeg decode only (JPEG batches), then the whole prepare() on 1
     and 2 threads (for decoded batches: pinning, the copy to the device, resize and normalisation)."""
     from flowerfeat.gpudecode import GpuPreprocess
 
     n = sum(len(b.units) for b in batches)
-    pre = GpuPreprocess(DEV, get_backbone("vgg16").preprocessing(WeightsInfo("none", "none")).transform())
+    pre = GpuPreprocess(DEV, resolve(cfg, DEV).preprocessing)
     out = {}
     runs = [
         ("prepare_1_thread", lambda: list(pre.batches(batches, 1))),
@@ -154,13 +154,13 @@ def prep_rates(batches) -> dict:
     return out
 
 
-def loader_rate(root: Path, batch: int, workers: int, mode: str = "gpu") -> float:
+def loader_rate(cfg: ExtractConfig, batch: int, workers: int, mode: str = "gpu") -> float:
     """images/s of the DataLoader alone: workers read bytes and JPEG headers (gpu), or also decode (hybrid)."""
     from torch.utils.data import DataLoader
 
     from flowerfeat.gpudecode import collate_raw
 
-    ds = raw_dataset(root, mode=mode)
+    ds = raw_dataset(cfg, mode=mode)
     sampler = [list(range(i, min(i + batch, len(ds)))) for i in range(0, len(ds), batch)]
     t = time.perf_counter()
     n = sum(
@@ -170,10 +170,11 @@ def loader_rate(root: Path, batch: int, workers: int, mode: str = "gpu") -> floa
     return n / (time.perf_counter() - t)
 
 
-def cli_args(root: Path, out: Path) -> list[str]:
+def cli_args(cfg: ExtractConfig, out: Path) -> list[str]:
     """`python -m flowerfeat features` over the synthetic train split, as a user would type it (without python)."""
-    return ["-m", "flowerfeat", "features", "--data", str(root), "--out", str(out), "--weights", "none",
-            "--layer", "fc7", "--split", "train"]  # fmt: skip
+    layer = ["--layer", cfg.layer] if cfg.layer else []
+    return ["-m", "flowerfeat", "features", "--data", str(cfg.data), "--out", str(out), "--weights", "none",
+            "--model", cfg.model, *layer, "--split", "train"]  # fmt: skip
 
 
 def load(out: Path, split: str):
@@ -210,11 +211,13 @@ class Context:
     iters: int
     peak_n: int
     n_train: int = 0
-    fx: object = None  # flowerfeat.extraction, whose PREP_THREADS the threads step sets
+    fx: object = None  # flowerfeat.extraction.reader, whose PREP_THREADS the threads step sets
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="vgg16", help="the model to time (random weights are fine for speed)")
+    ap.add_argument("--layer", default=None, help="its cut (default: the model's first; vgg16: fc7)")
     ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--copies", type=int, default=8)
     ap.add_argument("--batch", type=int, default=256)
@@ -229,7 +232,7 @@ def parse_args() -> argparse.Namespace:
         default="cold,warm,parts,agreement,real,compile",
         help="comma-separated steps: cold, warm, parts, agreement, real, compile, sweep, threads, profile",
     )
-    return ap.parse_args()
+    return ap.parse_args(argv)
 
 
 def step_peak(c: Context) -> None:
@@ -238,7 +241,7 @@ def step_peak(c: Context) -> None:
 
 
 def step_cold(c: Context) -> None:  # the CLI in a fresh process, as a user runs it: python start, imports, cuDNN tuning included
-    cmd = [sys.executable, *cli_args(c.root, c.tmp / "cli"), "--batch-size", str(c.a.batch)]
+    cmd = [sys.executable, *cli_args(c.base, c.tmp / "cli"), "--batch-size", str(c.a.batch)]
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     dt = time.perf_counter() - t
@@ -281,28 +284,24 @@ def step_warm(c: Context) -> None:  # in this process, after one run has tuned c
 
 
 def step_parts(c: Context) -> None:
-    for layer, batch in (("fc7", c.a.batch), ("pool5", c.a.batch)):
-        ips, _ = model_only(layer, batch, c.iters)
-        c.r[f"model_{layer}_b{batch}"] = round(ips)
-        print(
-            f"model only {layer} bf16 batch {batch}: {ips:.0f} images/s = {ips * GFLOP[layer] / 1000:.0f} TFLOP/s",
-            flush=True,
-        )
-    c.r["loader_w8"] = round(loader_rate(c.root, c.a.batch, 8))
+    ips, _, gflop = model_only(c.base, c.a.batch, c.iters)
+    c.r[f"model_only_b{c.a.batch}"] = {"images_per_s": round(ips), "gflop_per_image": round(gflop, 2)}
+    print(f"model only {c.a.model} bf16 batch {c.a.batch}: {ips:.0f} images/s = {ips * gflop / 1000:.0f} TFLOP/s",
+          flush=True)  # fmt: skip
+    c.r["loader_w8"] = round(loader_rate(c.base, c.a.batch, 8))
     print(f"loader only, 8 workers reading: {c.r['loader_w8']} images/s", flush=True)
-    hw = c.fx.default_workers("hybrid", DEV)
-    c.r[f"loader_hybrid_w{hw}"] = round(loader_rate(c.root, c.a.batch, hw, "hybrid"))
+    hw = default_workers("hybrid", DEV)
+    c.r[f"loader_hybrid_w{hw}"] = round(loader_rate(c.base, c.a.batch, hw, "hybrid"))
     print(f"loader only, {hw} workers decoding (hybrid): {c.r[f'loader_hybrid_w{hw}']} images/s", flush=True)
-    c.r["prep"] = prep_rates(raw_batches(c.root, c.a.batch))
+    c.r["prep"] = prep_rates(c.base, raw_batches(c.base, c.a.batch))
     print(f"GPU preparation alone, nvjpeg (images/s): {c.r['prep']}", flush=True)
-    c.r["prep_hybrid"] = prep_rates(raw_batches(c.root, c.a.batch, mode="hybrid"))
+    c.r["prep_hybrid"] = prep_rates(c.base, raw_batches(c.base, c.a.batch, mode="hybrid"))
     print(f"GPU preparation alone, decoded in the workers (images/s): {c.r['prep_hybrid']}", flush=True)
 
 
 def step_agreement(c: Context) -> None:  # synthetic test split, odd files included, several batches: each path vs the CPU fp32 PIL path
-    c = c.base.replace(out=c.tmp / "ac", splits=("test",), precision="fp32", decode="cpu", device="cpu")
-    c = c.replace(batch_size=32, workers=4)
-    run_extraction(c)
+    ref = c.base.replace(out=c.tmp / "ac", splits=("test",), precision="fp32", decode="cpu", device="cpu")
+    run_extraction(ref.replace(batch_size=32, workers=4))
     fc = load(c.tmp / "ac", "test")
     for mode in ("gpu", "hybrid"):
         run_extraction(c.base.replace(out=c.tmp / f"ag_{mode}", splits=("test",), batch_size=64, decode=mode))
@@ -350,11 +349,11 @@ def step_real(c: Context) -> None:  # real photos and weights: both modes' featu
 
 
 def step_compiled(c: Context) -> None:
-    ips, first = model_only("fc7", c.a.batch, c.iters, compile=True)
-    c.r["model_fc7_compiled"] = {"images_per_s": round(ips), "first_call_s": round(first, 1)}
+    ips, first, gflop = model_only(c.base, c.a.batch, c.iters, compile=True)
+    c.r["model_only_compiled"] = {"images_per_s": round(ips), "first_call_s": round(first, 1)}
     print(
-        f"model only fc7 bf16 batch {c.a.batch}, torch.compile: {ips:.0f} images/s "
-        f"({ips * GFLOP['fc7'] / 1000:.0f} TFLOP/s); first call {first:.0f} s",
+        f"model only {c.a.model} bf16 batch {c.a.batch}, torch.compile: {ips:.0f} images/s "
+        f"({ips * gflop / 1000:.0f} TFLOP/s); first call {first:.0f} s",
         flush=True,
     )
     c.r.setdefault("warm", {})
@@ -371,7 +370,7 @@ def step_compiled(c: Context) -> None:
 
 def step_sweep(c: Context) -> None:  # warm, eager: readers per mode, float16 storage
     c.r.setdefault("warm", {})
-    hw = c.fx.default_workers("hybrid", DEV)
+    hw = default_workers("hybrid", DEV)
     for label, cfg in (
         ("gpu_w12", c.base.replace(workers=12)),
         ("gpu_w16", c.base.replace(workers=16)),
@@ -399,7 +398,7 @@ def step_threads(c: Context) -> None:  # compiled trunk, warm: how many threads 
 
 
 def step_profile(c: Context) -> None:  # where a fresh CLI process spends the time around the loop: cold compiled run, then a no-op
-    cmd = [*cli_args(c.root, c.tmp / "prof"), "--compile"]
+    cmd = [*cli_args(c.base, c.tmp / "prof"), "--compile"]
     for label, pre in (("cold_cli_compile", []), ("noop_cli_profiled", ["-m", "cProfile", "-o", str(c.tmp / "p")])):
         t = time.perf_counter()
         p = subprocess.run([sys.executable, *pre, *cmd], capture_output=True, text=True)
@@ -442,8 +441,8 @@ def run_step(c: Context, title: str, fn, t_start: float, optional: bool = False)
     (c.a.out / "gpu_check.json").write_text(json.dumps(c.r, indent=1))
 
 
-def main() -> None:
-    a = parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
     steps = set(a.steps.split(","))
     if not (a.photos and a.weights):
         steps.discard("real")
@@ -451,16 +450,15 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     import torchvision
 
-    import flowerfeat.extraction as fx
-
     name = torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu"
     r: dict = {"device": name, "torch": torch.__version__, "torchvision": torchvision.__version__}
     r["cpus"] = os.cpu_count()
     print(r, flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    base = ExtractConfig(data=tmp / "photos", out=tmp / "w", layer="fc7", weights="none", splits=("train",))
-    c = Context(a, r, tmp, tmp / "photos", base.replace(batch_size=a.batch), *((1, 512) if a.smoke else (20, 8192)))
-    c.fx = fx
+    base = ExtractConfig(data=tmp / "photos", out=tmp / "w", model=a.model, layer=a.layer, weights="none",
+                         splits=("train",), batch_size=a.batch)  # fmt: skip
+    c = Context(a, r, tmp, tmp / "photos", base, *((1, 512) if a.smoke else (20, 8192)))
+    c.fx = reader
     run_step(c, "peak", step_peak, t_start)
     t = time.perf_counter()
     c.n_train, mean_bytes = synth(c.root, a.n, a.copies)
@@ -475,6 +473,9 @@ def main() -> None:
             run_step(c, title, fn, t_start, optional)
     (a.out / "gpu_check.json").write_text(json.dumps(r, indent=1))
     print("\nSUMMARY", json.dumps(r))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return r
+
 
 if __name__ == "__main__":
     main()

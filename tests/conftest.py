@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
@@ -46,15 +47,12 @@ def make_folder(root: Path, per_class: dict[str, int] | None = None, classes=tup
     return root
 
 
-# the cache folder the tiny trunk's features go to: <model>-<layer>-<weights tag>
-TINY = "vgg16-fc7-custom-tiny-trunk-v1"
+# the cache folder the tiny model's features go to: <model>-<layer>-<weights tag>
+TINY = "tiny-grid-random"
 
 
 class TinyTrunk(nn.Module):
-    """A stand-in for the VGG16 trunk: same interface (B, 3, 224, 224) -> (B, D), milliseconds per batch."""
-
-    feature_dim = 24
-    identity = "tiny-trunk-v1"
+    """A stand-in for a real trunk: the same interface (B, 3, 224, 224) -> (B, 24), milliseconds per batch."""
 
     def __init__(self):
         super().__init__()
@@ -74,6 +72,9 @@ class TinyBackbone(Backbone):
 
     name, family = "tiny", "tests"
 
+    def __init__(self, trunk_class=TinyTrunk):
+        self.trunk_class = trunk_class  # a TinyTrunk that crashes, sleeps, ... (``tiny_runs``)
+
     def cuts(self):
         return {"grid": Cut("grid", 24, 0.25, "2 x 2 pooled"), "mean": Cut("mean", 6, 0.0, "averaged")}
 
@@ -84,7 +85,7 @@ class TinyBackbone(Backbone):
         return VGG16().preprocessing(weights)
 
     def load(self, weights, cut):
-        trunk = TinyTrunk()
+        trunk = self.trunk_class()
         if weights.kind == "file":
             trunk.load_state_dict(load_state_dict(weights.path, self.name))
         return trunk if cut == "grid" else nn.Sequential(trunk, nn.Unflatten(1, (6, 4)), MeanLast())
@@ -119,9 +120,16 @@ def folder(tmp_path) -> Path:
     return make_folder(tmp_path / "flowers")
 
 
-@pytest.fixture
-def tiny_trunk() -> TinyTrunk:
-    return TinyTrunk().eval()
+@contextlib.contextmanager
+def tiny_runs(trunk_class):
+    """In this block ``--model tiny`` runs ``trunk_class`` (same key: a crash, a pause, an interrupt in its forward)."""
+    from flowerfeat import backbones
+
+    backbones.register("tiny", lambda: TinyBackbone(trunk_class))
+    try:
+        yield
+    finally:
+        backbones.register("tiny", TinyBackbone)
 
 
 def write_features(
@@ -182,13 +190,13 @@ def blobs(n_per_class: int, dim: int = 16, n_classes: int = 3, seed: int = 0, sp
     return x.astype(np.float32), y.astype(np.int64)
 
 
-def extract(folder, out, trunk, **kw):
-    """run_extraction with the tiny trunk, random-init identity, batches of 4 and no reader processes; by split."""
+def extract(folder, out, **kw):
+    """run_extraction of the tiny model (random init), batches of 4, no reader processes; by split."""
     from flowerfeat.config import ExtractConfig
     from flowerfeat.extraction import run_extraction
 
-    cfg = ExtractConfig(data=folder, out=out, weights="none", batch_size=4, workers=0, **kw)
-    return {r.split: r for r in run_extraction(cfg, trunk=trunk)}
+    cfg = ExtractConfig(data=folder, out=out, **{"model": "tiny", "weights": "none", "batch_size": 4, "workers": 0, **kw})
+    return {r.split: r for r in run_extraction(cfg)}
 
 
 # -- the bad-image corpus: (file name, bytes maker, expected: "ok" or a fragment of the skip reason) --------------
@@ -279,6 +287,11 @@ RANDOM = WeightsInfo("none", "none")
 def vgg_transform():
     """VGG16's eval transform (its weights' own)."""
     return VGG16().preprocessing(RANDOM).transform()
+
+
+def vgg_pre():
+    """VGG16's preprocessing record."""
+    return VGG16().preprocessing(RANDOM)
 
 
 def vgg_trunk(layer: str = "fc7"):

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import flowerfeat
 from flowerfeat.cli import app
-from conftest import TinyTrunk, make_folder
+from conftest import TinyTrunk, make_folder, tiny_runs
 
 ROOT = Path(__file__).parents[1]
 
@@ -32,7 +32,7 @@ def test_the_public_names_are_exported_and_import_stays_light():
 
 @pytest.fixture
 def files(folder, tmp_path):
-    return flowerfeat.extract(folder, tmp_path / "f", weights="none", trunk=TinyTrunk().eval(), batch_size=4, workers=0)
+    return flowerfeat.extract(folder, tmp_path / "f", weights="none", model="tiny", batch_size=4, workers=0)
 
 
 def test_extract_load_fit_evaluate(files):
@@ -95,19 +95,19 @@ def test_an_interrupted_extract_resumes_on_the_next_call(folder, tmp_path):
                 raise KeyboardInterrupt  # what a notebook's "interrupt the kernel" raises
             return super().forward(x)
 
-    kw = dict(weights="none", batch_size=4, workers=0)
-    with pytest.raises(KeyboardInterrupt):
-        flowerfeat.extract(folder, tmp_path / "f", trunk=Interrupted().eval(), **kw)
-    again = flowerfeat.extract(folder, tmp_path / "f", trunk=TinyTrunk().eval(), **kw)
+    kw = dict(model="tiny", weights="none", batch_size=4, workers=0)
+    with pytest.raises(KeyboardInterrupt), tiny_runs(Interrupted):
+        flowerfeat.extract(folder, tmp_path / "f", **kw)
+    again = flowerfeat.extract(folder, tmp_path / "f", **kw)
     assert again.results["train"].status == "resumed" and again.results["train"].computed == 18 - 8
-    fresh = flowerfeat.extract(folder, tmp_path / "g", trunk=TinyTrunk().eval(), **kw)
+    fresh = flowerfeat.extract(folder, tmp_path / "g", **kw)
     np.testing.assert_array_equal(
         flowerfeat.load_features(again["train"]).X, flowerfeat.load_features(fresh["train"]).X
     )
 
 
 def test_progress_lines_for_a_script(folder, tmp_path, capsys):
-    flowerfeat.extract(folder, tmp_path / "f", weights="none", trunk=TinyTrunk().eval(), workers=0, progress=True)
+    flowerfeat.extract(folder, tmp_path / "f", model="tiny", weights="none", workers=0, progress=True)
     err = capsys.readouterr().err
     assert "scanning" in err and "18 train + 9 test images" in err
     assert "train: 18/18 images (100 %)" in err and "images/s" in err

@@ -37,15 +37,15 @@ def test_the_engine_and_the_model_are_in_the_cache_key():
 
 
 @pytest.mark.onnxruntime
-def test_onnxruntime_features_agree_with_torch_and_are_keyed_apart(folder, tmp_path, tiny_trunk):
-    ref = extract(folder, tmp_path / "f", tiny_trunk, engine="torch", precision="fp32")  # the engine runs fp32
+def test_onnxruntime_features_agree_with_torch_and_are_keyed_apart(folder, tmp_path):
+    ref = extract(folder, tmp_path / "f", engine="torch", precision="fp32")  # the engine runs fp32
     a = store.load_features(ref["train"].path)
     assert a.meta["engine"] == "torch"
-    ort = extract(folder, tmp_path / "f", tiny_trunk, engine="onnxruntime", precision="fp32")
+    ort = extract(folder, tmp_path / "f", engine="onnxruntime", precision="fp32")
     assert ort["train"].computed == 18 and "engine torch -> onnxruntime" in ort["train"].reason
     b = store.load_features(ort["train"].path)
     assert b.meta["engine"] == "onnxruntime" and "onnxruntime" in b.meta["library_versions"]
     cos = (a.X * b.X).sum(1) / (np.linalg.norm(a.X, axis=1) * np.linalg.norm(b.X, axis=1))
     assert cos.min() > 0.99999 and np.abs(a.X - b.X).max() < 1e-4 * np.abs(a.X).max()
-    again = extract(folder, tmp_path / "f", tiny_trunk, precision="fp32")  # auto: the cache's engine
+    again = extract(folder, tmp_path / "f", precision="fp32")  # auto: the cache's engine
     assert again["train"].status == "up to date"

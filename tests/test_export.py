@@ -57,7 +57,8 @@ def test_what_cannot_be_exported_is_refused_before_anything_else(tmp_path, monke
     r = runner.invoke(app, ["export", str(tmp_path / "vgg.pth"), "--head", str(head)])
     assert (
         r.exit_code == 2
-        and "vgg16 pool5-gap features; a torchvision state dict holds heads on a torchvision model's last-layer input" in r.output
+        and "vgg16 pool5-gap features; a torchvision state dict holds a head on the rows the model's own last layer "
+        "takes (vgg16's is fc7)" in r.output
     )
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None if name == "onnxscript" else object())
     r = runner.invoke(app, ["export", str(tmp_path / "m.onnx"), "--head", str(head)])

@@ -10,7 +10,7 @@ import pytest
 
 from flowerfeat import FORMAT_VERSION, store
 from flowerfeat.errors import FlowerfeatError
-from conftest import TINY, extract, write_corpus
+from conftest import TINY, TinyTrunk, extract, tiny_runs, write_corpus
 
 
 def datasets(path):
@@ -18,8 +18,8 @@ def datasets(path):
         return {k: f[k][...] for k in store.DATASETS}
 
 
-def test_schema_shapes_dtypes_and_attributes(folder, tmp_path, tiny_trunk):
-    res = extract(folder, tmp_path / "f", tiny_trunk)
+def test_schema_shapes_dtypes_and_attributes(folder, tmp_path):
+    res = extract(folder, tmp_path / "f")
     assert res["train"].status == "extracted" and res["train"].rows == 18 and res["test"].rows == 9
     with h5py.File(tmp_path / "f" / TINY / "train.h5", "r") as f:  # plain h5py reads everything
         assert f["features"].shape == (18, 24) and f["features"].dtype == np.float32
@@ -44,38 +44,38 @@ def test_schema_shapes_dtypes_and_attributes(folder, tmp_path, tiny_trunk):
     assert not (tmp_path / "f" / TINY / "train.h5.partial").exists()
 
 
-def test_second_run_does_nothing(folder, tmp_path, tiny_trunk):
-    extract(folder, tmp_path / "f", tiny_trunk)
+def test_second_run_does_nothing(folder, tmp_path):
+    extract(folder, tmp_path / "f")
     before = (tmp_path / "f" / TINY / "train.h5").stat().st_mtime_ns
-    res = extract(folder, tmp_path / "f", tiny_trunk)
+    res = extract(folder, tmp_path / "f")
     assert res["train"].status == "up to date" and res["train"].computed == 0
     assert (tmp_path / "f" / TINY / "train.h5").stat().st_mtime_ns == before
 
 
-def test_added_and_removed_images_extract_only_the_difference(folder, tmp_path, tiny_trunk):
-    extract(folder, tmp_path / "f", tiny_trunk)
+def test_added_and_removed_images_extract_only_the_difference(folder, tmp_path):
+    extract(folder, tmp_path / "f")
     shutil.copy(folder / "train/roses/train_roses_0.jpg", folder / "train/roses/zz_new.jpg")
     (folder / "train/daisy/train_daisy_1.png").unlink()
-    res = extract(folder, tmp_path / "f", tiny_trunk)
+    res = extract(folder, tmp_path / "f")
     assert res["train"].status == "updated" and res["train"].computed == 1 and res["test"].status == "up to date"
-    fresh = extract(folder, tmp_path / "fresh", tiny_trunk)
+    fresh = extract(folder, tmp_path / "fresh")
     assert fresh["train"].computed == 18
     a, b = datasets(tmp_path / "f" / TINY / "train.h5"), datasets(tmp_path / "fresh" / TINY / "train.h5")
     assert list(a["paths"]) == list(b["paths"])
     np.testing.assert_allclose(a["features"], b["features"], rtol=1e-6, atol=1e-6)
 
 
-def test_changed_setting_reextracts_and_says_why(folder, tmp_path, tiny_trunk):
-    extract(folder, tmp_path / "f", tiny_trunk)
-    res = extract(folder, tmp_path / "f", tiny_trunk, dtype="float16")
+def test_changed_setting_reextracts_and_says_why(folder, tmp_path):
+    extract(folder, tmp_path / "f")
+    res = extract(folder, tmp_path / "f", dtype="float16")
     assert res["train"].computed == 18 and "dtype float32 -> float16" in res["train"].reason
     with h5py.File(tmp_path / "f" / TINY / "train.h5", "r") as f:
         assert f["features"].dtype == np.float16
 
 
-def test_float16_storage_round_trip(folder, tmp_path, tiny_trunk):
-    extract(folder, tmp_path / "a", tiny_trunk)
-    extract(folder, tmp_path / "b", tiny_trunk, dtype="float16")
+def test_float16_storage_round_trip(folder, tmp_path):
+    extract(folder, tmp_path / "a")
+    extract(folder, tmp_path / "b", dtype="float16")
     a, b = (
         store.load_features(tmp_path / "a" / TINY / "train.h5"),
         store.load_features(tmp_path / "b" / TINY / "train.h5"),
@@ -85,9 +85,9 @@ def test_float16_storage_round_trip(folder, tmp_path, tiny_trunk):
     assert (tmp_path / "b" / TINY / "train.h5").stat().st_size < (tmp_path / "a" / TINY / "train.h5").stat().st_size
 
 
-def test_bad_images_are_skipped_recorded_and_the_run_goes_on(folder, tmp_path, tiny_trunk):
+def test_bad_images_are_skipped_recorded_and_the_run_goes_on(folder, tmp_path):
     expected = write_corpus(folder / "train" / "daisy")
-    res = extract(folder, tmp_path / "f", tiny_trunk)
+    res = extract(folder, tmp_path / "f")
     bad = {name for name, outcome in expected.items() if outcome != "ok"}
     skipped = store.read_skipped(tmp_path / "f" / TINY / "train.h5")
     assert {p.split("/")[-1] for p, _ in skipped} == {
@@ -100,8 +100,8 @@ def test_bad_images_are_skipped_recorded_and_the_run_goes_on(folder, tmp_path, t
     assert "caf\\xe9.jpg" in "".join(reasons)  # the non-UTF-8 name is recorded, escaped
 
 
-def test_augmented_views_are_cached_for_train_only(folder, tmp_path, tiny_trunk):
-    extract(folder, tmp_path / "f", tiny_trunk, views=2)
+def test_augmented_views_are_cached_for_train_only(folder, tmp_path):
+    extract(folder, tmp_path / "f", views=2)
     tr, te = (
         store.load_features(tmp_path / "f" / TINY / "train.h5"),
         store.load_features(tmp_path / "f" / TINY / "test.h5"),
@@ -109,37 +109,37 @@ def test_augmented_views_are_cached_for_train_only(folder, tmp_path, tiny_trunk)
     assert len(tr.y) == 18 * 3 and tr.views.tolist()[:3] == [0, 1, 2] and tr.meta["views"] == 2
     assert len(te.y) == 9 and te.meta["views"] == 0
     assert not np.allclose(tr.X[0], tr.X[1])  # a view differs from the centre crop
-    again = extract(folder, tmp_path / "g", tiny_trunk, views=2)  # seeded: same views again
+    again = extract(folder, tmp_path / "g", views=2)  # seeded: same views again
     assert again["train"].rows == 54
     np.testing.assert_array_equal(tr.X, store.load_features(tmp_path / "g" / TINY / "train.h5").X)
 
 
-def test_a_second_run_on_the_same_output_is_refused(folder, tmp_path, tiny_trunk):
+def test_a_second_run_on_the_same_output_is_refused(folder, tmp_path):
     out = tmp_path / "f"
     (out / TINY).mkdir(parents=True)
     with store.exclusive_lock(out / TINY, "features-rank0of1"):
         with pytest.raises(FlowerfeatError, match="another flowerfeat run is writing here"):
-            extract(folder, out, tiny_trunk)
+            extract(folder, out)
     assert not (out / TINY / "train.h5").exists() and not (out / TINY / "train.h5.partial").exists()
 
 
-def test_unwritable_output_is_refused_before_work(folder, tmp_path, tiny_trunk):
+def test_unwritable_output_is_refused_before_work(folder, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(FlowerfeatError, match="not writable"):
-        extract(folder, blocker / "sub", tiny_trunk)
+        extract(folder, blocker / "sub")
 
 
-def test_adding_views_reuses_the_centre_crops(folder, tmp_path, tiny_trunk):
-    extract(folder, tmp_path / "f", tiny_trunk)
-    res = extract(folder, tmp_path / "f", tiny_trunk, views=1)
+def test_adding_views_reuses_the_centre_crops(folder, tmp_path):
+    extract(folder, tmp_path / "f")
+    res = extract(folder, tmp_path / "f", views=1)
     assert res["train"].computed == 18 and res["train"].rows == 36 and res["test"].status == "up to date"
-    res = extract(folder, tmp_path / "f", tiny_trunk, views=1, view_seed=5)
+    res = extract(folder, tmp_path / "f", views=1, view_seed=5)
     assert res["train"].computed == 18 and "view_seed 0 -> 5" not in res["train"].reason
 
 
-def test_a_crash_mid_run_keeps_finished_batches_and_resumes(folder, tmp_path, tiny_trunk):
-    class Crashes(type(tiny_trunk)):
+def test_a_crash_mid_run_keeps_finished_batches_and_resumes(folder, tmp_path):
+    class Crashes(TinyTrunk):
         calls = 0
 
         def forward(self, x):
@@ -148,20 +148,20 @@ def test_a_crash_mid_run_keeps_finished_batches_and_resumes(folder, tmp_path, ti
                 raise RuntimeError("worker died")
             return super().forward(x)
 
-    with pytest.raises(RuntimeError, match="worker died"):
-        extract(folder, tmp_path / "f", Crashes().eval())
+    with pytest.raises(RuntimeError, match="worker died"), tiny_runs(Crashes):
+        extract(folder, tmp_path / "f")
     progress = (tmp_path / "f" / TINY / "train.h5.partial" / "rank0of1" / "progress.json").read_text()
     assert '"batches": 2' in progress and not (tmp_path / "f" / TINY / "train.h5").exists()
-    res = extract(folder, tmp_path / "f", tiny_trunk)
+    res = extract(folder, tmp_path / "f")
     assert res["train"].status == "resumed" and res["train"].computed == 18 - 8
-    extract(folder, tmp_path / "fresh", tiny_trunk)
+    extract(folder, tmp_path / "fresh")
     np.testing.assert_array_equal(
         datasets(tmp_path / "f" / TINY / "train.h5")["features"],
         datasets(tmp_path / "fresh" / TINY / "train.h5")["features"],
     )
 
 
-def test_disk_full_is_one_line_and_resumable(folder, tmp_path, tiny_trunk, monkeypatch):
+def test_disk_full_is_one_line_and_resumable(folder, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from flowerfeat import cli
@@ -178,31 +178,31 @@ def test_disk_full_is_one_line_and_resumable(folder, tmp_path, tiny_trunk, monke
     assert "Traceback" not in r.output
 
 
-def test_compression_rewrites_from_cached_rows(folder, tmp_path, tiny_trunk):
-    extract(folder, tmp_path / "f", tiny_trunk)
+def test_compression_rewrites_from_cached_rows(folder, tmp_path):
+    extract(folder, tmp_path / "f")
     plain = datasets(tmp_path / "f" / TINY / "train.h5")["features"]
-    res = extract(folder, tmp_path / "f", tiny_trunk, compression="lzf")
+    res = extract(folder, tmp_path / "f", compression="lzf")
     assert res["train"].computed == 0 and res["train"].status == "updated" and "compression" in res["train"].reason
     with h5py.File(tmp_path / "f" / TINY / "train.h5", "r") as f:
         assert f["features"].compression == "lzf"
         np.testing.assert_array_equal(f["features"][...], plain)
 
 
-def test_a_file_with_an_older_fingerprint_is_rewritten_from_its_rows(folder, tmp_path, tiny_trunk):
-    extract(folder, tmp_path / "f", tiny_trunk)
+def test_a_file_with_an_older_fingerprint_is_rewritten_from_its_rows(folder, tmp_path):
+    extract(folder, tmp_path / "f")
     before = datasets(tmp_path / "f" / TINY / "train.h5")["features"]
     with h5py.File(tmp_path / "f" / TINY / "train.h5", "r+") as f:
         f.attrs["fingerprint"] = "written-by-an-older-flowerfeat"
-    res = extract(folder, tmp_path / "f", tiny_trunk)
+    res = extract(folder, tmp_path / "f")
     assert res["train"].computed == 0 and "older fingerprint" in res["train"].reason
     np.testing.assert_array_equal(datasets(tmp_path / "f" / TINY / "train.h5")["features"], before)
 
 
-def test_broken_links_are_skipped_and_recorded_links_to_images_extracted(folder, tmp_path, tiny_trunk):
+def test_broken_links_are_skipped_and_recorded_links_to_images_extracted(folder, tmp_path):
     d = folder / "train" / "daisy"
     (d / "broken_link.jpg").symlink_to(folder / "nowhere.jpg")
     (d / "good_link.jpg").symlink_to(d / "train_daisy_0.jpg")
-    res = extract(folder, tmp_path / "f", tiny_trunk)
+    res = extract(folder, tmp_path / "f")
     assert res["train"].rows == 19 and res["train"].skipped == [("train/daisy/broken_link.jpg", "broken symbolic link")]
     fs = store.load_features(res["train"].path)
     np.testing.assert_array_equal(
@@ -210,58 +210,56 @@ def test_broken_links_are_skipped_and_recorded_links_to_images_extracted(folder,
     )
 
 
-def test_each_layer_and_weights_keeps_its_own_cache(folder, tmp_path, tiny_trunk):
-    a = extract(folder, tmp_path / "f", tiny_trunk, layer="pool5-gap")
-    b = extract(folder, tmp_path / "f", tiny_trunk, layer="pool5")
-    assert a["train"].path.parent.name == "vgg16-pool5-gap-custom-tiny-trunk-v1" and b[
-        "train"
-    ].path.parent.name == TINY.replace("fc7", "pool5")
+def test_each_layer_and_weights_keeps_its_own_cache(folder, tmp_path):
+    a = extract(folder, tmp_path / "f", layer="mean")
+    b = extract(folder, tmp_path / "f", layer="grid")
+    assert a["train"].path.parent.name == "tiny-mean-random" and b["train"].path.parent.name == TINY
     assert a["train"].path.exists() and b["train"].path.exists()  # switching --layer orphans nothing
     assert (tmp_path / "f" / store.LATEST).read_text().strip() == b["train"].path.parent.name
     assert store.find_features(tmp_path / "f", "train") == b["train"].path  # the latest extraction
-    assert store.find_features(tmp_path / "f", "test", layer="pool5-gap") == a["test"].path
+    assert store.find_features(tmp_path / "f", "test", layer="mean") == a["test"].path
     assert store.find_features(a["train"].path.parent, "train") == a["train"].path
-    with pytest.raises(FlowerfeatError, match="no features for --layer fc6 .*there are: vgg16-pool5-custom"):
+    with pytest.raises(FlowerfeatError, match="no features for --layer fc6 .*there are: tiny-grid-random"):
         store.find_features(tmp_path / "f", "train", layer="fc6")
-    again = extract(folder, tmp_path / "f", tiny_trunk, layer="pool5-gap")
+    again = extract(folder, tmp_path / "f", layer="mean")
     assert again["train"].status == "up to date" and store.find_features(tmp_path / "f", "train") == a["train"].path
 
 
-def test_a_file_of_an_older_format_is_rebuilt_never_mixed(folder, tmp_path, tiny_trunk):
+def test_a_file_of_an_older_format_is_rebuilt_never_mixed(folder, tmp_path):
     import h5py
 
-    first = extract(folder, tmp_path / "f", tiny_trunk)
+    first = extract(folder, tmp_path / "f")
     with h5py.File(first["train"].path, "r+") as f:
         f.attrs["format_version"] = 1  # as flowerfeat 0.1 wrote it, before the model was recorded
     with pytest.raises(FlowerfeatError, match="made by an earlier flowerfeat .*extract again"):
         store.read_meta(first["train"].path)
-    res = extract(folder, tmp_path / "f", tiny_trunk)
+    res = extract(folder, tmp_path / "f")
     assert res["train"].computed == 18 and res["train"].reused == 0 and "unusable" in res["train"].reason
-    assert store.read_meta(res["train"].path)["format_version"] == store.FORMAT_VERSION
+    assert store.read_meta(res["train"].path)["format_version"] == FORMAT_VERSION
 
 
-def test_the_split_is_recorded_and_fingerprinted(tmp_path, tiny_trunk):
+def test_the_split_is_recorded_and_fingerprinted(tmp_path):
     from conftest import make_folder
 
     root = make_folder(tmp_path / "d", {"train": 5})
-    a = extract(root, tmp_path / "f", tiny_trunk, test_fraction=0.4)
+    a = extract(root, tmp_path / "f", test_fraction=0.4)
     meta = store.read_meta(a["test"].path)
     assert meta["layout"] == "folders" and meta["test_fraction"] == 0.4 and a["test"].rows == 6
-    b = extract(root, tmp_path / "f", tiny_trunk, test_fraction=0.2)
+    b = extract(root, tmp_path / "f", test_fraction=0.2)
     assert b["test"].rows == 3
     assert store.read_meta(b["test"].path)["fingerprint"] != meta["fingerprint"]
 
 
-def test_counts_say_what_happened(folder, tmp_path, tiny_trunk):
-    extract(folder, tmp_path / "f", tiny_trunk)
+def test_counts_say_what_happened(folder, tmp_path):
+    extract(folder, tmp_path / "f")
     (folder / "train/daisy/train_daisy_1.png").unlink()
-    res = extract(folder, tmp_path / "f", tiny_trunk)["train"]
+    res = extract(folder, tmp_path / "f")["train"]
     assert (res.status, res.computed, res.reused, res.removed, res.rows) == ("updated", 0, 17, 1, 17)
 
 
-def test_a_batch_of_unreadable_images_only(folder, tmp_path, tiny_trunk):
+def test_a_batch_of_unreadable_images_only(folder, tmp_path):
     d = folder / "train" / "daisy"
     for i in range(5):  # sorted first: the whole first batch of 4 is unreadable
         (d / f"a_broken_{i}.jpg").write_bytes(b"not an image")
-    res = extract(folder, tmp_path / "f", tiny_trunk)["train"]
+    res = extract(folder, tmp_path / "f")["train"]
     assert res.rows == 18 and len(res.skipped) == 5

@@ -12,7 +12,8 @@ from PIL import Image
 from flowerfeat import runtime, store
 from flowerfeat.config import ExtractConfig
 from flowerfeat.data import scan_data
-from flowerfeat.extraction import decode_plan, default_workers, run_extraction
+from flowerfeat.extraction import default_workers, run_extraction
+from flowerfeat.recipe import decode_plan
 from flowerfeat.gpudecode import (
     DecodedUnitDataset,
     GpuPreprocess,
@@ -22,7 +23,7 @@ from flowerfeat.gpudecode import (
     collate_raw,
     gpu_eligible,
 )
-from conftest import TINY, extract, make_image, vgg_transform, write_corpus
+from conftest import TINY, extract, make_image, vgg_pre, vgg_transform, write_corpus
 
 
 def _jpeg(img, **kw):
@@ -92,7 +93,7 @@ def test_gpu_path_applies_exif_orientation_like_pil(tmp_path, orientation):
     transform = vgg_transform()
     ds = RawUnitDataset(split, 0, transform, None, 0)
     assert ds[0][0][1] == orientation
-    x, ids, skipped = GpuPreprocess(torch.device("cpu"), transform)(collate_raw([ds[0]]))
+    x, ids, skipped = GpuPreprocess(torch.device("cpu"), vgg_pre())(collate_raw([ds[0]]))
     from flowerfeat.data import load_image
 
     want = transform(load_image(root / "train" / "a" / "r.jpg"))  # PIL path: exif_transpose + transforms()
@@ -105,11 +106,11 @@ def test_chunks_bound_the_pixels_decoded_at_once():
     assert _chunks([], 8) == []
 
 
-def test_gpu_decode_path_falls_back_cleanly_without_cuda(folder, tmp_path, tiny_trunk):
+def test_gpu_decode_path_falls_back_cleanly_without_cuda(folder, tmp_path):
     # device="cpu": torchvision.io decodes on the CPU here, the same code that runs on CUDA elsewhere
     write_corpus(folder / "train" / "daisy")
-    cpu = extract(folder, tmp_path / "cpu", tiny_trunk, decode="cpu", device="cpu")
-    gpu = extract(folder, tmp_path / "gpu", tiny_trunk, decode="gpu", device="cpu")
+    cpu = extract(folder, tmp_path / "cpu", decode="cpu", device="cpu")
+    gpu = extract(folder, tmp_path / "gpu", decode="gpu", device="cpu")
     assert gpu["train"].rows == cpu["train"].rows
     assert store.read_skipped(tmp_path / "gpu" / TINY / "train.h5") == store.read_skipped(
         tmp_path / "cpu" / TINY / "train.h5"
@@ -129,11 +130,11 @@ def test_resize_and_crop_give_pils_pixels(hw):
     # result once instead puts every fifth value a level off.
     from torchvision.transforms.v2 import functional as F
 
-    transform = vgg_transform()
+    pre = vgg_pre()
     a = np.random.default_rng(0).integers(0, 256, (*hw, 3), dtype=np.uint8)
-    resized = F.resize(Image.fromarray(a), list(transform.resize_size), antialias=True)
-    want = np.asarray(F.center_crop(resized, list(transform.crop_size)), dtype=np.float32)
-    got = GpuPreprocess(torch.device("cpu"), transform)._resize(torch.from_numpy(a).permute(2, 0, 1)[None])
+    resized = F.resize(Image.fromarray(a), list(pre.resize_size), antialias=True)
+    want = np.asarray(F.center_crop(resized, list(pre.crop_size)), dtype=np.float32)
+    got = GpuPreprocess(torch.device("cpu"), pre)._resize(torch.from_numpy(a).permute(2, 0, 1)[None])
     assert got.shape == (1, 3, 224, 224)
     diff = np.abs(got[0].permute(1, 2, 0).numpy() - want)
     assert diff.max() <= 1 and (diff > 0).mean() < 0.005, (diff.max(), (diff > 0).mean())
@@ -147,7 +148,7 @@ def test_threaded_preparation_keeps_the_loader_order(folder):
     transform = vgg_transform()
     ds = RawUnitDataset(split, 0, transform, None, 0)
     raw = [collate_raw([ds[i] for i in range(s, min(s + 3, len(ds)))]) for s in range(0, len(ds), 3)]
-    pre = GpuPreprocess(torch.device("cpu"), transform)
+    pre = GpuPreprocess(torch.device("cpu"), vgg_pre())
     one_by_one = [pre(b) for b in raw]
     threaded = list(pre.batches(iter(raw), threads=3))
     assert len(threaded) == len(raw) > 3
@@ -162,7 +163,7 @@ def _corrupt_jpeg() -> bytes:
     return bytes(data)
 
 
-def test_hybrid_decodes_in_the_workers_with_the_gpu_modes_pixels(folder, tmp_path, tiny_trunk):
+def test_hybrid_decodes_in_the_workers_with_the_gpu_modes_pixels(folder, tmp_path):
     # hybrid's workers decode with libjpeg, the decoder the gpu mode itself uses on a machine without CUDA, so here
     # the two must give the same rows, bit for bit; one worker sends the packed pixels through shared memory
     d = folder / "train" / "daisy"
@@ -172,9 +173,10 @@ def test_hybrid_decodes_in_the_workers_with_the_gpu_modes_pixels(folder, tmp_pat
     runs = {}
     for decode, workers in (("cpu", 0), ("gpu", 0), ("hybrid", 1)):
         cfg = ExtractConfig(
-            data=folder, out=tmp_path / decode, weights="none", batch_size=4, workers=workers, decode=decode
+            data=folder, out=tmp_path / decode, model="tiny", weights="none", batch_size=4, workers=workers,
+            decode=decode,
         )
-        run_extraction(cfg, trunk=tiny_trunk)
+        run_extraction(cfg)
         runs[decode] = store.load_features(tmp_path / decode / TINY / "train.h5")
         runs[decode].skipped = store.read_skipped(tmp_path / decode / TINY / "train.h5")
     cpu, gpu, hyb = runs["cpu"], runs["gpu"], runs["hybrid"]

@@ -20,18 +20,18 @@ def cosines(a, b):
 
 
 @pytest.mark.onnxruntime
-def test_int8_features_record_their_quantization_and_agree_with_fp32(folder, tmp_path, tiny_trunk):
-    fp32 = extract(folder, tmp_path / "a", tiny_trunk, precision="fp32")
-    int8 = extract(folder, tmp_path / "b", tiny_trunk, precision="int8", calibration=6)
+def test_int8_features_record_their_quantization_and_agree_with_fp32(folder, tmp_path):
+    fp32 = extract(folder, tmp_path / "a", precision="fp32")
+    int8 = extract(folder, tmp_path / "b", precision="int8", calibration=6)
     meta = store.read_meta(int8["train"].path)
     assert meta["precision"] == "int8" and meta["engine"] == "onnxruntime"
     assert meta["quantization"]["calibration"] == 6 and meta["quantization"]["activations"] == "uint8"
-    kept = int8["train"].path.parent / quantize.MODEL_FILE
-    assert meta["quantized_model"]["path"] == str(kept.resolve()) and kept.is_file()
-    assert len(quantize.read_record(kept.parent)["calibration_images"]) == 6  # the seeded sample, named
+    kept = store.engine_files(int8["train"].path.parent, "int8")
+    assert meta["quantized_model"]["path"] == str(kept.model.resolve()) and kept.model.is_file()
+    assert len(quantize.read_record(kept.record)["calibration_images"]) == 6  # the seeded sample, named
     a, b = store.load_features(fp32["train"].path), store.load_features(int8["train"].path)
     assert a.paths == b.paths and cosines(a.X, b.X).min() > 0.98 and not np.array_equal(a.X, b.X)
-    again = extract(folder, tmp_path / "b", tiny_trunk, precision="int8", calibration=6)
+    again = extract(folder, tmp_path / "b", precision="int8", calibration=6)
     assert again["train"].status == again["test"].status == "up to date"
 
 
@@ -50,12 +50,12 @@ class StopAfter(Reporter):
 
 
 @pytest.mark.onnxruntime
-def test_a_resumed_int8_run_equals_an_uninterrupted_one(folder, tmp_path, tiny_trunk):
-    whole = extract(folder, tmp_path / "whole", tiny_trunk, precision="int8", calibration=6)
+def test_a_resumed_int8_run_equals_an_uninterrupted_one(folder, tmp_path):
+    whole = extract(folder, tmp_path / "whole", precision="int8", calibration=6)
     with pytest.raises(KeyboardInterrupt):
-        flowerfeat.extract(folder, tmp_path / "cut", weights="none", trunk=tiny_trunk, batch_size=4, workers=0,
+        flowerfeat.extract(folder, tmp_path / "cut", weights="none", model="tiny", batch_size=4, workers=0,
                            precision="int8", calibration=6, progress=StopAfter(2))  # fmt: skip
-    resumed = extract(folder, tmp_path / "cut", tiny_trunk, precision="int8", calibration=6)
+    resumed = extract(folder, tmp_path / "cut", precision="int8", calibration=6)
     assert resumed["train"].status == "resumed"
     for split in ("train", "test"):
         a, b = store.load_features(whole[split].path), store.load_features(resumed[split].path)
@@ -93,7 +93,7 @@ def clf_input(head, path) -> np.ndarray:
     return Preprocessing.from_dict(head.meta["features"]["preprocessing"]).transform()(load_image(path)).numpy()
 
 
-def test_int8_is_refused_where_it_cannot_run(folder, tmp_path, tiny_trunk):
+def test_int8_is_refused_where_it_cannot_run(folder, tmp_path):
     with pytest.raises(FlowerfeatError, match="--precision int8 runs on the CPU"):
         runtime.resolve_precision("int8", torch.device("cuda"))
     with pytest.raises(FlowerfeatError, match=r"--precision int8 needs onnxruntime; install the extra"):
@@ -103,7 +103,7 @@ def test_int8_is_refused_where_it_cannot_run(folder, tmp_path, tiny_trunk):
 
 
 @pytest.mark.onnxruntime
-def test_a_calibration_sample_smaller_than_the_classes_is_refused(folder, tmp_path, tiny_trunk):
+def test_a_calibration_sample_smaller_than_the_classes_is_refused(folder, tmp_path):
     with pytest.raises(FlowerfeatError, match="calibration .* of 2 images is smaller than the 3 classes"):
-        extract(folder, tmp_path / "f", tiny_trunk, precision="int8", calibration=2)
+        extract(folder, tmp_path / "f", precision="int8", calibration=2)
     assert not list((tmp_path / "f").rglob("*.h5"))

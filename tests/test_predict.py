@@ -54,7 +54,7 @@ def test_predict_lines_and_files(head_fc7, tmp_path):
 def test_predict_refuses_an_unknown_output_format_before_classifying(head_fc7, tmp_path, monkeypatch):
     root = make_folder(tmp_path / "imgs", {"new": 1})
     monkeypatch.setattr(
-        "flowerfeat.predict.TrunkSpec.build", lambda self: pytest.fail("the trunk was built before --output was checked")
+        "flowerfeat.predict.build", lambda *a, **k: pytest.fail("the trunk was built before --output was checked")
     )
     r = runner.invoke(app, ["predict", str(root), "--head", str(head_fc7), "--output", str(tmp_path / "p.txt")])
     assert r.exit_code == 2 and "p.txt: --output must end in .csv or .json" in r.output
@@ -66,3 +66,40 @@ def test_predict_refuses_other_weights(head_fc7, tmp_path):
     torch.save({"features.0.weight": torch.zeros(1)}, other)
     r = runner.invoke(app, ["predict", str(tmp_path), "--head", str(head_fc7), "--weights", str(other)])
     assert r.exit_code == 2 and "the head was trained on features from none:random-init-seed-0" in r.output
+
+
+def _head_and_test(folder, tmp_path, **kw):
+    import flowerfeat
+
+    files = flowerfeat.extract(folder, tmp_path / "f", model="tiny", weights="none", workers=0, **kw)
+    head = flowerfeat.fit_head(files["train"], epochs=2)
+    head.save(tmp_path / "head.pt")
+    test = flowerfeat.load_features(files["test"])
+    return tmp_path / "head.pt", test, [f"{test.meta['data_root']}/{p}" for p in test.paths]
+
+
+def test_predict_decodes_as_the_features_were_decoded(folder, tmp_path):
+    import numpy as np
+
+    import flowerfeat
+
+    path, test, images = _head_and_test(folder, tmp_path, decode="hybrid")  # libjpeg in the readers
+    clf = flowerfeat.Classifier.load(path)
+    assert clf.recipe.decoder == "libjpeg" and clf.mode == "hybrid" and clf.notes == []
+    want = np.log(flowerfeat.Head.load(path).predict_proba(test.X))  # log: the small probabilities tell too
+    got = np.log([[dict(p.top)[c] for c in clf.classes] for p in clf.predict(images, top_k=3)])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    # PIL's decode and resize of the same files give other pixels: the decoder is what makes the match
+    pil = flowerfeat.Classifier(clf.head, clf.recipe, clf.device, mode="cpu").predict(images, top_k=3)
+    assert np.abs(np.log([[dict(p.top)[c] for c in clf.classes] for p in pil]) - want).max() > 1e-3
+
+
+def test_features_decoded_on_a_gpu_are_predicted_here_with_a_note(folder, tmp_path):
+    import flowerfeat
+
+    path, _test, images = _head_and_test(folder, tmp_path)
+    head = flowerfeat.Head.load(path)
+    head.meta["features"]["decoder"] = "nvjpeg"  # as if extracted on a GPU
+    clf = flowerfeat.Classifier.load(head)
+    assert clf.mode == "hybrid" and len(clf.notes) == 1 and "decoded by nvjpeg on a GPU" in clf.notes[0]
+    assert all(p.label in head.classes for p in clf.predict(images))

@@ -58,8 +58,8 @@ def test_read_meta_refuses_missing_corrupt_truncated_and_unfinished(tmp_path):
         store.read_meta(tmp_path / "other.h5")
 
 
-def test_truncated_feature_file_is_refused(folder, tmp_path, tiny_trunk):
-    extract(folder, tmp_path / "f", tiny_trunk)
+def test_truncated_feature_file_is_refused(folder, tmp_path):
+    extract(folder, tmp_path / "f")
     path = tmp_path / "f" / TINY / "train.h5"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -134,10 +134,10 @@ def test_two_concurrent_extractions_one_refuses_neither_corrupts(tmp_path):
         np.testing.assert_array_equal(a["features"][...], b["features"][...])
 
 
-def test_every_written_attribute_is_in_the_schema(folder, tmp_path, tiny_trunk):
+def test_every_written_attribute_is_in_the_schema(folder, tmp_path):
     import h5py
 
-    res = extract(folder, tmp_path / "f", tiny_trunk)
+    res = extract(folder, tmp_path / "f")
     with h5py.File(res["train"].path, "r") as f:
         written = set(f.attrs)
     assert written == set(store.ATTRS), written ^ set(store.ATTRS)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from flowerfeat import rows as rows_mod
 from flowerfeat import heads, train
 from flowerfeat.config import FitConfig
 from flowerfeat.errors import FlowerfeatError
@@ -60,7 +61,7 @@ def test_textbook_sgd_is_reachable_and_slower_to_converge(tmp_path):
 def test_streamed_training_equals_in_memory(tmp_path, monkeypatch):
     x, y = blobs(400, dim=64)
     path = write_features(tmp_path / "train.h5", x, y)
-    monkeypatch.setattr(train, "WINDOW_BYTES", 64 * 4 * 300)  # windows of 300 rows, so streaming has 4 windows
+    monkeypatch.setattr(rows_mod, "WINDOW_BYTES", 64 * 4 * 300)  # windows of 300 rows, so streaming has 4 windows
     mem, _ = train.fit(FitConfig(features=path, epochs=2))
     streamed, _ = train.fit(FitConfig(features=path, epochs=2, max_memory=1e-6))
     assert streamed.metrics["streamed"] and not mem.metrics["streamed"]
@@ -68,7 +69,7 @@ def test_streamed_training_equals_in_memory(tmp_path, monkeypatch):
 
 
 def test_epoch_windows_cover_every_row_once():
-    rows = np.concatenate(list(train.epoch_windows(1000, 64, 300, seed=1, epoch=1)))
+    rows = np.concatenate(list(rows_mod.epoch_windows(1000, 64, 300, seed=1, epoch=1)))
     assert sorted(rows.tolist()) == list(range(1000))
     assert rows.tolist() != list(range(1000))
 
@@ -102,7 +103,7 @@ def test_validation_keeps_the_best_epoch(train_file):
 def test_validation_split_is_stratified_and_keeps_views_together():
     labels = np.repeat([0, 1], 40)
     paths = np.array([f"img{i // 2}" for i in range(80)])  # two views per image
-    mask = train.split_validation(labels, paths, 0.25, seed=0)
+    mask = rows_mod.split_validation(labels, paths, 0.25, seed=0)
     assert mask[labels == 0].sum() == mask[labels == 1].sum() == 10
     assert all(mask[i] == mask[i + 1] for i in range(0, 80, 2))
 
@@ -167,7 +168,7 @@ def test_bad_fit_settings_are_refused(change, message):
 def test_streamed_training_memory_stays_flat_as_n_grows(tmp_path, monkeypatch):
     import tracemalloc
 
-    monkeypatch.setattr(train, "WINDOW_BYTES", 512 * 4 * 128)  # windows of 128 rows of 512-d
+    monkeypatch.setattr(rows_mod, "WINDOW_BYTES", 512 * 4 * 128)  # windows of 128 rows of 512-d
     peaks, sizes = [], []
     for n in (200, 3000, 12000):  # the first run only warms up imports and caches
         x, y = blobs(n // 2, dim=512, n_classes=2)
@@ -218,7 +219,7 @@ def test_features_that_outnumber_the_rows_start_from_the_ridge_fit_and_step_gent
 
 def test_the_ridge_start_is_the_least_squares_fit_in_either_form(tmp_path):
     x, y = blobs(30, dim=40)
-    rows = train.Rows(write_features(tmp_path / "t.h5", x, y), 4.0)
+    rows = rows_mod.Rows(write_features(tmp_path / "t.h5", x, y), 4.0)
     mask = np.ones(rows.n, bool)
     means, _ = rows.stats(mask, 3)
     primal = train.ridge_start(rows, mask, 3, means)  # 90 rows >= 40 dims
@@ -235,7 +236,7 @@ def test_an_averaged_head_is_the_mean_of_its_runs_and_run_0_is_the_single_run(tr
     three = train.fit_head(train_file, average=3, dropout=0.5)
     assert [h["run"] for h in three.meta["history"]] == [0, 0, 1, 1, 2, 2]
     cfg = FitConfig(features=train_file, dropout=0.5, average=3)
-    rows = train.Rows(train_file, cfg.max_memory)
+    rows = rows_mod.Rows(train_file, cfg.max_memory)
     val = np.zeros(rows.n, bool)
     means, mean_l1 = rows.stats(~val, 3)
     chosen = train.choose(cfg, rows.meta, mean_l1, rows.n)

@@ -1,27 +1,34 @@
 """Backbones as plug-ins: a registry of models, each naming its cuts, preprocessing, weights and export.
 
 A ``Backbone`` is one model: ``vgg16`` (the textbook's, with its four cuts), any torchvision classification model by
-its name (``resnet50``, ``vit_b_16``, ...), or ``timm:<name>`` (the [timm] extra). Adding a family is one module and
-one ``register_family``; adding a single model, one ``register``::
+its name (``resnet50``, ``vit_b_16``, ...), or ``timm:<name>`` (the [timm] extra). Adding a family is one module that
+defines a ``Family`` and calls ``register_family``; adding a single model, one ``register``. Nothing outside this
+package names a family, a prefix or a model::
 
     from flowerfeat import backbones
-    backbones.register("my-net", MyBackbone)   # a Backbone subclass, built on first use
+    backbones.register("my-net", MyBackbone)           # a Backbone subclass, built on first use
+    backbones.register_family(MyFamily())             # every "mine:<name>" its get() knows
 """
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from flowerfeat.config import DEFAULT_MODEL
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.weights import WeightsInfo, safe_name
 
-DEFAULT_MODEL = "vgg16"
+__all__ = [
+    "Backbone", "Cut", "Family", "Preprocessing", "DEFAULT_MODEL", "get_backbone", "list_models", "register",
+    "register_family", "suggested_models", "unregister", "unregister_family",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,8 @@ class Cut:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """The weights' own eval transform (torchvision's ``weights.transforms()``, timm's data config), as data."""
+    """The weights' own eval transform (torchvision's ``weights.transforms()``, timm's data config), as data: the
+    record every feature file keeps, from which the transform is made (``transform``)."""
 
     resize_size: tuple[int, ...]  # (s,): the shorter side to s; (h, w): squashed to h x w
     crop_size: tuple[int, ...]  # (s,) or (h, w), centre crop
@@ -48,24 +56,24 @@ class Preprocessing:
 
     @classmethod
     def of(cls, t) -> Preprocessing:
-        """From torchvision's ``ImageClassification`` preset (what ``weights.transforms()`` returns)."""
+        """From the attributes of torchvision's ``ImageClassification`` (what ``weights.transforms()`` returns)."""
         return cls(
             tuple(t.resize_size), tuple(t.crop_size), tuple(t.mean), tuple(t.std), t.interpolation.value, t.antialias
         )
 
     def transform(self):
-        """PIL RGB image -> normalised (3, H, W) float tensor: torchvision's ImageClassification with these values."""
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms._presets import ImageClassification
+        """PIL RGB image -> normalised (3, H, W) float tensor, with torchvision's public transforms: resize, centre
+        crop, to float in [0, 1], normalise (the steps of ``weights.transforms()``, value for value)."""
+        from torchvision import transforms as T
 
-        return ImageClassification(
-            crop_size=list(self.crop_size) if len(self.crop_size) > 1 else self.crop_size[0],
-            resize_size=list(self.resize_size) if len(self.resize_size) > 1 else self.resize_size[0],
-            mean=self.mean,
-            std=self.std,
-            interpolation=InterpolationMode(self.interpolation),
-            antialias=self.antialias,
-        )
+        return T.Compose([
+            T.Resize(list(self.resize_size), interpolation=T.InterpolationMode(self.interpolation),
+                     antialias=self.antialias),
+            T.CenterCrop(list(self.crop_size)),
+            T.PILToTensor(),
+            T.ConvertImageDtype(torch.float),
+            T.Normalize(self.mean, self.std),
+        ])  # fmt: skip
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -95,10 +103,13 @@ class Backbone:
     """One model: its cuts (the first is the default), weights, preprocessing and frozen trunk.
 
     Subclasses set ``name`` and ``family`` and implement ``cuts``, ``resolve_weights``, ``preprocessing`` and
-    ``load``; ``build`` freezes what ``load`` returns."""
+    ``load``; ``build`` freezes what ``load`` returns. Optional: ``describe`` (for `flowerfeat models`),
+    ``classifier_cut`` and ``torchvision_state`` (export as the model's own state dict), ``whole_model`` (the
+    textbook's full-network loop in `flowerfeat bench`)."""
 
     name: str = ""
     family: str = ""
+    classifier_cut: str | None = None  # the cut whose rows the model's own last layer takes
 
     def cuts(self) -> dict[str, Cut]:
         raise NotImplementedError
@@ -118,9 +129,14 @@ class Backbone:
         """What `flowerfeat models` shows beside the cuts: gflops, imagenet_top1, weights_offline (None: unknown)."""
         return {}
 
-    def torchvision_state(self, weights: WeightsInfo, cut: str, head) -> dict | None:
-        """The whole model's torchvision state dict with ``head`` as its last layer, where the cut is the input of
-        that layer (``torchvision.models.get_model(name, num_classes=C)`` loads it); None where it is not."""
+    def torchvision_state(self, weights: WeightsInfo, head) -> dict | None:
+        """The whole model's state dict with ``head`` (a LinearHead on ``classifier_cut``'s rows) as its last layer,
+        loadable by ``torchvision.models.get_model(name, num_classes=C)``; None where the family cannot."""
+        return None
+
+    def whole_model(self, weights: WeightsInfo, n_classes: int) -> tuple[nn.Module, nn.Module] | None:
+        """(the whole network with a new last layer for ``n_classes``, that layer): the textbook's recipe; None where
+        the family cannot."""
         return None
 
     @property
@@ -150,6 +166,25 @@ class Backbone:
         return safe_name(self.name.replace(":", "-").replace("/", "-"))
 
 
+class Family:
+    """Many models under one ``prefix`` (``"timm:"``; ``""`` for torchvision's zoo): ``names`` lists them (without the
+    prefix), ``get`` makes one's Backbone (None: not a member). ``listed`` says whether `flowerfeat models` lists the
+    members unasked (timm's thousands only when a pattern names the prefix); ``suggested`` names the members
+    `flowerfeat compare` tries by default."""
+
+    prefix: str = ""
+    listed: bool = True
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> Backbone | None:
+        raise NotImplementedError
+
+    def suggested(self) -> list[str]:
+        return []
+
+
 def seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
     """``build()`` under a fixed seed: random init reproducible across processes, so resumed runs stay bit-identical."""
     with torch.random.fork_rng(devices=[]):
@@ -167,61 +202,110 @@ def pooled_gflops(model: nn.Module, shape: tuple[int, int, int]) -> float:
     return counter.get_total_flops() / 2e9
 
 
+def gflops_text(g: float | None) -> str:
+    return "?" if g is None or not math.isfinite(g) else f"{g:.2f}"
+
+
 # ---------------------------------------------------------------------------------------------------------
-# The registry: exact names first, then families by prefix ("timm:"; "" for torchvision's zoo).
+# The registry: exact names first, then families by prefix (the longest that fits).
 
 _MODELS: dict[str, Callable[[], Backbone]] = {}
-_FAMILIES: dict[str, object] = {}  # prefix -> a family: .names() -> list[str], .get(name) -> Backbone | None
+_SUGGESTED: list[str] = []  # registered models that compare tries by default
+_FAMILIES: dict[str, Family] = {}
 _BUILT: dict[str, Backbone] = {}
 
 
-def register(name: str, factory: Callable[[], Backbone]) -> None:
-    """Make ``name`` choosable (``--model name``); ``factory()`` builds its Backbone on first use."""
+def register(name: str, factory: Callable[[], Backbone], suggested: bool = False) -> None:
+    """Make ``name`` choosable (``--model name``); ``factory()`` builds its Backbone on first use; ``suggested``:
+    `flowerfeat compare` tries it by default."""
     _MODELS[name] = factory
     _BUILT.pop(name, None)
+    if suggested and name not in _SUGGESTED:
+        _SUGGESTED.append(name)
 
 
 def unregister(name: str) -> None:
     _MODELS.pop(name, None)
     _BUILT.pop(name, None)
+    if name in _SUGGESTED:
+        _SUGGESTED.remove(name)
 
 
-def register_family(prefix: str, family) -> None:
-    """Make every name ``family.get`` knows choosable, under ``prefix`` (``timm:``) or none (``""``)."""
-    _FAMILIES[prefix] = family
+def register_family(family: Family) -> None:
+    """Make every name ``family.get`` knows choosable, as ``family.prefix + name``."""
+    _FAMILIES[family.prefix] = family
+    for name in [n for n in _BUILT if n.startswith(family.prefix) and n not in _MODELS]:
+        del _BUILT[name]
 
 
-def _family_for(name: str):
-    for prefix in sorted(_FAMILIES, key=len, reverse=True):  # the longest prefix that fits
-        if name.startswith(prefix):
-            return prefix, _FAMILIES[prefix]
-    return None, None
+def unregister_family(prefix: str) -> None:
+    _FAMILIES.pop(prefix, None)
+    for name in [n for n in _BUILT if n.startswith(prefix) and n not in _MODELS] if prefix else []:
+        del _BUILT[name]
+
+
+def _family_for(name: str) -> Family | None:
+    fits = [p for p in _FAMILIES if name.startswith(p)]
+    return _FAMILIES[max(fits, key=len)] if fits else None
 
 
 def get_backbone(name: str) -> Backbone:
-    """The Backbone for ``--model name``; an unknown name is refused with the close matches."""
+    """The Backbone for ``--model name``; an unknown name is refused with the close matches (in every family)."""
     if name in _BUILT:
         return _BUILT[name]
     if name in _MODELS:
         backbone = _MODELS[name]()
     else:
-        prefix, family = _family_for(name)
-        backbone = family.get(name[len(prefix) :]) if family is not None else None
+        family = _family_for(name)
+        backbone = family.get(name[len(family.prefix) :]) if family is not None else None
         if backbone is None:
-            close = difflib.get_close_matches(name, list_models(prefix or ""), n=4, cutoff=0.6)
-            hint = f"close matches: {', '.join(close)}" if close else "`flowerfeat models` lists them"
-            raise FlowerfeatError(f"unknown model {name!r}; {hint}")
+            raise FlowerfeatError(f"unknown model {name!r}; {_close_matches(name)}")
     _BUILT[name] = backbone
     return backbone
 
 
-def list_models(prefix: str = "") -> list[str]:
-    """Every choosable name: the registered models, then each family's (``prefix`` "timm:" for timm's)."""
-    names = list(_MODELS) if not prefix else []
-    for p, family in _FAMILIES.items():
-        if p == prefix:
-            names += [p + n for n in family.names() if p + n not in _MODELS]
-    return names
+def _close_matches(name: str) -> str:
+    """``close matches: ...`` among every name, a bare name also against each family's members without prefix."""
+    candidates = {n: n for n in _MODELS}
+    for prefix, family in _FAMILIES.items():
+        try:
+            members = family.names()
+        except FlowerfeatError:  # a family whose extra is not installed
+            continue
+        for member in members:
+            candidates.setdefault(prefix + member, prefix + member)
+            candidates.setdefault(member, prefix + member)
+    close = difflib.get_close_matches(name, list(candidates), n=4, cutoff=0.6)
+    found = list(dict.fromkeys(candidates[c] for c in close))
+    return f"close matches: {', '.join(found)}" if found else "`flowerfeat models` lists them"
+
+
+def list_models(pattern: str | None = None) -> Iterator[str]:
+    """Every choosable name matching the shell ``pattern`` (all when None): the registered models, then each listed
+    family's members; a family that is not listed unasked (timm's) when the pattern starts with its prefix."""
+    seen = set()
+    for name in _MODELS:
+        if pattern is None or fnmatch.fnmatch(name, pattern):
+            seen.add(name)
+            yield name
+    for prefix, family in _FAMILIES.items():
+        asked = bool(prefix) and pattern is not None and pattern.startswith(prefix)
+        if not (family.listed or asked):
+            continue
+        for member in family.names():
+            name = prefix + member
+            if name not in seen and (pattern is None or fnmatch.fnmatch(name, pattern)):
+                seen.add(name)
+                yield name
+
+
+def suggested_models() -> list[str]:
+    """What `flowerfeat compare` tries unasked: the default model, the suggested registered models, then each
+    family's suggestions (one small member of the families users reach for next)."""
+    names = [DEFAULT_MODEL, *_SUGGESTED]
+    for family in _FAMILIES.values():
+        names += [family.prefix + n for n in family.suggested()]
+    return list(dict.fromkeys(names))
 
 
 def parse_choice(choice: str) -> tuple[str, str | None]:
@@ -230,18 +314,14 @@ def parse_choice(choice: str) -> tuple[str, str | None]:
     return model, cut or None
 
 
-def gflops_text(g: float | None) -> str:
-    return "?" if g is None or not math.isfinite(g) else f"{g:.2f}"
-
-
 def _register_builtin() -> None:
     from flowerfeat.backbones import timm as timm_family
     from flowerfeat.backbones import torchvision as tv_family
     from flowerfeat.backbones.vgg import VGG16
 
     register("vgg16", VGG16)
-    register_family("", tv_family.Family())
-    register_family("timm:", timm_family.Family())
+    register_family(tv_family.Family())
+    register_family(timm_family.Family())
 
 
 _register_builtin()

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 
 import torch
 from torch import nn
 
-from flowerfeat.backbones import Backbone, Cut, Preprocessing, seeded
+from flowerfeat.backbones import Backbone, Cut, Family as BaseFamily, Preprocessing, seeded
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.weights import DOWNLOAD_ERRORS, WeightsInfo, check_keys, download_error, load_state_dict, resolve_local
 
@@ -25,8 +24,14 @@ def _timm(name: str = "<name>"):
     return timm
 
 
-class Family:
-    """Every architecture ``timm.list_models()`` knows."""
+class Family(BaseFamily):
+    """Every architecture ``timm.list_models()`` knows, as ``timm:<name>``; listed by `flowerfeat models` when a
+    pattern asks for them (``'timm:*lite*'``): there are over a thousand."""
+
+    prefix, listed = "timm:", False
+
+    def suggested(self) -> list[str]:
+        return ["tf_efficientnet_lite0"]  # 0.39 G multiply-adds, ImageNet-trained: the small model users reach for
 
     def names(self) -> list[str]:
         return _timm().list_models() if importlib.util.find_spec("timm") else []
@@ -69,19 +74,22 @@ class TimmModel(Backbone):
         return WeightsInfo("hub", tag, url=cfg.get("hf_hub_id") or cfg.get("url", ""), source="timm")
 
     def preprocessing(self, weights: WeightsInfo) -> Preprocessing:
-        """timm's data config for the model (``resolve_model_data_config``), in torchvision's terms."""
-        cfg = _timm().data.resolve_model_data_config(self._meta_model)
-        crop = tuple(cfg["input_size"][1:])
-        mode = cfg.get("crop_mode", "center")
-        if mode not in ("center", "squash"):
+        """timm's own eval transform for the model (``create_transform`` of ``resolve_model_data_config``), read
+        off as data: its Resize and CenterCrop sizes and interpolation, the config's mean and std."""
+        from torchvision import transforms as T
+
+        timm = _timm()
+        cfg = timm.data.resolve_model_data_config(self._meta_model)
+        steps = {type(t): t for t in timm.data.create_transform(**cfg, is_training=False).transforms}
+        resize, crop = steps.get(T.Resize), steps.get(T.CenterCrop)
+        if resize is None or crop is None:  # squash or border crop modes build other steps
+            mode = cfg.get("crop_mode", "center")
             raise FlowerfeatError(f"{self.name}: crop mode {mode!r} is not supported; choose another model")
-        scale = [math.floor(s / cfg["crop_pct"]) for s in crop]
-        # timm resizes the shorter side (center) to the scaled crop, or both sides (squash)
-        resize = (scale[0],) if mode == "center" and crop[0] == crop[1] else tuple(scale)
+        size = (resize.size,) if isinstance(resize.size, int) else tuple(resize.size)
+        h, w = crop.size
         return Preprocessing(
-            resize, crop if crop[0] != crop[1] else (crop[0],), tuple(cfg["mean"]), tuple(cfg["std"]),
-            cfg["interpolation"],
-        )  # fmt: skip
+            size, (h,) if h == w else (h, w), tuple(cfg["mean"]), tuple(cfg["std"]), resize.interpolation.value
+        )
 
     def describe(self) -> dict:
         from flowerfeat.backbones import pooled_gflops

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flowerfeat.backbones import Backbone, Cut, Preprocessing, seeded
+from flowerfeat.backbones import Backbone, Cut, Family as BaseFamily, Preprocessing, seeded
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.weights import DOWNLOAD_ERRORS, WeightsInfo, check_keys, download_error, load_state_dict, resolve_local
 
@@ -21,8 +21,14 @@ def hub_file_present(url: str) -> bool:
     return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)).is_file()
 
 
-class Family:
-    """torchvision's classification zoo (``torchvision.models.list_models(module=torchvision.models)``)."""
+class Family(BaseFamily):
+    """torchvision's classification zoo (``torchvision.models.list_models(module=torchvision.models)``), by bare
+    name."""
+
+    prefix, listed = "", True
+
+    def suggested(self) -> list[str]:
+        return ["resnet50", "efficientnet_b0", "convnext_tiny"]  # one small member of each family users reach for
 
     def names(self) -> list[str]:
         import torchvision
@@ -76,6 +82,7 @@ class TorchvisionModel(Backbone):
     """A torchvision model; ``imagenet`` = its weights enum's DEFAULT, ``--weights PATH`` = its state dict."""
 
     family = "torchvision"
+    classifier_cut = "pre-logits"  # the input of its last Linear
 
     def __init__(self, name: str):
         self.name = name
@@ -124,7 +131,7 @@ class TorchvisionModel(Backbone):
         if local is not None:
             return local
         w = self._enum
-        return WeightsInfo("hub", f"{type(w).__name__}.{w.name}", url=w.url)
+        return WeightsInfo("hub", f"{type(w).__name__}.{w.name}", url=w.url, source="torchvision")
 
     def preprocessing(self, weights: WeightsInfo) -> Preprocessing:
         return Preprocessing.of(self._enum.transforms())  # a file or random init: the DEFAULT weights' transform
@@ -163,10 +170,15 @@ class TorchvisionModel(Backbone):
     def load(self, weights: WeightsInfo, cut: str) -> nn.Module:
         return self._cut(self._full(weights, cut), cut)
 
-    def torchvision_state(self, weights: WeightsInfo, cut: str, head) -> dict | None:
-        if cut != "pre-logits":
-            return None
-        state = self._full(weights, cut).state_dict()
+    def whole_model(self, weights: WeightsInfo, n_classes: int) -> tuple[nn.Module, nn.Module]:
+        model = self._full(weights, self.classifier_cut)
+        old = model.get_submodule(self._shape["linear"])
+        new = nn.Linear(old.in_features, n_classes)
+        model.set_submodule(self._shape["linear"], new)
+        return model, new
+
+    def torchvision_state(self, weights: WeightsInfo, head) -> dict:
+        state = self._full(weights, self.classifier_cut).state_dict()
         state[f"{self._shape['linear']}.weight"] = head.weight.detach().clone()
         state[f"{self._shape['linear']}.bias"] = head.bias.detach().clone()
         return state

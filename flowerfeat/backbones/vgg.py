@@ -46,6 +46,7 @@ class VGG16(Backbone):
 
     name = "vgg16"
     family = "torchvision"
+    classifier_cut = "fc7"  # classifier[6] takes fc7's rows
 
     def cuts(self) -> dict[str, Cut]:
         return {
@@ -66,7 +67,7 @@ class VGG16(Backbone):
         if local is not None:
             return local
         w = self._enum()
-        return WeightsInfo("hub", f"VGG16_Weights.{w.name}", url=w.url)
+        return WeightsInfo("hub", f"VGG16_Weights.{w.name}", url=w.url, source="torchvision")
 
     def preprocessing(self, weights: WeightsInfo) -> Preprocessing:
         return Preprocessing.of(self._enum().transforms())  # the same for every VGG16 weights file
@@ -102,9 +103,13 @@ class VGG16(Backbone):
     def load(self, weights: WeightsInfo, cut: str) -> nn.Module:
         return Trunk(self.load_vgg16(weights, cut), cut)
 
-    def torchvision_state(self, weights: WeightsInfo, cut: str, head) -> dict | None:
-        if cut != "fc7":
-            return None
+    def whole_model(self, weights: WeightsInfo, n_classes: int) -> tuple[nn.Module, nn.Module]:
+        """The textbook's network: VGG16 with ``classifier[6]`` replaced (a conv-only file: fc6/fc7 stay random)."""
+        vgg = self.load_vgg16(weights, "pool5" if weights.kind == "file" else "fc7")
+        vgg.classifier[6] = nn.Linear(4096, n_classes)
+        return vgg, vgg.classifier[6]
+
+    def torchvision_state(self, weights: WeightsInfo, head) -> dict:
         state = self.load_vgg16(weights, "fc7").state_dict()
         state["classifier.6.weight"] = head.weight.detach().clone()  # (C, 4096)
         state["classifier.6.bias"] = head.bias.detach().clone()  # (C,)

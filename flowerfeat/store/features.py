@@ -1,20 +1,12 @@
-"""The feature file: HDF5 schema in one place, a crash-safe append log for work in progress, atomic finish, reader.
+"""The feature file: its HDF5 schema in one place, the atomic writer, and the readers (whole, by rows, streamed).
 
-A split is extracted into ``<split>.h5.partial/`` (append-only binary rows + a progress file that is replaced
-atomically after the rows it counts are fsynced), and only when every row is there is ``<split>.h5`` written
-under a temporary name and renamed into place. So a ``<split>.h5`` always is a finished file, and a killed run
-resumes from its last committed batch.
+Every HDF5 dataset and attribute name is spelled here; no other module opens h5py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +14,8 @@ import numpy as np
 
 from flowerfeat import FORMAT_VERSION
 from flowerfeat.errors import FlowerfeatError
+from flowerfeat.store.layout import atomic_path
+
 
 @dataclass(frozen=True)
 class Attr:
@@ -110,217 +104,7 @@ def describe_difference(old: dict, new: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Where the files live: <out>/<model>-<cut>-<weights tag>/<split>.h5, one folder per trunk, so switching --model,
-# --layer or --weights keeps the other caches (and the heads fitted on them); <out>/LATEST names the folder
-# extracted last.
-
-LATEST = "LATEST"
-
-
-def cache_dir(out: Path, model_folder: str, layer: str, weights_tag: str) -> Path:
-    """``<out>/<model>-<cut>-<weights tag>``, e.g. ``data/features/vgg16-pool5-gap-imagenet``."""
-    return Path(out) / f"{model_folder}-{layer}-{weights_tag}"
-
-
-def mark_latest(out: Path, folder: Path) -> None:
-    _atomic_write_text(Path(out) / LATEST, Path(folder).name + "\n")
-
-
-def find_features(path: Path, split: str, layer: str | None = None, model: str | None = None) -> Path:
-    """The ``split`` feature file ``path`` designates: a file as given; under the root of the caches (``--out`` of
-    ``features``), the folder of ``model`` and ``layer`` when given, the one extracted last when several; else
-    ``path/<split>.h5`` (one cache folder)."""
-    path = Path(path)
-    if path.suffix == ".h5" or path.is_file():
-        return path
-    name = f"{split}.h5"
-    folders = sorted(d for d in path.iterdir() if (d / name).is_file()) if path.is_dir() else []
-    if not folders and (path / name).is_file():
-        folders = [path]
-    if not folders:
-        raise FlowerfeatError(f"{path}: no {name} here; run `flowerfeat features` first (or pass --features FILE)")
-    kept = [d for d in folders if _is_of(d / name, layer, model)]
-    if not kept:
-        asked = " ".join(f"--{k} {v}" for k, v in (("model", model), ("layer", layer)) if v)
-        raise FlowerfeatError(
-            f"{path}: no features for {asked} (there are: {', '.join(d.name for d in folders)}); "
-            f"run `flowerfeat features {asked}`, or pick one of those"
-        )
-    latest = (path / LATEST).read_text().strip() if (path / LATEST).is_file() else ""
-    by_name = {d.name: d for d in kept}
-    return (by_name.get(latest) or max(kept, key=lambda d: (d / name).stat().st_mtime_ns)) / name
-
-
-def _is_of(file: Path, layer: str | None, model: str | None) -> bool:
-    """Whether the feature file was cut at ``layer`` of ``model`` (either None: any); unreadable files are not."""
-    if layer is None and model is None:
-        return True
-    try:
-        meta = read_meta(file)
-    except FlowerfeatError:
-        return False
-    return layer in (None, meta.get("layer")) and model in (None, meta.get("model"))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Locking
-
-
-@contextlib.contextmanager
-def exclusive_lock(out_dir: Path, name: str):
-    """Hold an flock on ``out_dir/.<name>.lock``; a second holder is refused at once (the OS frees it on kill -9)."""
-    path = out_dir / f".{name}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FlowerfeatError(
-                f"{out_dir}: another flowerfeat run is writing here (lock {path.name} is held); "
-                "wait for it to finish or use another --out"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def check_writable(out_dir: Path) -> None:
-    """Refuse an output folder that cannot be made or written, without making it (a later error must not leave
-    an empty folder behind)."""
-    existing = Path(out_dir)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    why = "a file is in the way" if not existing.is_dir() else "permission denied"
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise FlowerfeatError(f"{out_dir}: output folder is not writable ({why}); pass --out DIR you can write")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Work in progress
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-class ShardLog:
-    """Append-only log of finished batches for one (split, rank): rows, unit ids and skipped units.
-
-    ``progress.json`` is replaced atomically only after the bytes it counts are fsynced; on reopen the data
-    files are truncated back to it, so whatever was cut mid-write is dropped and redone.
-    """
-
-    def __init__(self, folder: Path, header: dict):
-        self.folder = folder
-        self.header = header
-        self.dim = int(header["feature_dim"])
-        self.dtype = np.dtype(header["dtype"])
-        self.discarded = ""
-        head_path = folder / "header.json"
-        if folder.exists():
-            try:
-                old = json.loads(head_path.read_text())
-                progress = json.loads((folder / "progress.json").read_text())
-            except (OSError, ValueError):
-                old, progress = None, None
-            if old != header:
-                self.discarded = "partial work from another configuration" if old else "unreadable partial work"
-                shutil.rmtree(folder)
-            else:
-                self.batches, self.rows, self.n_skipped = progress["batches"], progress["rows"], progress["skipped"]
-                self._truncate()
-        if not folder.exists():
-            folder.mkdir(parents=True)
-            self.batches = self.rows = self.n_skipped = 0
-            for name in ("rows.bin", "ids.bin", "skipped.jsonl"):
-                (folder / name).touch()
-            _atomic_write_text(head_path, json.dumps(header))
-            self._write_progress()
-        self._rows_f = open(folder / "rows.bin", "ab")
-        self._ids_f = open(folder / "ids.bin", "ab")
-        self._skip_f = open(folder / "skipped.jsonl", "a")
-        self._new = [0, 0, 0]  # batches, rows, skipped appended since the last commit
-        self._last_commit = time.monotonic()
-
-    def _truncate(self) -> None:
-        row_bytes = self.dim * self.dtype.itemsize
-        os.truncate(self.folder / "rows.bin", self.rows * row_bytes)
-        os.truncate(self.folder / "ids.bin", self.rows * 8)
-        lines = (self.folder / "skipped.jsonl").read_text().splitlines(keepends=True)[: self.n_skipped]
-        (self.folder / "skipped.jsonl").write_text("".join(lines))
-
-    def _write_progress(self) -> None:
-        _atomic_write_text(
-            self.folder / "progress.json",
-            json.dumps({"batches": self.batches, "rows": self.rows, "skipped": self.n_skipped}),
-        )
-
-    def append(self, rows: np.ndarray | None, ids: list[int], skipped, commit_every_s: float = 1.0):
-        """Append one finished batch (``rows`` None: none of its images was readable); it counts as done once
-        committed (at most ``commit_every_s`` later)."""
-        if rows is None:
-            rows = np.zeros((0, self.dim), self.dtype)
-        if rows.shape != (len(ids), self.dim):
-            raise ValueError(f"rows of shape {rows.shape} for {len(ids)} units of {self.dim} features")
-        self._rows_f.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
-        self._ids_f.write(np.asarray(ids, dtype=np.int64).tobytes())
-        for unit, reason in skipped:
-            self._skip_f.write(json.dumps([unit, reason]) + "\n")
-        self._new = [self._new[0] + 1, self._new[1] + len(ids), self._new[2] + len(skipped)]
-        if time.monotonic() - self._last_commit >= commit_every_s:
-            self.commit()
-
-    def commit(self) -> None:
-        """fsync the appended bytes, then atomically advance progress.json past them."""
-        if not self._new[0]:  # no batch appended since the last commit
-            return
-        for f in (self._rows_f, self._ids_f, self._skip_f):
-            f.flush()
-            os.fsync(f.fileno())
-        self.batches += self._new[0]
-        self.rows += self._new[1]
-        self.n_skipped += self._new[2]
-        self._new = [0, 0, 0]
-        self._write_progress()
-        self._last_commit = time.monotonic()
-
-    def close(self) -> None:
-        """Commit what was appended (a failure, e.g. a full disk, is raised: those batches are not saved)."""
-        try:
-            self.commit()
-        finally:
-            for f in (self._rows_f, self._ids_f, self._skip_f):
-                f.close()
-
-    def read(self) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
-        """Committed (rows memmap, unit ids, skipped) of this shard."""
-        ids = np.fromfile(self.folder / "ids.bin", dtype=np.int64, count=self.rows)
-        if self.rows:
-            rows = np.memmap(self.folder / "rows.bin", dtype=self.dtype, mode="r", shape=(self.rows, self.dim))
-        else:
-            rows = np.zeros((0, self.dim), self.dtype)
-        lines = (self.folder / "skipped.jsonl").read_text().splitlines()[: self.n_skipped]
-        return rows, ids, [tuple(json.loads(line)) for line in lines]
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Finished files
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path):
-    """A temporary name beside ``path``; once written, it is fsynced and renamed over ``path`` in one step,
-    so readers see the old file or the finished new one, never a half-written one."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # same suffix: some writers check it
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def chunk_rows(dim: int, itemsize: int) -> int:
@@ -487,3 +271,57 @@ def read_skipped(path: Path) -> list[tuple[str, str]]:
 
     with h5py.File(path, "r") as f:
         return _skipped_rows(f)
+
+
+def row_keys(path: Path) -> dict[tuple, int]:
+    """Each row of a finished file by what identified its unit: (path, view, size, mtime_ns) -> row."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        paths = [p.decode() for p in f["paths"][...]]
+        keys = zip(paths, f["views"][...].tolist(), f["file_sizes"][...].tolist(), f["file_mtimes_ns"][...].tolist())
+        return {k: r for r, k in enumerate(keys)}
+
+
+class FeatureReader:
+    """Rows of a finished file read from disk as asked: by block (the file's HDF5 chunks), by any rows, or whole;
+    for training streamed from disk and for merging reused rows. Use as a context manager (or ``close``)."""
+
+    def __init__(self, path: Path):
+        import h5py
+
+        self.meta = read_meta(path)
+        self.path = Path(path)
+        self._file = h5py.File(path, "r")
+        self._ds = self._file["features"]
+        self.n, self.dim = self._ds.shape
+        self.block = self._ds.chunks[0] if self._ds.chunks else max(1, self.n)  # rows per HDF5 chunk
+        self.labels = self._file["labels"][...]  # (N,) int64: 8 bytes a row beside 4*D of features
+
+    def __enter__(self) -> FeatureReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def all(self) -> np.ndarray:
+        """Every row, as float32."""
+        return self._ds[...].astype(np.float32, copy=False)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` in the stored dtype."""
+        return self._ds[start:stop]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows at any (distinct) indices, in the stored dtype, in the order given (h5py reads increasing ones)."""
+        order = np.argsort(rows)
+        out = np.empty((len(rows), self.dim), self._ds.dtype)
+        out[order] = self._ds[np.asarray(rows)[order]]
+        return out
+
+    def paths(self) -> np.ndarray:
+        """Each row's image path (views of one image share it)."""
+        return self._file["paths"][...]

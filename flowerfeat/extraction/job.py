@@ -1,0 +1,143 @@
+"""What an extraction works out once for all its splits: the recipe, the cache folder, how the loop runs (device,
+decode mode, batch size, readers), and the trunk, built on first use."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowerfeat import FORMAT_VERSION, __version__, runtime, store
+from flowerfeat.backbones import Backbone
+from flowerfeat.config import ExtractConfig, batch_size_for
+from flowerfeat.data import Split
+from flowerfeat.errors import FlowerfeatError
+from flowerfeat.extraction.shards import Dist
+from flowerfeat.progress import Reporter
+from flowerfeat.recipe import History, Recipe, Trunk, build, decode_plan, resolve
+from flowerfeat.weights import WeightsInfo
+
+
+def default_workers(mode: str, device: torch.device) -> int:
+    """DataLoader processes when --workers is not given: 1 beside a CPU trunk (the trunk wants the cores); on CUDA,
+    8 that only read JPEG bytes (gpu) or all the cores this rank can have but two, up to 32, that decode (cpu,
+    hybrid). torchrun's ranks on one node share its cores."""
+    if device.type != "cuda":
+        return 1
+    cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cores) if mode == "gpu" else min(32, cores - 2))
+
+
+@dataclass
+class Job:
+    """One extraction's resolved plan, shared by its splits."""
+
+    cfg: ExtractConfig
+    recipe: Recipe
+    folder: Path  # the cache folder: <out>/<model>-<cut>-<weights tag>
+    device: torch.device
+    mode: str  # decode mode: cpu, gpu or hybrid
+    batch_size: int
+    workers: int
+    reporter: Reporter
+    built: Trunk | None = None
+
+    def trunk(self, calibrate_on: Split | None = None) -> Trunk:
+        """The trunk, built on the first call (an up-to-date run never loads weights); an int8 trunk is kept in the
+        cache folder, made first when it is not there, calibrated on ``calibrate_on`` (the run's training split)."""
+        if self.built is None:
+            keep = calibration = None
+            if self.recipe.precision == "int8":
+                from flowerfeat import quantize
+
+                keep, q = store.engine_files(self.folder, "int8"), self.recipe.quantization
+                if calibrate_on is not None:
+                    pre = self.recipe.preprocessing
+                    calibration = lambda: quantize.calibration_sample(calibrate_on, pre, q["calibration"], q["seed"])  # noqa: E731
+            self.built = build(
+                self.recipe, self.device, keep=keep, calibration=calibration, channels_last=self.cfg.channels_last,
+                compile=self.cfg.compile, reporter=self.reporter,
+            )  # fmt: skip
+        return self.built
+
+
+def cache_folder(out: Path, backbone: Backbone, cut: str, weights: WeightsInfo) -> Path:
+    return store.cache_dir(out, backbone.folder_name, cut, weights.tag)
+
+
+def _history(folder: Path, splits) -> History:
+    """What the cache in ``folder`` already holds: its engine (None: no readable file yet), its int8 record."""
+    from flowerfeat import quantize
+
+    engine = None
+    for split in splits:
+        try:
+            engine = store.engine_of(store.read_meta(store.split_file(folder, split)))
+            break
+        except FlowerfeatError:
+            continue
+    record = quantize.read_record(store.engine_files(folder, "int8").record)
+    return History(engine, record["settings"] if record else None)
+
+
+def make_job(cfg: ExtractConfig, dist: Dist, reporter: Reporter) -> Job:
+    """Resolve everything ``cfg`` leaves open, once; nothing is loaded yet (an unknown model, cut or weights file
+    is refused here, before anything is written)."""
+    device = runtime.resolve_device(cfg.device)
+    if dist.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.rank % torch.cuda.device_count())
+    recipe = resolve(cfg, device, lambda b, cut, w: _history(cache_folder(cfg.out, b, cut, w), cfg.splits))
+    mode = decode_plan(cfg.decode, device)[0]
+    workers = cfg.workers if cfg.workers is not None else default_workers(mode, device)
+    folder = cache_folder(cfg.out, recipe.backbone, recipe.layer, recipe.weights)
+    return Job(cfg, recipe, folder, device, mode, batch_size_for(device.type, cfg.batch_size), workers, reporter)
+
+
+def library_versions(engine: str = "torch") -> dict:
+    import h5py
+    import torchvision
+
+    versions = {
+        "flowerfeat": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "h5py": h5py.__version__,
+        "numpy": np.__version__,
+    }
+    if engine == "onnxruntime":
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    return versions
+
+
+def split_views(cfg: ExtractConfig, split: Split) -> int:
+    """Augmented views per image of ``split``: test splits always hold centre crops only."""
+    return cfg.views if split.name == "train" else 0
+
+
+def split_meta(job: Job, split: Split) -> dict:
+    """The self-description of one split's feature file: the recipe, how the split was made and stored, the
+    fingerprint."""
+    cfg, n_views = job.cfg, split_views(job.cfg, split)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "split": split.name,
+        "classes": list(split.classes),
+        **job.recipe.to_attrs(),
+        "dtype": cfg.dtype,
+        "compression": cfg.compression,
+        "views": n_views,
+        "view_seed": cfg.view_seed if n_views else 0,
+        "layout": split.layout,
+        "test_fraction": split.test_fraction,
+        "data_root": str(Path(split.root).resolve()),
+        "library_versions": library_versions(job.recipe.engine),
+        "extract_config": cfg.to_dict(),
+    }
+    meta["model_key"] = store.model_key(meta)
+    meta["fingerprint"] = store.fingerprint(meta, [(i.relpath, i.label, i.size, i.mtime_ns) for i in split.items])
+    return meta

@@ -1,0 +1,212 @@
+"""The recipe of a trunk: one frozen record of everything that decides its rows (model, cut, weights, preprocessing,
+decoder, precision, engine, int8 settings), resolved once from the options, the machine and the existing cache;
+written into every feature file and head; and ``build``, the one way a runnable trunk is made from it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from flowerfeat import runtime
+from flowerfeat.backbones import Backbone, Preprocessing, get_backbone
+from flowerfeat.config import ExtractConfig
+from flowerfeat.errors import FlowerfeatError
+from flowerfeat.progress import Reporter
+from flowerfeat.store import EngineFiles, engine_of
+from flowerfeat.weights import WeightsInfo, sha256_file
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What makes a trunk's rows. Its fields are the feature file's attributes of the same names (``to_attrs``),
+    so plain h5py reads them, and a file or a head's record gives the recipe back (``from_attrs``).
+
+    Example::
+
+        recipe = flowerfeat.recipe.Recipe.from_attrs(flowerfeat.load_features("train.h5").meta)
+        trunk = flowerfeat.recipe.build(recipe)     # the very trunk that made the file
+    """
+
+    model: str  # the registry's name: vgg16, resnet50, timm:tf_efficientnet_lite0, ...
+    layer: str  # the model's cut
+    feature_dim: int
+    cut_dropout: float  # the dropout the model's own classifier applies at the cut
+    weights: WeightsInfo
+    preprocessing: Preprocessing
+    decoder: str  # what makes the pixels: pil, libjpeg (torchvision's CPU decoder) or nvjpeg
+    precision: str  # fp32, bf16 or int8
+    engine: str  # torch or onnxruntime
+    quantization: dict | None = None  # int8: quantize.Settings as a dict
+    artefact: dict | None = None  # the int8 engine file the rows were made with: {path, sha256}; not keyed
+
+    @property
+    def backbone(self) -> Backbone:
+        return get_backbone(self.model)
+
+    def replace(self, **changes) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """One line: ``vgg16 pool5, weights vgg16_conv.pth (sha256 26fd6915...), fp32 on torch, decoded by pil``."""
+        w = self.weights
+        what = {"hub": "published weights", "none": "random init"}.get(w.kind, f"weights {w.name}")
+        sha = f" (sha256 {w.sha256[:8]})" if w.sha256 else ""
+        return f"{self.model} {self.layer}, {what}{sha}, {self.precision} on {self.engine}, decoded by {self.decoder}"
+
+    def to_attrs(self) -> dict:
+        """The recipe as feature-file attributes (store.SCHEMA names them)."""
+        return {
+            "model": self.model,
+            "layer": self.layer,
+            "feature_dim": self.feature_dim,
+            "cut_dropout": self.cut_dropout,
+            "weights": self.weights.identity,
+            "weights_sha256": self.weights.sha256,
+            "weights_path": self.weights.path,
+            "preprocessing": self.preprocessing.to_dict(),
+            "decoder": self.decoder,
+            "precision": self.precision,
+            "engine": self.engine,
+            "quantization": self.quantization,
+            "quantized_model": self.artefact,
+        }
+
+    @classmethod
+    def from_attrs(cls, meta: dict) -> Recipe:
+        """The recipe recorded in a feature file's attributes or a head's record."""
+        sha, path = meta.get("weights_sha256") or "", meta.get("weights_path") or ""
+        weights = WeightsInfo.from_identity(meta["weights"], sha, path)
+        return cls(
+            meta["model"], meta["layer"], int(meta["feature_dim"]), float(meta.get("cut_dropout") or 0.0), weights,
+            Preprocessing.from_dict(meta["preprocessing"]), meta.get("decoder") or "pil", meta["precision"],
+            engine_of(meta), meta.get("quantization"), meta.get("quantized_model"),
+        )  # fmt: skip
+
+    def exportable(self) -> Recipe:
+        """The same trunk as torch computes it in fp32: what export writes and the reference engines agree with."""
+        return self.replace(precision="fp32", engine="torch", quantization=None, artefact=None)
+
+
+@dataclass(frozen=True)
+class History:
+    """What an existing cache says about how its rows were made: its engine, and the int8 record kept there."""
+
+    engine: str | None = None
+    int8: dict | None = None  # quantize.Settings of the kept int8 trunk, as a dict
+
+
+def decode_plan(decode: str, device: torch.device) -> tuple[str, str]:
+    """(mode, decoder) for ``--decode`` on ``device``: mode cpu, gpu or hybrid (auto = gpu on CUDA, else cpu), and the
+    decoder that makes the pixels, recorded in the recipe: pil, nvjpeg, or libjpeg (torchvision's CPU decoder:
+    hybrid's workers, or the gpu mode's own code on a machine without CUDA)."""
+    mode = decode if decode != "auto" else ("gpu" if device.type == "cuda" else "cpu")
+    return mode, {"cpu": "pil", "gpu": "nvjpeg" if device.type == "cuda" else "libjpeg", "hybrid": "libjpeg"}[mode]
+
+
+def resolve(
+    cfg: ExtractConfig, device: torch.device, history: Callable[[Backbone, str, WeightsInfo], History] | None = None
+) -> Recipe:
+    """The recipe for ``cfg`` on ``device``: every ``auto`` resolved here and only here. ``history`` tells what the
+    cache of that model, cut and weights already holds, so ``--engine auto`` keeps the cache's engine and int8
+    keeps its quantization. Nothing is loaded; an unknown model, cut or weights file is refused."""
+    backbone = get_backbone(cfg.model)
+    cut = backbone.cut(cfg.layer)
+    weights = backbone.resolve_weights(cfg.weights)
+    past = history(backbone, cut.name, weights) if history is not None else History()
+    precision = runtime.resolve_precision(cfg.precision, device)
+    engine = runtime.resolve_engine(cfg.engine, device, precision, past.engine)
+    quantization = None
+    if precision == "int8":
+        from flowerfeat import quantize
+
+        kept = past.int8 if past.int8 and past.int8.get("calibration") == cfg.calibration else None
+        quantization = kept or quantize.settings_for_this_cpu(cfg.calibration, seed=0).to_dict()
+    return Recipe(
+        backbone.name, cut.name, cut.dim, cut.dropout, weights, backbone.preprocessing(weights),
+        decode_plan(cfg.decode, device)[1], precision, engine, quantization,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building: the trunk of a recipe, ready to run.
+
+
+@dataclass
+class Trunk:
+    """A runnable trunk and the recipe it was built from (with the engine file it runs, for int8)."""
+
+    module: nn.Module  # (B, 3, H, W) -> (B, D)
+    recipe: Recipe
+    device: torch.device
+    channels_last: bool = False
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) float32 rows of preprocessed images already on the device."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return runtime.trunk_rows(self.module, x, self.recipe.precision)
+
+
+def build(
+    recipe: Recipe,
+    device: torch.device | None = None,
+    *,
+    keep: EngineFiles | None = None,
+    calibration: Callable[[], tuple] | None = None,
+    channels_last: bool = True,
+    compile: bool = False,
+    reporter: Reporter | None = None,
+) -> Trunk:
+    """The one way a runnable trunk is made: the recipe's model, cut and weights, as its engine runs it on
+    ``device``. An int8 trunk is the engine file kept at ``keep`` (made there first, calibrated on
+    ``calibration()``'s images, when it is missing or other), or else the very file the recipe names."""
+    device = device or torch.device("cpu")
+    reporter = reporter or Reporter()
+    if recipe.precision == "int8":
+        module, artefact = _int8(recipe, keep, calibration, reporter)
+        return Trunk(module, recipe.replace(artefact=artefact), device)
+    trunk = _torch_trunk(recipe, reporter)
+    if recipe.engine == "onnxruntime":
+        with reporter.stage("preparing the onnxruntime engine"):
+            return Trunk(runtime.onnx_trunk(trunk, recipe.preprocessing.input_shape), recipe, device)
+    trunk = trunk.to(device)
+    if channels_last:
+        trunk = trunk.to(memory_format=torch.channels_last)
+    if compile:  # pays on CUDA for large sets; compiles on the first batch (docs/benchmarks.md)
+        trunk = torch.compile(trunk)
+    return Trunk(trunk, recipe, device, channels_last)
+
+
+def _torch_trunk(recipe: Recipe, reporter: Reporter) -> nn.Module:
+    what = "random init" if recipe.weights.kind == "none" else recipe.weights.name
+    with reporter.stage(f"loading {recipe.model} weights ({what})"):
+        return recipe.backbone.build(recipe.weights, recipe.layer)
+
+
+def _int8(recipe: Recipe, keep: EngineFiles | None, calibration, reporter: Reporter) -> tuple[nn.Module, dict]:
+    """The int8 trunk's engine file (checked by its sha256) loaded, and {path, sha256} to record."""
+    from flowerfeat import quantize
+
+    if keep is None:  # predict, export: the very file the features were made with
+        path = Path((recipe.artefact or {}).get("path", ""))
+        if not path.is_file() or sha256_file(path) != (recipe.artefact or {}).get("sha256"):
+            raise FlowerfeatError(
+                f"{path}: the int8 trunk the head's features were made with is gone or changed; extract the features "
+                "again with --precision int8 and refit, or pass --precision fp32"
+            )
+        sha = recipe.artefact["sha256"]
+    else:
+        sha = quantize.kept(keep.model, keep.record, recipe.quantization)
+        if sha is None:
+            if calibration is None:
+                raise FlowerfeatError("--precision int8 calibrates on training images; extract the train split too")
+            trunk = _torch_trunk(recipe, reporter)
+            sha = quantize.make(trunk, recipe.preprocessing, recipe.quantization, calibration, keep, reporter)
+        path = keep.model
+    with reporter.stage("loading the int8 trunk"):
+        return runtime.OnnxModel(path), {"path": str(path.resolve()), "sha256": sha}
