@@ -16,7 +16,8 @@ from torch import nn
 from flowerfeat import runtime
 from flowerfeat.backbones import get_backbone, gflops_text
 from flowerfeat.config import ExtractConfig, FitConfig
-from flowerfeat.data import Split, UnitDataset, collate_units, scan_data
+from flowerfeat.data import Split, UnitDataset, collate_units
+from flowerfeat.layouts import scan_data
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.recipe import build, resolve
 

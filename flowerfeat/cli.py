@@ -17,7 +17,7 @@ from typing import List, Literal, Optional
 import typer
 
 from flowerfeat.cli_options import config_option, config_options
-from flowerfeat.config import PRECISIONS, RUNS_DIR, ExtractConfig, FitConfig  # dataclasses: no torch
+from flowerfeat.config import PRECISIONS, ExtractConfig, FitConfig  # dataclasses: no torch
 
 app = typer.Typer(
     help="Transfer learning on cached features of a frozen trunk (VGG16 by default): extract once, fit the head in "
@@ -29,7 +29,7 @@ app = typer.Typer(
 )
 
 PICK_HELP = "Pick the {} of this {} (default: the latest)."
-HEAD_HELP = "A head checkpoint, or a folder of them (then the latest saved, or --layer's)."
+HEAD_HELP = "A head checkpoint, or a folder holding heads (the root of the caches: the head saved last, or --layer's)."
 
 
 def _fail(message: str, code: int = 2):
@@ -169,13 +169,14 @@ def fit_head(
 
     Example: flowerfeat fit-head --epochs 2 --layer pool5
     """
-    from flowerfeat import store, train
+    from flowerfeat import heads, store, train
 
     cfg = cfg.replace(features=store.find_features(cfg.features, "train", layer, model))
+    where = heads.destination(cfg)  # refused before any work when it would replace a head unasked
     t = time.perf_counter()
     head = train.fit_config(cfg, log=typer.echo)
     seconds = time.perf_counter() - t  # all of it: reading, the start, the epochs
-    out = head.save(cfg.out or store.default_head_path(cfg.features))
+    out = head.save(where)
     typer.echo(
         f"Saved head to {out} ({head.model} {head.layer}, {head.weight.shape[1]}-d, {len(head.classes)} classes, fitted on "
         f"{cfg.features} in {seconds:.2f} s)"
@@ -187,7 +188,7 @@ def report(
     features: Optional[Path] = typer.Option(
         None, help="Test features (file or folder); default: the test.h5 beside the head's training features."
     ),
-    head: Path = typer.Option(RUNS_DIR, help=HEAD_HELP),
+    head: Path = typer.Option(ExtractConfig.out, help=HEAD_HELP),
     model: Optional[str] = typer.Option(None, help=PICK_HELP.format("head fitted on features", "model")),
     layer: Optional[str] = typer.Option(None, help=PICK_HELP.format("head fitted on features", "cut")),
     figures: Optional[Path] = typer.Option(None, help="Write confusion_matrix.png and samples.png here."),
@@ -204,7 +205,9 @@ def report(
     from flowerfeat import report as rep
     from flowerfeat import store
 
-    ev = flowerfeat.evaluate(store.find_head(head, layer, model), features)
+    fitted = flowerfeat.Head.load(store.find_head(head, layer, model))
+    ev = flowerfeat.evaluate(fitted, features)
+    typer.echo(fitted.source_line(), err=as_json)  # which head answers
     if as_json:
         typer.echo(json.dumps(ev.to_dict(), indent=2))
     else:
@@ -219,7 +222,7 @@ def report(
 @command()
 def predict(
     paths: List[Path] = typer.Argument(..., help="Image files or folders of images."),
-    head: Path = typer.Option(RUNS_DIR, help=HEAD_HELP),
+    head: Path = typer.Option(ExtractConfig.out, help=HEAD_HELP),
     model: Optional[str] = typer.Option(None, help=PICK_HELP.format("head fitted on features", "model")),
     layer: Optional[str] = typer.Option(None, help=PICK_HELP.format("head fitted on features", "cut")),
     weights: Optional[str] = typer.Option(None, help="Trunk weights (default: those the head's features came from)."),
@@ -247,6 +250,7 @@ def predict(
     if output is not None:
         prepare_output(output)
     clf = flowerfeat.Classifier.load(store.find_head(head, layer, model), weights, device, engine, precision)
+    typer.echo(clf.head.source_line(), err=output is not None)  # which head answers
     for note in clf.notes:
         typer.echo(note, err=True)
     for p in (preds := clf.predict(list(paths), top_k, batch_size)):
@@ -257,6 +261,8 @@ def predict(
     if output is not None:
         write_predictions(preds, output)
         typer.echo(f"wrote {output}", err=True)
+    if all(p.error for p in preds):
+        _fail(f"none of the {len(preds)} image(s) could be read; nothing was classified", 1)
 
 
 @command()
@@ -265,7 +271,7 @@ def export(
     format: Literal["auto", "torchvision", "pt2", "onnx"] = typer.Option(
         "auto", help="auto (by OUT's suffix), torchvision (heads on the model's own last layer's rows), pt2 or onnx."
     ),
-    head: Path = typer.Option(RUNS_DIR, help=HEAD_HELP),
+    head: Path = typer.Option(ExtractConfig.out, help=HEAD_HELP),
     model: Optional[str] = typer.Option(None, help=PICK_HELP.format("head fitted on features", "model")),
     layer: Optional[str] = typer.Option(None, help=PICK_HELP.format("head fitted on features", "cut")),
     weights: Optional[str] = typer.Option(None, help="Trunk weights (default: those the head's features came from)."),
@@ -277,8 +283,11 @@ def export(
     """
     from flowerfeat import store
     from flowerfeat.export import export_model
+    from flowerfeat.heads import Head
 
-    done = export_model(store.find_head(head, layer, model), out, format, weights)
+    fitted = Head.load(store.find_head(head, layer, model))
+    done = export_model(fitted, out, format, weights)
+    typer.echo(fitted.source_line())  # which head was exported
     typer.echo(f"wrote {done.model} ({done.format}) and {done.sidecar}")
 
 
@@ -323,7 +332,9 @@ def compare(
         None, metavar="MODEL[@LAYER]", help="A candidate (repeatable); default: vgg16 and one small member of each "
         "family users reach for next (each family suggests its own).",
     ),
-    weights: Optional[List[str]] = typer.Option(None, metavar="MODEL=PATH", help="Local weights for a model (repeatable)."),
+    weights: Optional[List[str]] = typer.Option(
+        None, metavar="MODEL=PATH", help="Local weights for a model (repeatable); a bare PATH with one --model."
+    ),
     sample: int = typer.Option(500, help="Training images to measure on (stratified, seeded; all when fewer)."),
     folds: int = typer.Option(5, help="Cross-validation folds (stratified, seeded; the same for every candidate)."),
     seed: int = typer.Option(0, help="Seed of the sample, the folds and the heads."),
@@ -344,9 +355,10 @@ def compare(
 
     if sample < 10 or folds < 2:
         _fail(f"--sample must be >= 10 and --folds >= 2, got {sample} and {folds}")
-    pairs = dict(w.partition("=")[::2] for w in weights or [])
-    if any(not v for v in pairs.values()):
-        _fail("--weights takes MODEL=PATH, e.g. --weights vgg16=vgg16_conv.pth")
+    plain = [w for w in weights or [] if "=" not in w]
+    if plain and (len(model or []) != 1 or len(weights) > 1):
+        _fail("--weights takes MODEL=PATH, e.g. --weights vgg16=vgg16_conv.pth (a bare PATH only with one --model)")
+    pairs = {model[0]: plain[0]} if plain else dict(w.partition("=")[::2] for w in weights or [])
     _sigterm_to_interrupt()
     reporter = _extraction_reporter(True)
     with reporter:
@@ -382,6 +394,22 @@ def models(
     for n, row in enumerate(catalogue(pattern), 1):
         typer.echo(catalogue_line(row))
     typer.echo(footer(n))
+
+
+@command()
+def runs(
+    out: Path = typer.Option(ExtractConfig.out, help="The root of the caches (features' --out)."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the inventory as JSON."),
+):
+    """List what is on disk: each data set's caches (model, cut, rows per split, when) and the heads fitted on each,
+    with their test (or validation) accuracy; 0.2's layout too.
+
+    Example: flowerfeat runs --out data/features
+    """
+    from flowerfeat.runs import as_dicts, inventory, runs_lines
+
+    caches, old_heads = inventory(out)
+    typer.echo(json.dumps(as_dicts(caches, old_heads), indent=2) if as_json else "\n".join(runs_lines(caches, old_heads)))
 
 
 def _print_version(value: bool):

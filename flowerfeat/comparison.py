@@ -13,7 +13,8 @@ import numpy as np
 from flowerfeat import store
 from flowerfeat.backbones import get_backbone, parse_choice, suggested_models
 from flowerfeat.config import ExtractConfig
-from flowerfeat.data import Split, scan_data, stratified_order
+from flowerfeat.data import Split
+from flowerfeat.layouts import scan_data, stratified_order
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.progress import Reporter
 
@@ -193,7 +194,7 @@ def compare(
 
     reporter = progress if isinstance(progress, Reporter) else LineReporter() if progress else Reporter()
     t0 = time.perf_counter()
-    base = ExtractConfig(data=Path(data), out=Path(out), splits=("sample",), **options)
+    base = ExtractConfig(data=Path(data), out=Path(out), **options)
     part, n_images = sample_split(Path(data), sample, seed, base.test_fraction)
     fold_list = make_folds(part, folds, seed)
     rows = []
@@ -234,24 +235,31 @@ def table_lines(c: Comparison) -> list[str]:
 
 
 def figure(c: Comparison):
-    """Cross-validated accuracy of the default head against images/s (log scale), each point labelled, the front
-    drawn; a matplotlib Figure (no pyplot)."""
+    """Cross-validated accuracy of the default head against images/s (log scale): each point numbered, the numbers
+    named in a legend beside the plot (long names never leave the frame), the front drawn; a matplotlib Figure
+    (no pyplot)."""
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import LogLocator, NullFormatter
 
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
     rows = [r for r in c.rows if r.head_mean is not None and r.images_per_s]
-    for r in rows:
+    blue, grey = "#0072B2", "#999999"
+    for k, r in enumerate(rows, 1):
         ax.errorbar(r.images_per_s, 100 * r.head_mean, yerr=100 * r.head_std, fmt="o" if r.on_front else "s",
-                    color="#0072B2" if r.on_front else "#999999", capsize=3)  # fmt: skip
-        ax.annotate(f"{r.model} {r.layer}", (r.images_per_s, 100 * r.head_mean), textcoords="offset points",
-                    xytext=(6, 6), fontsize=8)  # fmt: skip
+                    color=blue if r.on_front else grey, capsize=3, label=f"{k}  {r.model} {r.layer}")  # fmt: skip
+        ax.annotate(str(k), (r.images_per_s, 100 * r.head_mean), textcoords="offset points", xytext=(5, 5),
+                    fontsize=8)  # fmt: skip
     front = sorted((r for r in rows if r.on_front), key=lambda r: r.images_per_s)
-    ax.plot([r.images_per_s for r in front], [100 * r.head_mean for r in front], "--", color="#0072B2", label="front")
+    ax.plot([r.images_per_s for r in front], [100 * r.head_mean for r in front], "--", color=blue)
     ax.set(xscale="log", xlabel="images/s on this machine (log)", ylabel="cross-validated accuracy, default head (%)")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 1, 2, 5, 10, 20, ...: labels that never touch
     ax.xaxis.set_major_formatter("{x:g}")
-    ax.xaxis.set_minor_formatter("{x:g}")
-    ax.margins(x=0.35)  # room for the labels of the fastest points
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.15, y=0.15)
     ax.set_title(f"{c.sample} sample images, {c.folds}-fold cross-validation", fontsize=10)
-    ax.legend(loc="lower left")
+    handles, _ = ax.get_legend_handles_labels()
+    line = Line2D([], [], linestyle="--", color=blue, label="front: none both more accurate and faster")
+    fig.legend(handles=[*handles, line], loc="outside right upper", fontsize=8, handlelength=3)
     return fig

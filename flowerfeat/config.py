@@ -14,8 +14,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "int8")  # int8: the CPU, on the onnxrunti
 ENGINES = ("torch", "onnxruntime")
 # --batch-size 0 (auto) per device type: the fastest size measured on each (docs/benchmarks.md has the figures)
 AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 256}
-# Heads go to RUNS_DIR/<the features' folder name>/head.pt unless told otherwise
-RUNS_DIR = Path("data/runs")
 
 
 def option(default, help: str, *, choices: tuple | None = None, flag: str | None = None, metavar: str | None = None,
@@ -99,7 +97,7 @@ class ExtractConfig(_Config):
     model: str = option(
         DEFAULT_MODEL,
         "vgg16 (the textbook's), any torchvision classification model (resnet50, efficientnet_b0, ...) or a "
-        "family's PREFIX:NAME (timm:tf_efficientnet_lite0 with the timm extra); `flowerfeat models` lists them.",
+        "family's PREFIX:NAME (timm:<name>, the [timm] extra); `flowerfeat models` lists them.",
         metavar="MODEL",
     )
     layer: str | None = option(
@@ -111,7 +109,11 @@ class ExtractConfig(_Config):
         "imagenet (the model's published weights; VGG16: torchvision IMAGENET1K_V1), a local state-dict PATH in "
         "the model's own key names, or none (seeded random init).",
     )
-    splits: tuple[str, ...] = option(("train", "test"), "Split(s) to extract (repeatable).", flag="split")
+    # () = every split the data set has: train, and val and test where present (layouts.py)
+    splits: tuple[str, ...] = option(
+        (), "Split(s) to extract (repeatable): train, val or test; default: every split the data has.", flag="split",
+        metavar="SPLIT",
+    )  # fmt: skip
     test_fraction: float = option(
         0.0,
         "Carve a test split of this fraction out of data without one (flat <class>/ folders, train/ alone, a CSV "
@@ -123,7 +125,7 @@ class ExtractConfig(_Config):
     workers: int | None = option(None, "Reader processes beside the trunk; default: auto (README, section GPUs).")
     precision: str = option(
         "auto", "auto (bf16 on CUDA or CPUs with native bf16, else fp32), fp32, bf16 or int8 (a quantized trunk "
-        "on the CPU, the onnx extra).", choices=PRECISIONS,
+        "on the CPU, the [onnx] extra).", choices=PRECISIONS,
     )  # fmt: skip
     # float16 halves the files (the activations of a cut below the top are stored so by the cut's own default)
     dtype: str = option("float32", "Storage dtype of the features: float32 or float16.", choices=("float32", "float16"))
@@ -146,7 +148,7 @@ class ExtractConfig(_Config):
     # compiling costs seconds, so it pays on CUDA for large sets (docs/benchmarks.md)
     compile: bool = option(False, "torch.compile the trunk (compiling costs seconds, so for large image sets on CUDA).")
     engine: str = option(
-        "auto", "What runs the trunk on a CPU: torch, onnxruntime (the onnx extra), or auto (the cache's engine, "
+        "auto", "What runs the trunk on a CPU: torch, onnxruntime (the [onnx] extra), or auto (the cache's engine, "
         "else onnxruntime where installed and the run is fp32 on the CPU, else torch).",
         choices=("auto", *ENGINES),
     )  # fmt: skip
@@ -163,8 +165,9 @@ class ExtractConfig(_Config):
         _check_positive("views", self.views, allow_zero=True)
         _check_positive("calibration", self.calibration)
         _check_range("test_fraction", self.test_fraction)
-        if not self.splits:
-            raise FlowerfeatError("no split to extract; pass --split train (or test)")
+        unknown = [s for s in self.splits if s not in ("train", "val", "test")]
+        if unknown:
+            raise FlowerfeatError(f"unknown split (--split) {unknown[0]!r}; choose train, val or test")
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,14 @@ class FitConfig(_Config):
         Path("data/features"),
         "A feature file, a cache folder, or the root of the caches (then the latest extraction, or --layer's).",
     )
-    out: Path | None = option(None, f"Where the head goes; default {RUNS_DIR}/<the features' folder>/head.pt.")
+    out: Path | None = option(
+        None, "Where the head goes; default: heads/<name>.pt beside the training features (see --name)."
+    )
+    name: str | None = option(
+        None, "The head's name in heads/ beside its features; default: its settings and a digest of them and of the "
+        "features (another fit never takes an existing name).",
+    )  # fmt: skip
+    replace_head: bool = option(False, "Replace a head already at --out or --name (else refused).", flag="replace")
     epochs: int = option(2, "Passes over the training features.")
     batch_size: int = option(20, "Mini-batch size (the textbook's 20).")
     # Adam with a cosine decay from the ridge start, at a learning rate set from the features, gets within 1 point

@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from flowerfeat.data import held_out
+from flowerfeat.layouts import held_out
 from flowerfeat.errors import FlowerfeatError
 
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"

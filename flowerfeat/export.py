@@ -100,11 +100,14 @@ def export_model(
         int8 = fmt == "onnx" and recipe.precision == "int8"  # the very int8 trunk, joined to the head
         trunk = build(recipe if int8 else recipe.exportable(), channels_last=False)
         if int8:
-            _write_onnx_int8(head, trunk.module.path, out)
+            _write_onnx_int8(head, trunk.module.path, out, _onnx_metadata(head))
         else:
             model = ExportedClassifier(trunk.module, head.module)
-            (_write_pt2 if fmt == "pt2" else _write_onnx)(model, out, recipe.preprocessing.input_shape)
-    sidecar = out.with_suffix(".json")
+            if fmt == "pt2":
+                _write_pt2(model, out, recipe.preprocessing.input_shape)
+            else:
+                _write_onnx(model, out, recipe.preprocessing.input_shape, _onnx_metadata(head))
+    sidecar = out.with_name(out.name + ".json")  # m.pt2.json beside m.pt2: another format keeps its own
     sidecar.write_text(json.dumps(_description(head, out, fmt, recipe.preprocessing.input_shape), indent=2) + "\n")
     return Exported(out, sidecar, fmt)
 
@@ -128,19 +131,25 @@ def _write_pt2(model: nn.Module, out: Path, input_shape) -> None:
         torch.export.save(program, tmp)
 
 
-def _write_onnx(model: nn.Module, out: Path, input_shape) -> None:
+def _onnx_metadata(head: Head) -> dict[str, str]:
+    """What an ONNX model carries about itself (``metadata_props``): its classes in output order and the
+    preprocessing its input needs, as JSON, and where it came from."""
+    return {
+        "classes": json.dumps(head.classes),
+        "preprocessing": json.dumps(head.meta["features"]["preprocessing"]),
+        "flowerfeat": head.source_line(),
+    }
+
+
+def _write_onnx(model: nn.Module, out: Path, input_shape, metadata: dict[str, str]) -> None:
     x, dynamic = _example(input_shape)
-    with store.atomic_path(out) as tmp, contextlib.redirect_stdout(io.StringIO()):  # its progress lines
-        torch.onnx.export(
-            model,
-            (x,),
-            str(tmp),
-            dynamo=True,
-            dynamic_shapes=dynamic,
-            input_names=["image"],
-            output_names=["probabilities"],
-            external_data=False,  # one file: ONNX's limit is 2 GB (VGG16 is 0.5 GB)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+        program = torch.onnx.export(
+            model, (x,), dynamo=True, dynamic_shapes=dynamic, input_names=["image"], output_names=["probabilities"]
         )
+    program.model.metadata_props.update(metadata)
+    with store.atomic_path(out) as tmp:
+        program.save(str(tmp), external_data=False)  # one file: ONNX's limit is 2 GB (VGG16 is 0.5 GB)
 
 
 class _Probabilities(nn.Module):
@@ -152,7 +161,7 @@ class _Probabilities(nn.Module):
         return torch.softmax(self.head(rows), dim=1)
 
 
-def _write_onnx_int8(head: Head, trunk_path: Path, out: Path) -> None:
+def _write_onnx_int8(head: Head, trunk_path: Path, out: Path, metadata: dict[str, str]) -> None:
     """The very int8 trunk the head's features came from (its QDQ graph) with the head after it, as one ONNX model:
     the head exported on its own, then joined to the trunk's output by onnx.compose."""
     import tempfile
@@ -173,6 +182,7 @@ def _write_onnx_int8(head: Head, trunk_path: Path, out: Path) -> None:
         trunk, version_converter.convert_version(head_model, trunk.opset_import[0].version),
         io_map=[("rows", "head/rows")],
     )  # fmt: skip
+    onnx.helper.set_model_props(joined, metadata)
     with store.atomic_path(out) as tmp_out:
         onnx.save(joined, str(tmp_out))
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +83,7 @@ class Head:
             "config": cfg.to_dict(),
             "metrics": result.metrics,
             "history": result.history,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         return cls(LinearHead.of(result.weight, result.bias, result.metrics.get("dropout", 0.0)), meta)
 
@@ -155,6 +159,16 @@ class Head:
         dropout = float(meta["metrics"].get("dropout", 0.0))
         return cls(LinearHead.of(tensors["weight"], tensors["bias"], dropout), meta, path)
 
+    def source_line(self) -> str:
+        """Which head answers, in one line: its file, model and cut, classes, data set and when it was fitted."""
+        classes = self.classes if len(self.classes) <= 6 else [*self.classes[:5], "..."]
+        when = str(self.meta.get("created", "?"))[:16].replace("T", " ")
+        data = self.meta["features"].get("data_root") or "unknown"
+        return (
+            f"head {self.path or '(in memory)'}: {self.model} {self.layer}, {len(self.classes)} classes "
+            f"({', '.join(classes)}), data set {data}, fitted {when}"
+        )
+
     def __repr__(self) -> str:
         return (
             f"Head({self.model} {self.layer}, {self.weight.shape[1]}-d -> {len(self.classes)} classes {self.classes})"
@@ -168,8 +182,45 @@ def check_compatible(ck: Head, feature_meta: dict, features_path) -> None:
     if not diffs and own["model_key"] != feature_meta["model_key"]:
         diffs = ["model_key"]
     if diffs:
-        what = ", ".join(f"{k} {str(own.get(k))[:50]} vs {str(feature_meta.get(k))[:50]}" for k in diffs[:3])
+        what = ", ".join(f"{k} {_shown(own.get(k))} vs {_shown(feature_meta.get(k))}" for k in diffs[:3])
         raise FlowerfeatError(
             f"{features_path}: features do not match head {ck.path or ''} ({what}); extract them with the head's "
             "settings or refit the head on features from the same run"
         )
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A recorded value for a one-line message: a list by whole items (``['a', 'b', ... +3 more]``), other values
+    cut at ``limit`` characters with an ellipsis, never mid-item."""
+    if isinstance(value, (list, tuple)):
+        shown, items = [], [repr(v) for v in value]
+        for item in items:
+            if sum(len(s) + 2 for s in shown) + len(item) > limit and shown:
+                return "[" + ", ".join(shown) + f", ... +{len(items) - len(shown)} more]"
+            shown.append(item)
+        return "[" + ", ".join(shown) + "]"
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def head_name(cfg, fingerprint: str) -> str:
+    """A head's default name: its settings in words and a digest of all of them and of the training features'
+    fingerprint (``adam-2ep-seed0-1a2b3c4d``, ``lbfgs-C0.1-seed0-...``), so another fit never takes an existing name
+    and the same fit on the same features always gets the same one."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("features", "out", "name", "replace_head")}
+    digest = hashlib.sha256(json.dumps([settings, fingerprint], sort_keys=True).encode()).hexdigest()[:8]
+    words = f"lbfgs-C{cfg.C:g}" if cfg.solver == "lbfgs" else f"{cfg.optimizer}-{cfg.epochs}ep"
+    return f"{words}-seed{cfg.seed}-{digest}"
+
+
+def destination(cfg) -> Path:
+    """Where fit-head saves the head ``cfg`` describes: --out, or --name (or its default name) in ``heads/`` beside
+    the training features. An existing head at a path asked for is refused unless --replace; under the default name
+    it is the same fit on the same features (refitting it gives the very same head)."""
+    asked = cfg.out or (store.head_path(cfg.features, cfg.name) if cfg.name else None)
+    if asked is not None and Path(asked).exists() and not cfg.replace_head:
+        raise FlowerfeatError(
+            f"{asked}: a head is already there; pass --replace to replace it, or another --{'out' if cfg.out else 'name'}"
+        )
+    fingerprint = store.read_meta(cfg.features)["fingerprint"]
+    return Path(asked) if asked is not None else store.head_path(cfg.features, head_name(cfg, fingerprint))

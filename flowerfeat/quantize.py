@@ -124,7 +124,8 @@ def make(trunk, preprocessing, settings: dict, calibration, keep, reporter) -> s
 
 def calibration_sample(split, preprocessing, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
     """The first ``n`` readable images of ``split``'s seeded stratified order, preprocessed: (N, 3, H, W), paths."""
-    from flowerfeat.data import BadImage, load_image, stratified_order
+    from flowerfeat.data import BadImage, load_image
+    from flowerfeat.layouts import stratified_order
 
     check_calibration(n, len(split.classes))
     transform, images, used = preprocessing.transform(), [], []

@@ -34,6 +34,12 @@ class Evaluation:
     paths: list[str]
     data_root: str
     provenance: dict = field(default_factory=dict)  # layer, weights, head settings and files behind these figures
+    split: str = "test"  # "test", or "validation" when the data set has no test split
+
+    @property
+    def label(self) -> str:
+        """``Test`` or ``Validation``: what the figures are measured on, as the textbook's lines say it."""
+        return self.split.capitalize()
 
     @property
     def correct(self) -> int:
@@ -72,7 +78,8 @@ class Evaluation:
 
 def evaluate(head: Head | str | Path, test: store.Features | str | Path | None = None) -> Evaluation:
     """Run a head over test features (centre crops only) after checking the two come from the same trunk;
-    ``test`` defaults to the ``test.h5`` beside the features the head was fitted on.
+    ``test`` defaults to the ``test.h5`` beside the features the head was fitted on, else (a data set with no test
+    split) the ``val.h5`` there: its figures are then called validation accuracy.
 
     Example::
 
@@ -82,15 +89,19 @@ def evaluate(head: Head | str | Path, test: store.Features | str | Path | None =
     """
     head = head if isinstance(head, Head) else Head.load(head)
     if test is None:
-        test = store.sibling_split(Path(head.meta["config"]["features"]), "test")
+        beside = Path(head.meta["config"]["features"])
+        test = store.sibling_split(beside, "test")
+        if not test.is_file() and store.sibling_split(beside, "val").is_file():
+            test = store.sibling_split(beside, "val")
     fs = test if isinstance(test, store.Features) else store.load_features(store.find_features(test, "test"))
     check_compatible(head, fs.meta, fs.path or "test features")
     keep = fs.views == 0
     x, y = fs.X[keep], fs.y[keep]
     loss, pred, probs = score(head.module, x, y)
     paths = [p for p, k in zip(fs.paths, keep) if k]
+    split = "validation" if fs.meta.get("split") == "val" else "test"
     return Evaluation(
-        list(fs.classes), y, pred, probs, loss, paths, fs.meta.get("data_root", ""), _provenance(head, fs)
+        list(fs.classes), y, pred, probs, loss, paths, fs.meta.get("data_root", ""), _provenance(head, fs), split
     )
 
 
@@ -104,23 +115,32 @@ def _provenance(head: Head, test: store.Features) -> dict:
         "weights_sha256": trunk.get("weights_sha256") or "",
         "precision": trunk.get("precision"),
         "head": str(head.path or ""),
-        "head_settings": {k: v for k, v in head.meta["config"].items() if k not in ("features", "out")},
+        "head_settings": _settings(head),
         "train_features": str(head.meta["config"].get("features", "")),
         "test_features": str(test.path or ""),
         "test_fingerprint": test.meta.get("fingerprint", ""),
     }
 
 
+def _settings(head: Head) -> dict:
+    """The head's settings as used: the options, with what it chose for those left to it (lr, dropout, average) and
+    what chose its epoch."""
+    used = {k: v for k, v in head.meta["config"].items() if k not in ("features", "out", "name", "replace_head")}
+    used.update({k: head.metrics[k] for k in ("lr", "dropout", "average", "validation") if k in head.metrics})
+    return used
+
+
 def textbook_lines(ev: Evaluation) -> list[str]:
     """The textbook's report, computed over every test row (its loop is only right for full batches)."""
-    lines = [f"Test Loss: {ev.loss:.6f}", ""]
+    t = ev.label
+    lines = [f"{t} Loss: {ev.loss:.6f}", ""]
     for name, (correct, total) in ev.per_class.items():
         if total:
-            lines.append(f"Test Accuracy of {name:>5}: {100 * correct // total:2d}% ({correct:2d}/{total:2d})")
+            lines.append(f"{t} Accuracy of {name:>5}: {100 * correct // total:2d}% ({correct:2d}/{total:2d})")
         else:
-            lines.append(f"Test Accuracy of {name:>5}: N/A (no test examples)")
-    lines += ["", f"Test Accuracy (Overall): {100 * ev.correct // max(ev.total, 1):2d}% ({ev.correct:2d}/{ev.total:2d})"]
-    return lines
+            lines.append(f"{t} Accuracy of {name:>5}: N/A (no {ev.split} examples)")
+    overall = f"{100 * ev.correct // max(ev.total, 1):2d}% ({ev.correct:2d}/{ev.total:2d})"
+    return lines + ["", f"{t} Accuracy (Overall): {overall}"]
 
 
 def confusion_lines(ev: Evaluation) -> list[str]:
@@ -214,7 +234,7 @@ def metrics(ev: Evaluation) -> dict:
         averages[f"{how} avg"] = {"precision": float(ap), "recall": float(ar), "f1": float(af), "support": ev.total}
     return {
         "loss": ev.loss,
-        "overall": {"accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total},
+        "overall": {"accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total, "split": ev.split},
         "per_class": per_class,
         **averages,
         "classes": ev.classes,
@@ -246,7 +266,7 @@ def confusion_figure(ev: Evaluation):
         shown.im_.set_clim(0, values.max() if values is cm else 1)
         ax.set(xlabel="predicted", ylabel="true")
         ax.set_title(title, fontsize=10)
-    fig.suptitle(f"Test accuracy {ev.accuracy:.1%} ({ev.correct}/{ev.total} images)")
+    fig.suptitle(f"{ev.label} accuracy {ev.accuracy:.1%} ({ev.correct}/{ev.total} images)")
     return fig
 
 

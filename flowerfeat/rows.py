@@ -4,6 +4,7 @@ and the validation split of a training file."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,7 @@ class Rows:
 
 def split_validation(labels: np.ndarray, paths: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of validation rows: scikit-learn's StratifiedShuffleSplit over images, so it is stratified by
-    class and all views of an image go together."""
+    class and all views of an image go together. What it cannot split is refused in words of the option."""
     mask = np.zeros(len(labels), bool)
     if fraction <= 0:
         return mask
@@ -110,10 +111,62 @@ def split_validation(labels: np.ndarray, paths: np.ndarray, fraction: float, see
     group_of: dict = {}  # (label, path) of an image -> its group index
     groups = np.array([group_of.setdefault((y, p), len(group_of)) for y, p in zip(labels.tolist(), paths.tolist())])
     group_labels = np.array([y for y, _p in group_of])
+    _check_fraction(group_labels, fraction)
     try:
         shuffle = StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
         _, val_groups = next(shuffle.split(np.zeros(len(group_labels)), group_labels))
-    except ValueError as e:  # too few images for a stratified split of this size
-        raise FlowerfeatError(f"--val-fraction {fraction}: {e}; raise it, or use 0") from None
+    except ValueError:  # what the checks above do not foresee; scikit-learn's words name a class index
+        raise FlowerfeatError(f"--val-fraction {fraction}: the training images cannot be split so; use 0") from None
     mask[np.isin(groups, val_groups)] = True
     return mask
+
+
+def _check_fraction(image_labels: np.ndarray, fraction: float) -> None:
+    n, counts = len(image_labels), np.bincount(image_labels)
+    counts = counts[counts > 0]
+    held = math.ceil(fraction * n)
+    if held < len(counts) or n - held < len(counts):
+        need = len(counts) / n
+        raise FlowerfeatError(
+            f"--val-fraction {fraction} holds out {held} of {n} training images; a stratified split needs at least "
+            f"one image of each of the {len(counts)} classes on each side: use {math.ceil(need * 100) / 100:g} to "
+            f"{1 - need:.2f}, or 0"
+        )
+    if counts.min() < 2:
+        raise FlowerfeatError(
+            f"--val-fraction {fraction}: a class has a single training image, which cannot be on both sides of a "
+            "stratified split; add images or use 0"
+        )
+
+
+@dataclass
+class Holdout:
+    """The images that choose the epoch: held out of the training file (``mask``, --val-fraction) or a validation
+    split's own file (mask all False); ``x``, ``y`` their rows (centre crops), ``source`` says which, in words."""
+
+    mask: np.ndarray  # (N,) bool: training rows held out
+    x: np.ndarray  # (V, D) float32
+    y: np.ndarray  # (V,) int64
+    source: str = ""
+
+
+def holdout(rows: Rows, cfg, validation: Path | store.Features | None = None) -> Holdout:
+    """The validation rows of a fit: --val-fraction of the training images when asked, else ``validation`` (the
+    data set's validation split), else none."""
+    if cfg.val_fraction > 0:
+        mask = split_validation(rows.labels, rows.paths(), cfg.val_fraction, cfg.seed)
+        idx = np.flatnonzero(mask)
+        return Holdout(mask, rows.take(idx), rows.labels[idx], f"--val-fraction {cfg.val_fraction:g} of the training "
+                       f"images ({len(idx)} rows)")  # fmt: skip
+    none = np.zeros(rows.n, bool)
+    if validation is None:
+        return Holdout(none, np.zeros((0, rows.dim), np.float32), np.zeros(0, np.int64))
+    val = validation if isinstance(validation, store.Features) else store.load_features(validation)
+    for key in ("model_key", "classes"):
+        if val.meta.get(key) != rows.meta.get(key):
+            raise FlowerfeatError(
+                f"{val.path}: the validation features' {key} differs from the training features' ({rows.name}); "
+                "extract both in one `flowerfeat features` run"
+            )
+    centre = val.views == 0
+    return Holdout(none, val.X[centre], val.y[centre], f"{val.path} ({int(centre.sum())} images)")

@@ -16,7 +16,7 @@ from flowerfeat import store
 from flowerfeat.config import FitConfig
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.heads import Head, LinearHead, score
-from flowerfeat.rows import Rows, epoch_windows, split_validation, window_rows
+from flowerfeat.rows import Holdout, Rows, epoch_windows, holdout, window_rows
 
 # --lr 0 (auto) sets Adam's lr to this over the mean L1 norm of a training row (a logit moves about this much a step).
 AUTO_LOGIT_STEP = 2.7
@@ -30,25 +30,23 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def fit(cfg: FitConfig, log: Callable[[str], None] = lambda s: None, train=None) -> tuple[FitResult, dict]:
-    """Train the head on ``train`` (loaded Features) or else the file ``cfg.features``; returns the result and the
-    features' metadata."""
+def fit(cfg: FitConfig, log: Callable[[str], None] = lambda s: None, train=None, validation=None):
+    """Train the head on ``train`` (loaded Features) or else the file ``cfg.features``, choosing its epoch on
+    ``validation`` (a validation split's features or file) or on --val-fraction of the training images; returns the
+    result and the features' metadata."""
     rows = Rows(train if train is not None else cfg.features, cfg.max_memory)
     try:
         meta = rows.meta
         if len(set(rows.labels.tolist())) < 2:
             raise FlowerfeatError(f"{rows.name}: features hold fewer than 2 classes; a classifier needs at least 2")
-        paths = rows.paths() if cfg.val_fraction > 0 else np.array([], object)  # only to group views
-        val = split_validation(rows.labels, paths, cfg.val_fraction, cfg.seed)
-        if cfg.val_fraction and not val.any():
-            raise FlowerfeatError(f"--val-fraction {cfg.val_fraction} leaves no validation image; raise it or use 0")
-        if cfg.solver == "lbfgs":
-            result = _fit_lbfgs(cfg, rows, val, log)
-        else:
-            result = _fit_sgd(cfg, rows, val, log)
+        hold = holdout(rows, cfg, validation)
+        if hold.source:
+            log(f"Validation: {hold.source}")
+        result = (_fit_lbfgs if cfg.solver == "lbfgs" else _fit_sgd)(cfg, rows, hold, log)
         result.metrics.update(
-            rows=int(rows.n), train_rows=int((~val).sum()), val_rows=int(val.sum()), streamed=bool(rows.streamed)
-        )
+            rows=int(rows.n), train_rows=int((~hold.mask).sum()), val_rows=len(hold.y), streamed=bool(rows.streamed),
+            validation=hold.source,
+        )  # fmt: skip
         return result, meta
     finally:
         rows.close()
@@ -83,8 +81,11 @@ def fit_head(
 
 
 def fit_config(cfg: FitConfig, log: Callable[[str], None] | None = None, train: store.Features | None = None) -> Head:
-    """The head ``cfg`` describes, fitted on ``train`` (loaded Features) or else the file ``cfg.features``."""
-    result, meta = fit(cfg, log or (lambda s: None), train)
+    """The head ``cfg`` describes, fitted on ``train`` (loaded Features) or else the file ``cfg.features``; the epoch
+    is chosen on the validation split's file beside it (val.h5) where there is one and no --val-fraction is asked."""
+    beside = store.sibling_split(cfg.features, "val")
+    validation = beside if not cfg.val_fraction and beside != Path(cfg.features) and beside.is_file() else None
+    result, meta = fit(cfg, log or (lambda s: None), train, validation)
     return Head.from_fit(result, meta, cfg)
 
 
@@ -129,8 +130,9 @@ def choose(cfg: FitConfig, meta: dict, mean_l1: float, n_rows: int = 0) -> Chose
     return Chosen(dropout, average, lr, why)
 
 
-def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
+def _fit_sgd(cfg: FitConfig, rows: Rows, hold: Holdout, log) -> FitResult:
     """``average`` runs of ``epochs`` each (run 0 is what a single run does), weights averaged."""
+    val = hold.mask
     n_classes = len(rows.meta["classes"])
     means, mean_l1 = rows.stats(~val, n_classes)
     chosen = choose(cfg, rows.meta, mean_l1, int((~val).sum()))
@@ -142,10 +144,10 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
     runs = []
     for run in range(chosen.average):  # runs after the first: their epoch lines only, each named by its run
         quiet, named = (lambda s: None), (lambda s, r=run: log(f"run {r + 1}/{chosen.average}: {s}"))
-        runs.append(_sgd_run(cfg, chosen, rows, val, means, run, *((log, log) if run == 0 else (quiet, named)), start))
+        runs.append(_sgd_run(cfg, chosen, rows, hold, means, run, *((log, log) if run == 0 else (quiet, named)), start))
     weight = torch.stack([r.weight for r in runs]).mean(0)
     bias = torch.stack([r.bias for r in runs]).mean(0)
-    metrics = {**runs[0].metrics, **_row_metrics(weight, bias, rows, val)}
+    metrics = {**runs[0].metrics, **_row_metrics(weight, bias, rows, hold)}
     metrics.update(lr=chosen.lr, dropout=chosen.dropout, average=chosen.average, chosen=chosen.why)
     if chosen.average > 1:
         log(f"Averaged {chosen.average} runs: train accuracy {metrics['train_acc']:.1%}" + (
@@ -153,33 +155,29 @@ def _fit_sgd(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
     return FitResult(weight, bias, metrics, [h for r in runs for h in r.history])
 
 
-def _row_metrics(weight, bias, rows: Rows, val: np.ndarray) -> dict:
-    """Loss and accuracy of a head on the training (and validation) rows, read window by window."""
-    sums = {"train": [0.0, 0, 0], "val": [0.0, 0, 0]}  # loss sum, correct, rows
+def _row_metrics(weight, bias, rows: Rows, hold: Holdout) -> dict:
+    """Loss and accuracy of a head on the training rows (read window by window) and the validation rows."""
+    loss_sum = correct = seen = 0
+    head = LinearHead.of(weight, bias)
     for start in range(0, rows.n, window_rows(rows.dim)):
         idx = np.arange(start, min(start + window_rows(rows.dim), rows.n))
-        for part, mask in (("train", ~val[idx]), ("val", val[idx])):
-            if mask.any():
-                y = rows.labels[idx[mask]]
-                loss, pred, _ = score(LinearHead.of(weight, bias), rows.take(idx[mask]), y)
-                acc = sums[part]
-                acc[0], acc[1], acc[2] = acc[0] + loss * len(y), acc[1] + int((pred == y).sum()), acc[2] + len(y)
-    out = {
-        "train_loss": sums["train"][0] / max(sums["train"][2], 1),
-        "train_acc": sums["train"][1] / max(sums["train"][2], 1),
-    }
-    if sums["val"][2]:
-        out.update(val_loss=sums["val"][0] / sums["val"][2], val_acc=sums["val"][1] / sums["val"][2])
+        idx = idx[~hold.mask[idx]]
+        if len(idx):
+            y = rows.labels[idx]
+            loss, pred, _ = score(head, rows.take(idx), y)
+            loss_sum, correct, seen = loss_sum + loss * len(y), correct + int((pred == y).sum()), seen + len(y)
+    out = {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
+    if len(hold.y):
+        loss, pred, _ = score(head, hold.x, hold.y)
+        out.update(val_loss=loss, val_acc=float((pred == hold.y).mean()))
     return out
 
 
-def _sgd_run(cfg: FitConfig, chosen: Chosen, rows: Rows, val: np.ndarray, means, run: int, log, say, start=None):
+def _sgd_run(cfg: FitConfig, chosen: Chosen, rows: Rows, hold: Holdout, means, run: int, log, say, start=None):
     """One run of ``epochs``; with a validation split, its best epoch. Run 0 draws what a single run always drew.
     ``log`` gets the running-loss lines, ``say`` each epoch's summary."""
     n_classes = len(rows.meta["classes"])
-    history, best = [], None
-    val_rows = np.flatnonzero(val)
-    val_x = rows.take(val_rows) if len(val_rows) else None
+    history, best, val = [], None, hold.mask
     stream = (cfg.seed, run) if run else cfg.seed  # run k > 0: its own shuffles and masks
     with torch.random.fork_rng(devices=[]):  # seeds the random init without touching the caller's RNG
         torch.manual_seed(cfg.seed + 7919 * run)
@@ -196,15 +194,15 @@ def _sgd_run(cfg: FitConfig, chosen: Chosen, rows: Rows, val: np.ndarray, means,
         for epoch in range(1, cfg.epochs + 1):
             entry = steps.epoch(epoch)
             weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
-            if val_x is not None:
-                vloss, vpred, _ = score(LinearHead.of(weight, bias), val_x, rows.labels[val_rows])
-                entry.update(val_loss=vloss, val_acc=float((vpred == rows.labels[val_rows]).mean()))
+            if len(hold.y):
+                vloss, vpred, _ = score(LinearHead.of(weight, bias), hold.x, hold.y)
+                entry.update(val_loss=vloss, val_acc=float((vpred == hold.y).mean()))
                 if best is None or entry["val_acc"] > best[0]["val_acc"]:
                     best = (entry, weight, bias)
             history.append({**entry, "run": run})
             say(_epoch_line(entry))
     entry, weight, bias = best if best is not None else (history[-1], weight, bias)
-    if val_x is not None:
+    if len(hold.y):
         say(f"Kept epoch {entry['epoch']} (best validation accuracy {entry['val_acc']:.1%})")
     return FitResult(weight, bias, {"best_epoch": entry["epoch"]}, history)
 
@@ -336,7 +334,7 @@ def _epoch_line(e: dict) -> str:
     return line + f" ({e['seconds']:.2f} s)"
 
 
-def _fit_lbfgs(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
+def _fit_lbfgs(cfg: FitConfig, rows: Rows, hold: Holdout, log) -> FitResult:
     """Full-batch multinomial logistic regression (scikit-learn's L-BFGS) with L2 strength 1/C."""
     from sklearn.linear_model import LogisticRegression
 
@@ -346,7 +344,7 @@ def _fit_lbfgs(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
             "memory (raise --max-memory or use the default --solver sgd, which streams)"
         )
     t0 = time.perf_counter()
-    x, y = rows.data[~val], rows.labels[~val]
+    x, y = rows.data[~hold.mask], rows.labels[~hold.mask]
     clf = LogisticRegression(C=cfg.C, max_iter=1000, random_state=cfg.seed)
     clf.fit(x, y)
     coef, intercept = clf.coef_, clf.intercept_
@@ -364,8 +362,8 @@ def _fit_lbfgs(cfg: FitConfig, rows: Rows, val: np.ndarray, log) -> FitResult:
         "train_acc": float((pred == y).mean()),
         "seconds": time.perf_counter() - t0,
     }
-    if val.any():
-        vloss, vpred, _ = score(LinearHead.of(weight, bias), rows.data[val], rows.labels[val])
-        entry.update(val_loss=vloss, val_acc=float((vpred == rows.labels[val]).mean()))
+    if len(hold.y):
+        vloss, vpred, _ = score(LinearHead.of(weight, bias), hold.x, hold.y)
+        entry.update(val_loss=vloss, val_acc=float((vpred == hold.y).mean()))
     log(_epoch_line(entry).replace("Epoch 1 done", f"L-BFGS done ({clf.n_iter_.max()} iterations)"))
     return FitResult(weight, bias, {"best_epoch": 1, **{k: v for k, v in entry.items() if k != "epoch"}}, [entry])

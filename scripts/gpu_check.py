@@ -114,7 +114,7 @@ def model_only(cfg: ExtractConfig, batch: int, iters: int = 20, compile: bool = 
 def raw_dataset(cfg: ExtractConfig, n: int | None = None, mode: str = "gpu"):
     """The dataset of the gpu (workers read bytes) or hybrid (workers decode) mode over the first ``n`` (default all)
     synthetic training files, with the preprocessing of ``cfg``'s model."""
-    from flowerfeat.data import scan_data
+    from flowerfeat.layouts import scan_data
     from flowerfeat.gpudecode import DecodedUnitDataset, RawUnitDataset
 
     split = scan_data(cfg.data, ("train",))["train"]

@@ -302,3 +302,10 @@ def vgg_trunk(layer: str = "fc7"):
 def vgg_preprocessing() -> dict:
     """VGG16's preprocessing as a feature file records it."""
     return VGG16().preprocessing(RANDOM).to_dict()
+
+
+def cached(out, data, trunk: str = TINY) -> Path:
+    """The cache folder of ``trunk`` for the data set ``data`` under ``out``: <out>/<data set>/<trunk>."""
+    from flowerfeat.store import dataset_tag
+
+    return Path(out) / dataset_tag(data) / trunk

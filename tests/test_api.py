@@ -70,9 +70,10 @@ def test_evaluation_to_dict_is_what_report_json_prints(files, tmp_path):
         app, ["report", "--features", str(files["test"]), "--head", str(tmp_path / "head.pt"), "--json"]
     )
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output) == json.loads(json.dumps(flowerfeat.evaluate(head, files["test"]).to_dict()))
+    assert json.loads(r.stdout) == json.loads(json.dumps(flowerfeat.evaluate(head, files["test"]).to_dict()))
     r = CliRunner().invoke(app, ["report", "--features", str(files["test"]), "--head", str(tmp_path / "head.pt")])
-    assert r.output.startswith(str(flowerfeat.evaluate(tmp_path / "head.pt", files["test"])))
+    assert r.output.splitlines()[0] == flowerfeat.Head.load(tmp_path / "head.pt").source_line()  # which head answers
+    assert r.output.split("\n", 1)[1].startswith(str(flowerfeat.evaluate(tmp_path / "head.pt", files["test"])))
 
 
 def test_bad_input_raises_the_clis_one_line_error(tmp_path):
@@ -155,14 +156,19 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     from nbclient import NotebookClient
 
-    data = make_folder(tmp_path / "flowers", {"train": 3, "test": 1})
+    project = tmp_path / "project"  # a checkout: Jupyter started in examples/, the data at the default data/...
+    (project / "examples").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("")
+    make_folder(project / "data" / "flower_photos", {"train": 3, "test": 1})
     nb = nbformat.read(ROOT / "examples" / "transfer_learning.ipynb", as_version=4)
-    env = {"FLOWERFEAT_DATA": data, "FLOWERFEAT_WEIGHTS": "none", "FLOWERFEAT_LAYER": "pool5-gap"}
-    env.update(FLOWERFEAT_OUT=tmp_path / "features", FLOWERFEAT_RUNS=tmp_path / "runs")
+    env = {"FLOWERFEAT_WEIGHTS": "none", "FLOWERFEAT_LAYER": "pool5-gap"}  # the data and out paths: the defaults
     old = dict(os.environ)
-    os.environ.update({k: str(v) for k, v in env.items()})  # the kernel inherits them
+    for name in ("FLOWERFEAT_DATA", "FLOWERFEAT_OUT"):
+        os.environ.pop(name, None)
+    os.environ.update(env)  # the kernel inherits them
     try:
-        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": tmp_path}}).execute()
+        where = {"metadata": {"path": project / "examples"}}
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources=where).execute()
     finally:
         os.environ.clear()
         os.environ.update(old)
@@ -170,6 +176,7 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     assert "Test Accuracy (Overall)" in text and "Epoch 2 done" in text and " -> " in text
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the training images and the sample results, inline
+    assert list((project / "data" / "features").glob("flower_photos-*/vgg16-pool5-gap-random/heads/notebook.pt"))
 
 
 def test_every_public_name_has_a_docstring_with_an_example():

@@ -59,7 +59,9 @@ def test_features_only_state_dict_serves_pool5_but_not_fc7(vgg, tmp_path):
     info = model.resolve_weights(str(path))
     assert info.kind == "file" and len(info.sha256) == 64
     torch.testing.assert_close(model.load_vgg16(info, "pool5").features[0].weight, vgg.features[0].weight)
-    with pytest.raises(FlowerfeatError, match=r"missing classifier\.0\.weight.*needed for --layer fc7 of vgg16"):
+    # the default layer (fc7) asked of a conv-only file: what the file serves, and the way out
+    with pytest.raises(FlowerfeatError, match=r"has the weights of --layer pool5 and pool5-gap but not of fc7 "
+                       r"\(no classifier\.0\.weight\); pass --layer pool5-gap"):  # fmt: skip
         model.load_vgg16(info, "fc7")
 
 

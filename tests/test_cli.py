@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from flowerfeat.cli import app
-from conftest import RANDOM, blobs, make_folder, write_features
+from conftest import RANDOM, blobs, cached, make_folder, vgg_preprocessing, write_features
 
 runner = CliRunner()
 
@@ -26,16 +26,17 @@ def test_features_fit_report_end_to_end_with_vgg16(tmp_path):
     feats, head = tmp_path / "features", tmp_path / "runs" / "head.pt"
     r = run("features", "--data", data, "--out", feats, "--weights", "none", "--batch-size", "6", "--workers", "0")
     assert r.exit_code == 0, r.output
-    assert re.search(r"train: 12 extracted -> .*vgg16-fc7-random/train\.h5 \(12 rows\)", r.output)
+    assert re.search(r"train: 12 extracted -> .*/flowers-\w{8}/vgg16-fc7-random/train\.h5 \(12 rows\)", r.output)
     r = run("features", "--data", data, "--out", feats, "--weights", "none")
     assert r.exit_code == 0 and "train: up to date" in r.output and "test: up to date" in r.output
-    feats = feats / "vgg16-fc7-random"
+    feats = cached(feats, data, "vgg16-fc7-random")
     r = run("fit-head", "--features", feats / "train.h5", "--out", head, "--epochs", "2", "--batch-size", "4")
     assert r.exit_code == 0, r.output
     assert "Epoch 2 done" in r.output and f"Saved head to {head}" in r.output
     r = run("report", "--features", feats / "test.h5", "--head", head, "--figures", tmp_path / "fig")
     assert r.exit_code == 0, r.output
-    assert r.output.startswith("Test Loss: ")
+    assert r.output.startswith(f"head {head}: vgg16 fc7, 3 classes (daisy, roses, tulips), data set {data}, fitted ")
+    assert r.output.splitlines()[1].startswith("Test Loss: ")
     assert re.search(r"Test Accuracy of daisy: +\d+% \( ?\d/ 2\)", r.output)
     assert re.search(r"Test Accuracy \(Overall\): +\d+% \( ?\d/ 6\)", r.output)
     assert "Confusion matrix" in r.output and (tmp_path / "fig" / "confusion_matrix.png").stat().st_size > 1000
@@ -62,13 +63,17 @@ STRUCTURAL = [
         lambda t: ["features", "--data", t / "nope"],
         "data folder not found; run `flowerfeat download`",
     ),
-    ("no test split", lambda t: ["features", "--data", _rm(_data(t) / "test")], "no 'test' folder"),
+    (
+        "no test split",
+        lambda t: ["features", "--data", _rm(_data(t) / "test"), "--split", "train", "--split", "test"],
+        "no test split (found: train/); pass --split train",
+    ),
     ("split without images", lambda t: ["features", "--data", _empty_split(_data(t))], "no class folders"),
     ("empty class folder", lambda t: ["features", "--data", _empty_class(_data(t))], "class folder has no images"),
     (
         "classes differ",
         lambda t: ["features", "--data", _rename_class(_data(t))],
-        "classes differ from the other split",
+        "class folder(s) rose are not in the training split (nothing to learn them from)",
     ),
     (
         "output not writable",
@@ -113,7 +118,7 @@ STRUCTURAL = [
     (
         "report: a directory given as the head",
         lambda t: ["report", "--head", t, "--features", _other(t)],
-        "no head.pt here; run `flowerfeat fit-head` first",
+        "no head here; run `flowerfeat fit-head` first",
     ),
 ]
 
@@ -210,7 +215,7 @@ def test_strict_exits_1_when_an_image_was_skipped(tmp_path):
         "--strict",
     )
     assert r.exit_code == 1 and "1 unreadable image(s) skipped" in r.output and "broken.jpg: empty file" in r.output
-    assert (tmp_path / "f" / "vgg16-pool5-gap-random" / "train.h5").exists()  # the finished work is kept
+    assert (cached(tmp_path / "f", data, "vgg16-pool5-gap-random") / "train.h5").exists()  # finished work is kept
 
 
 def test_every_command_has_help_with_an_example():
@@ -267,22 +272,25 @@ def test_progress_goes_to_a_log_as_plain_lines(tmp_path):
 
 
 def test_fit_head_report_predict_pick_the_latest_cache_or_the_layer_asked(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # heads go to data/runs/<features folder>/ by default
+    monkeypatch.chdir(tmp_path)  # heads go to heads/ beside their features by default
     data = make_folder(tmp_path / "d", {"train": 3, "test": 1})
     _features(data, "data/features", "--layer", "pool5-gap")
     _features(data, "data/features", "--layer", "pool5")
     r = run("fit-head")  # the latest extraction: pool5
-    assert r.exit_code == 0 and "Saved head to data/runs/vgg16-pool5-random/head.pt (vgg16 pool5, 25088-d" in r.output, r.output
+    saved = cached("data/features", data, "vgg16-pool5-random") / "heads"
+    assert r.exit_code == 0 and f"Saved head to {saved}/adam-2ep-seed0-" in r.output and "(vgg16 pool5, 25088-d" in r.output
     r = run("fit-head", "--layer", "pool5-gap")
-    assert r.exit_code == 0 and "data/runs/vgg16-pool5-gap-random/head.pt (vgg16 pool5-gap, 512-d" in r.output, r.output
+    saved = cached("data/features", data, "vgg16-pool5-gap-random") / "heads"
+    assert r.exit_code == 0 and f"Saved head to {saved}/adam-2ep" in r.output and "(vgg16 pool5-gap, 512-d" in r.output
     for layer in ("pool5", "pool5-gap"):  # each cache and each head are still there
         r = run("report", "--layer", layer, "--json")
-        assert r.exit_code == 0 and json.loads(r.output)["overall"]["total"] == 3, r.output
+        assert r.exit_code == 0 and json.loads(r.stdout)["overall"]["total"] == 3, r.output
+        assert r.stderr.startswith(f"head data/features/d-") and f"vgg16 {layer}, 3 classes" in r.stderr
     r = run("report")  # the head saved last: pool5-gap's, with the test file beside its training features
-    assert r.exit_code == 0 and r.output.startswith("Test Loss: "), r.output
+    assert r.exit_code == 0 and r.output.startswith("head data/features/") and "\nTest Loss: " in r.output, r.output
     r = run("predict", data / "test", "--layer", "pool5")
-    assert r.exit_code == 0 and len([s for s in r.output.splitlines() if "test_" in s]) == 3, r.output
-    assert run("report", "--layer", "fc7").output.startswith("error: data/runs: no head fitted on features of --layer fc7")
+    assert r.exit_code == 0 and len([s for s in r.output.splitlines() if s.startswith(str(data))]) == 3, r.output
+    assert run("report", "--layer", "fc7").output.startswith("error: data/features: no head fitted on features of --layer fc7")
 
 
 def test_predict_finds_the_weights_file_the_head_remembers(tmp_path, monkeypatch):
@@ -299,10 +307,48 @@ def test_predict_finds_the_weights_file_the_head_remembers(tmp_path, monkeypatch
     assert r.exit_code == 0, r.output
     assert run("fit-head").exit_code == 0
     r = run("predict", data / "test")  # no --weights: found at the recorded path, sha256 checked
-    assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 3, r.output
+    assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 1 + 3, r.output  # the head, then the images
     weights.rename(tmp_path / "moved.pth")
     r = run("predict", data / "test")
     sha = sha256_file(tmp_path / "moved.pth")
     assert r.exit_code == 2 and f"weights vgg16_conv.pth (sha256 {sha}), no longer at {weights}" in r.output
     assert "pass --weights PATH" in r.output
     assert run("predict", data / "test", "--weights", tmp_path / "moved.pth").exit_code == 0
+
+
+def test_help_keeps_the_extras_names():
+    out = run("features", "--help").output
+    assert "the [timm] extra" in out and "the [onnx] extra" in out  # brackets are text, not markup
+
+
+def test_a_refused_run_leaves_nothing_behind(tmp_path):
+    """The trunk is refused after the scan (a file without the cut's weights): no cache folder, no lock file."""
+    from flowerfeat.backbones.vgg import VGG16
+
+    torch.save({k: v for k, v in VGG16().load_vgg16(RANDOM, "pool5").state_dict().items()
+                if k.startswith("features.")}, tmp_path / "conv.pth")  # fmt: skip
+    r = run("features", "--data", _data(tmp_path), "--out", tmp_path / "f", "--weights", tmp_path / "conv.pth")
+    assert r.exit_code == 2 and "pass --layer pool5-gap" in r.output, r.output
+    assert not (tmp_path / "f").exists() or not any((tmp_path / "f").rglob("*")), list((tmp_path / "f").rglob("*"))
+
+
+def test_predict_with_nothing_readable_exits_1(tmp_path):
+    head = _trained_head(tmp_path, preprocessing=vgg_preprocessing())
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(b"not an image")
+    r = run("predict", tmp_path / "imgs", "--head", head)
+    assert r.exit_code == 1 and "none of the 1 image(s) could be read" in r.output, r.output
+
+
+def test_report_json_records_the_settings_used(tmp_path):
+    head = _trained_head(tmp_path)
+    r = run("report", "--head", head, "--features", _other(tmp_path), "--json")
+    settings = json.loads(r.stdout)["provenance"]["head_settings"]
+    assert settings["lr"] > 0 and settings["dropout"] == 0.5  # chosen from the features, not the options' 0 / None
+
+
+def test_a_class_list_is_never_cut_mid_word(tmp_path):
+    names = tuple(f"a_rather_long_class_name_{i}" for i in range(6))
+    head = _trained_head(tmp_path)
+    r = run("report", "--head", head, "--features", _other(tmp_path, classes=names[:3]))
+    assert r.exit_code == 2 and "'a_rather_long_class_name_0', 'a_rather_long_class_name_1', ... +1 more]" in r.output

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import flowerfeat
-from flowerfeat import comparison
+from flowerfeat import comparison, store
 from flowerfeat.cli import app
 from conftest import make_folder
 
@@ -81,3 +81,38 @@ def test_cli_prints_the_table_json_and_figure(photos, tmp_path):
     r = CliRunner().invoke(app, ["compare", "--data", str(photos), "--weights", "vgg16"])
     assert r.exit_code == 2 and "--weights takes MODEL=PATH" in r.output
 
+
+
+def test_one_candidate_takes_a_bare_weights_path(photos, tmp_path):
+    torch = pytest.importorskip("torch")
+    from conftest import TinyTrunk
+
+    torch.save(TinyTrunk().state_dict(), tmp_path / "tiny.pth")
+    args = ["compare", "--data", photos, "--model", "tiny", "--weights", tmp_path / "tiny.pth", "--sample", "12",
+            "--folds", "3", "--out", tmp_path / "c", "--json"]  # fmt: skip
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    assert not json.loads(r.stdout)["rows"][0]["error"]
+    assert "tiny-grid-tiny-" in str(store.cache_folders(tmp_path / "c")[0])  # the file's weights, not random ones
+
+
+def test_the_figure_keeps_its_labels_apart_and_inside(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    rows = [comparison.Row("a", "timm:tf_efficientnet_lite0", "pre-logits", 1280, 0.93, 0.01, 0.94, 0.01, 0.95),
+            comparison.Row("b", "vgg16", "pool5-gap", 512, 0.88, 0.02, 0.89, 0.02, 0.52),
+            comparison.Row("c", "convnext_tiny", "pool", 768, 0.80, 0.02, 0.81, 0.02, 0.7)]  # fmt: skip
+    comparison.mark_front(rows)
+    fig = comparison.figure(comparison.Comparison(rows, 100, 1000, 5, 1.0, tmp_path))
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    ax = fig.axes[0]
+    ticks = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_visible() and t.get_text()]
+    assert len(ticks) >= 2 and all(not a.overlaps(b) for i, a in enumerate(ticks) for b in ticks[i + 1 :])
+    frame = fig.bbox
+    texts = [*ax.texts, *fig.legends[0].get_texts()]
+    assert all(frame.x0 <= t.get_window_extent(renderer).x0 and t.get_window_extent(renderer).x1 <= frame.x1
+               for t in texts)  # fmt: skip
+    assert any("timm:tf_efficientnet_lite0 pre-logits" in t.get_text() for t in fig.legends[0].get_texts())
+    front = fig.legends[0].legend_handles[-1]
+    assert front.get_linestyle() == "--" and front.get_visible()

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowerfeat.data import BadImage, load_image, scan_data
+from flowerfeat.data import BadImage, load_image
+from flowerfeat.layouts import scan_data
 from flowerfeat.errors import FlowerfeatError
 from conftest import exif_rotated_jpeg, make_folder, make_image, png_bytes, write_corpus
 
@@ -39,15 +40,15 @@ def test_hidden_and_non_image_files_are_ignored(folder):
     [
         (lambda r: r.rename(r.parent / "elsewhere"), "data folder not found"),
         (lambda r: shutil.rmtree(r) or r.write_text("x"), "is a file, not a data folder or a .csv; run"),
-        (lambda r: (r / "test").rename(r / "tst"), "no 'test' folder"),
+        (lambda r: (r / "test").rename(r / "tst"), r"no test split \(found: train/\); pass --split train"),
         (lambda r: [p.unlink() for p in (r / "train" / "roses").iterdir()], "class folder has no images"),
-        (lambda r: (r / "test" / "roses").rename(r / "test" / "rose"), "classes differ"),
+        (lambda r: (r / "test" / "roses").rename(r / "test" / "rose"), "class folder.s. rose are not in the training"),
     ],
 )
 def test_structural_errors_name_the_path(folder, breakage, message):
     breakage(folder)
     with pytest.raises(FlowerfeatError, match=message):
-        scan_data(folder)
+        scan_data(folder, ("train", "test"))
 
 
 def test_bad_image_corpus(tmp_path):
@@ -111,12 +112,13 @@ def test_a_flat_folder_is_split_stratified_and_by_file_name(tmp_path):
 
 def test_flat_and_train_only_folders_say_how_to_split_them(tmp_path):
     root = _flat(tmp_path / "flat")
-    with pytest.raises(FlowerfeatError, match="no train/ and test/; pass --test-fraction 0.2 .* or --split train"):
+    with pytest.raises(FlowerfeatError, match="class folders at the top, no train/, val/ .*; pass --test-fraction 0.2 .* or --split train"):
         scan_data(root)
     assert len(scan_data(root, ("train",))["train"].items) == 21  # all for training
     tonly = make_folder(tmp_path / "tonly", {"train": 4})
-    with pytest.raises(FlowerfeatError, match="no 'test' folder; pass --split train .* or --test-fraction 0.2"):
-        scan_data(tonly)
+    assert list(scan_data(tonly)) == ["train"]  # every split it has
+    with pytest.raises(FlowerfeatError, match=r"no test split \(found: train/\); pass --split train .* or --test-fraction 0.2"):
+        scan_data(tonly, ("train", "test"))
     carved = scan_data(tonly, test_fraction=0.25)
     assert [len(carved[s].items) for s in ("train", "test")] == [9, 3] and carved["test"].layout == "folders"
     with pytest.raises(FlowerfeatError, match="has its own test/ folder; drop --test-fraction"):

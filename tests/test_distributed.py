@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 
 from flowerfeat import store
-from conftest import TINY, make_folder
+from conftest import cached, make_folder
 
 SCRIPT = str(Path(__file__).parent / "slow_extract.py")
 
@@ -63,11 +63,11 @@ def test_two_rank_extraction_equals_one_process(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rank 1:" in r.stdout and "rank 0:" in r.stdout
     for split in ("train", "test"):
-        assert_same(tmp_path / "one" / TINY / f"{split}.h5", tmp_path / "two" / TINY / f"{split}.h5")
-    assert store.read_skipped(tmp_path / "two" / TINY / "train.h5") == [
+        assert_same(cached(tmp_path / "one", data) / f"{split}.h5", cached(tmp_path / "two", data) / f"{split}.h5")
+    assert store.read_skipped(cached(tmp_path / "two", data) / "train.h5") == [
         ("train/roses/broken.jpg", "not an image Pillow can read")
     ]
-    assert not list((tmp_path / "two" / TINY).glob("*.partial"))
+    assert not list(cached(tmp_path / "two", data).glob("*.partial"))
 
 
 def test_killed_torchrun_job_resumes_to_the_same_file(tmp_path):
@@ -75,14 +75,14 @@ def test_killed_torchrun_job_resumes_to_the_same_file(tmp_path):
     subprocess.run([sys.executable, SCRIPT, str(data), str(tmp_path / "one")], check=True, capture_output=True)
     job = torchrun(data, tmp_path / "two", slow="0.3", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    progress = list((tmp_path / "two" / TINY).glob("train.h5.partial/rank*/progress.json"))
+    progress = list(cached(tmp_path / "two", data).glob("train.h5.partial/rank*/progress.json"))
     while time.monotonic() < deadline and not any('"batches": 0' not in p.read_text() for p in progress):
         time.sleep(0.1)
-        progress = list((tmp_path / "two" / TINY).glob("train.h5.partial/rank*/progress.json"))
+        progress = list(cached(tmp_path / "two", data).glob("train.h5.partial/rank*/progress.json"))
     _kill_all(str(tmp_path / "two"))  # torchrun and every rank die at once
     job.wait()
-    assert not (tmp_path / "two" / TINY / "train.h5").exists()
+    assert not (cached(tmp_path / "two", data) / "train.h5").exists()
     r = torchrun(data, tmp_path / "two")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed" in r.stdout
-    assert_same(tmp_path / "one" / TINY / "train.h5", tmp_path / "two" / TINY / "train.h5")
+    assert_same(cached(tmp_path / "one", data) / "train.h5", cached(tmp_path / "two", data) / "train.h5")

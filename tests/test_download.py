@@ -21,7 +21,7 @@ def make_archive(path, members: dict[str, bytes]):
 
 
 def test_split_is_deterministic_and_15_percent():
-    from flowerfeat.data import held_out
+    from flowerfeat.layouts import held_out
 
     names = [f"{i}_photo_{i * 7919 % 10007}.jpg" for i in range(4000)]
     first = held_out(names, download.TEST_FRACTION)
@@ -37,7 +37,7 @@ def test_download_lays_out_train_and_test(tmp_path):
     assert counts["train"] + counts["test"] == 80 and counts["test"] > 0
     for split in ("train", "test"):
         assert sorted(p.name for p in (tmp_path / "out" / split).iterdir()) == ["daisy", "roses"]
-    from flowerfeat.data import held_out
+    from flowerfeat.layouts import held_out
 
     test_names = {p.name for p in (tmp_path / "out" / "test").rglob("*.jpg")}
     names = [n.split("/")[-1] for n in members if n.endswith(".jpg")]

@@ -37,7 +37,7 @@ def test_torchvision_format_is_vgg16_with_the_layer_in_classifier_6(tmp_path):
     head = _head(tmp_path, 4096)
     r = runner.invoke(app, ["export", str(tmp_path / "vgg.pth"), "--head", str(head)])
     assert r.exit_code == 0 and "(torchvision)" in r.output, r.output
-    side = json.loads((tmp_path / "vgg.json").read_text())
+    side = json.loads((tmp_path / "vgg.pth.json").read_text())
     assert side["classes"] == ["daisy", "roses", "tulips"] and side["preprocessing"]["crop_size"] == [224]
     model = torchvision.models.vgg16(num_classes=3)  # plain torchvision, no flowerfeat involved
     model.load_state_dict(torch.load(tmp_path / "vgg.pth", weights_only=True))
@@ -97,22 +97,28 @@ def _inputs(images) -> torch.Tensor:
     return torch.stack([vgg_transform()(load_image(p)) for p in images])  # as the JSON describes
 
 
-@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
-def test_pt2_and_onnx_give_predicts_probabilities(pool5_gap, tmp_path, suffix):
-    head, images = pool5_gap
-    r = runner.invoke(app, ["export", str(tmp_path / f"m{suffix}"), "--head", str(head)])
-    assert r.exit_code == 0, r.output
-    side = json.loads((tmp_path / "m.json").read_text())
-    assert side["format"] == suffix[1:] and side["output"]["is"] == "probabilities" and side["layer"] == "pool5-gap"
-    x = _inputs(images)
-    if suffix == ".pt2":
-        got = torch.export.load(tmp_path / "m.pt2").module()(x).detach().numpy()
-    else:
-        import onnxruntime
+def test_pt2_and_onnx_give_predicts_probabilities_and_describe_themselves(pool5_gap, tmp_path):
+    import onnx
+    import onnxruntime
 
-        got = onnxruntime.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": x.numpy()})[0]
-    np.testing.assert_allclose(got, _predicted(head, images), atol=1e-4, rtol=0)
-    assert got.shape == (len(images), 3)
+    head, images = pool5_gap
+    x = _inputs(images)
+    for suffix in (".pt2", ".onnx"):  # the same name, two formats: each keeps its own description
+        r = runner.invoke(app, ["export", str(tmp_path / f"m{suffix}"), "--head", str(head)])
+        assert r.exit_code == 0, r.output
+        assert r.output.startswith(f"head {head}: vgg16 pool5-gap")  # which head was exported
+    for suffix in (".pt2", ".onnx"):
+        side = json.loads((tmp_path / f"m{suffix}.json").read_text())
+        assert side["format"] == suffix[1:] and side["file"] == f"m{suffix}" and side["layer"] == "pool5-gap"
+        assert side["output"]["is"] == "probabilities"
+    got = {".pt2": torch.export.load(tmp_path / "m.pt2").module()(x).detach().numpy()}
+    got[".onnx"] = onnxruntime.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": x.numpy()})[0]
+    for probabilities in got.values():
+        np.testing.assert_allclose(probabilities, _predicted(head, images), atol=1e-4, rtol=0)
+        assert probabilities.shape == (len(images), 3)
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx"), load_external_data=False).metadata_props}
+    assert json.loads(props["classes"]) == ["daisy", "roses", "tulips"]  # the output's order, in the file itself
+    assert json.loads(props["preprocessing"])["crop_size"] == [224]
 
 
 def test_a_pt2_model_loads_in_a_process_without_flowerfeat(pool5_gap, tmp_path):

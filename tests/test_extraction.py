@@ -10,7 +10,7 @@ import pytest
 
 from flowerfeat import FORMAT_VERSION, store
 from flowerfeat.errors import FlowerfeatError
-from conftest import TINY, TinyTrunk, extract, tiny_runs, write_corpus
+from conftest import TINY, cached, TinyTrunk, extract, tiny_runs, write_corpus
 
 
 def datasets(path):
@@ -21,7 +21,7 @@ def datasets(path):
 def test_schema_shapes_dtypes_and_attributes(folder, tmp_path):
     res = extract(folder, tmp_path / "f")
     assert res["train"].status == "extracted" and res["train"].rows == 18 and res["test"].rows == 9
-    with h5py.File(tmp_path / "f" / TINY / "train.h5", "r") as f:  # plain h5py reads everything
+    with h5py.File(cached(tmp_path / "f", folder) / "train.h5", "r") as f:  # plain h5py reads everything
         assert f["features"].shape == (18, 24) and f["features"].dtype == np.float32
         assert f["labels"].dtype == np.int64 and f["labels"][...].tolist() == [0] * 6 + [1] * 6 + [2] * 6
         assert f["paths"][0].decode() == "train/daisy/train_daisy_0.jpg"
@@ -41,15 +41,15 @@ def test_schema_shapes_dtypes_and_attributes(folder, tmp_path):
             assert key in f.attrs, key
         assert '"crop_size": [224]' in f.attrs["preprocessing"]
         assert np.isfinite(f["features"][...]).all() and f["features"][...].std() > 0
-    assert not (tmp_path / "f" / TINY / "train.h5.partial").exists()
+    assert not (cached(tmp_path / "f", folder) / "train.h5.partial").exists()
 
 
 def test_second_run_does_nothing(folder, tmp_path):
     extract(folder, tmp_path / "f")
-    before = (tmp_path / "f" / TINY / "train.h5").stat().st_mtime_ns
+    before = (cached(tmp_path / "f", folder) / "train.h5").stat().st_mtime_ns
     res = extract(folder, tmp_path / "f")
     assert res["train"].status == "up to date" and res["train"].computed == 0
-    assert (tmp_path / "f" / TINY / "train.h5").stat().st_mtime_ns == before
+    assert (cached(tmp_path / "f", folder) / "train.h5").stat().st_mtime_ns == before
 
 
 def test_added_and_removed_images_extract_only_the_difference(folder, tmp_path):
@@ -60,7 +60,7 @@ def test_added_and_removed_images_extract_only_the_difference(folder, tmp_path):
     assert res["train"].status == "updated" and res["train"].computed == 1 and res["test"].status == "up to date"
     fresh = extract(folder, tmp_path / "fresh")
     assert fresh["train"].computed == 18
-    a, b = datasets(tmp_path / "f" / TINY / "train.h5"), datasets(tmp_path / "fresh" / TINY / "train.h5")
+    a, b = datasets(cached(tmp_path / "f", folder) / "train.h5"), datasets(cached(tmp_path / "fresh", folder) / "train.h5")
     assert list(a["paths"]) == list(b["paths"])
     np.testing.assert_allclose(a["features"], b["features"], rtol=1e-6, atol=1e-6)
 
@@ -69,7 +69,7 @@ def test_changed_setting_reextracts_and_says_why(folder, tmp_path):
     extract(folder, tmp_path / "f")
     res = extract(folder, tmp_path / "f", dtype="float16")
     assert res["train"].computed == 18 and "dtype float32 -> float16" in res["train"].reason
-    with h5py.File(tmp_path / "f" / TINY / "train.h5", "r") as f:
+    with h5py.File(cached(tmp_path / "f", folder) / "train.h5", "r") as f:
         assert f["features"].dtype == np.float16
 
 
@@ -77,19 +77,19 @@ def test_float16_storage_round_trip(folder, tmp_path):
     extract(folder, tmp_path / "a")
     extract(folder, tmp_path / "b", dtype="float16")
     a, b = (
-        store.load_features(tmp_path / "a" / TINY / "train.h5"),
-        store.load_features(tmp_path / "b" / TINY / "train.h5"),
+        store.load_features(cached(tmp_path / "a", folder) / "train.h5"),
+        store.load_features(cached(tmp_path / "b", folder) / "train.h5"),
     )
     assert b.X.dtype == np.float32  # loaded as float32
     np.testing.assert_allclose(b.X, a.X, rtol=1e-3, atol=1e-3)
-    assert (tmp_path / "b" / TINY / "train.h5").stat().st_size < (tmp_path / "a" / TINY / "train.h5").stat().st_size
+    assert (cached(tmp_path / "b", folder) / "train.h5").stat().st_size < (cached(tmp_path / "a", folder) / "train.h5").stat().st_size
 
 
 def test_bad_images_are_skipped_recorded_and_the_run_goes_on(folder, tmp_path):
     expected = write_corpus(folder / "train" / "daisy")
     res = extract(folder, tmp_path / "f")
     bad = {name for name, outcome in expected.items() if outcome != "ok"}
-    skipped = store.read_skipped(tmp_path / "f" / TINY / "train.h5")
+    skipped = store.read_skipped(cached(tmp_path / "f", folder) / "train.h5")
     assert {p.split("/")[-1] for p, _ in skipped} == {
         n.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for n in bad
     }
@@ -103,24 +103,24 @@ def test_bad_images_are_skipped_recorded_and_the_run_goes_on(folder, tmp_path):
 def test_augmented_views_are_cached_for_train_only(folder, tmp_path):
     extract(folder, tmp_path / "f", views=2)
     tr, te = (
-        store.load_features(tmp_path / "f" / TINY / "train.h5"),
-        store.load_features(tmp_path / "f" / TINY / "test.h5"),
+        store.load_features(cached(tmp_path / "f", folder) / "train.h5"),
+        store.load_features(cached(tmp_path / "f", folder) / "test.h5"),
     )
     assert len(tr.y) == 18 * 3 and tr.views.tolist()[:3] == [0, 1, 2] and tr.meta["views"] == 2
     assert len(te.y) == 9 and te.meta["views"] == 0
     assert not np.allclose(tr.X[0], tr.X[1])  # a view differs from the centre crop
     again = extract(folder, tmp_path / "g", views=2)  # seeded: same views again
     assert again["train"].rows == 54
-    np.testing.assert_array_equal(tr.X, store.load_features(tmp_path / "g" / TINY / "train.h5").X)
+    np.testing.assert_array_equal(tr.X, store.load_features(cached(tmp_path / "g", folder) / "train.h5").X)
 
 
 def test_a_second_run_on_the_same_output_is_refused(folder, tmp_path):
     out = tmp_path / "f"
-    (out / TINY).mkdir(parents=True)
-    with store.exclusive_lock(out / TINY, "features-rank0of1"):
+    cached(out, folder).mkdir(parents=True)
+    with store.exclusive_lock(cached(out, folder), "features-rank0of1"):
         with pytest.raises(FlowerfeatError, match="another flowerfeat run is writing here"):
             extract(folder, out)
-    assert not (out / TINY / "train.h5").exists() and not (out / TINY / "train.h5.partial").exists()
+    assert not (cached(out, folder) / "train.h5").exists() and not (cached(out, folder) / "train.h5.partial").exists()
 
 
 def test_unwritable_output_is_refused_before_work(folder, tmp_path):
@@ -150,14 +150,14 @@ def test_a_crash_mid_run_keeps_finished_batches_and_resumes(folder, tmp_path):
 
     with pytest.raises(RuntimeError, match="worker died"), tiny_runs(Crashes):
         extract(folder, tmp_path / "f")
-    progress = (tmp_path / "f" / TINY / "train.h5.partial" / "rank0of1" / "progress.json").read_text()
-    assert '"batches": 2' in progress and not (tmp_path / "f" / TINY / "train.h5").exists()
+    progress = (cached(tmp_path / "f", folder) / "train.h5.partial" / "rank0of1" / "progress.json").read_text()
+    assert '"batches": 2' in progress and not (cached(tmp_path / "f", folder) / "train.h5").exists()
     res = extract(folder, tmp_path / "f")
     assert res["train"].status == "resumed" and res["train"].computed == 18 - 8
     extract(folder, tmp_path / "fresh")
     np.testing.assert_array_equal(
-        datasets(tmp_path / "f" / TINY / "train.h5")["features"],
-        datasets(tmp_path / "fresh" / TINY / "train.h5")["features"],
+        datasets(cached(tmp_path / "f", folder) / "train.h5")["features"],
+        datasets(cached(tmp_path / "fresh", folder) / "train.h5")["features"],
     )
 
 
@@ -167,7 +167,7 @@ def test_disk_full_is_one_line_and_resumable(folder, tmp_path, monkeypatch):
     from flowerfeat import cli
 
     def full(*a, **k):
-        raise OSError(28, "No space left on device", str(tmp_path / "f" / TINY / "train.h5.partial"))
+        raise OSError(28, "No space left on device", str(cached(tmp_path / "f", folder) / "train.h5.partial"))
 
     monkeypatch.setattr(store.ShardLog, "append", full)
     r = CliRunner().invoke(
@@ -180,22 +180,22 @@ def test_disk_full_is_one_line_and_resumable(folder, tmp_path, monkeypatch):
 
 def test_compression_rewrites_from_cached_rows(folder, tmp_path):
     extract(folder, tmp_path / "f")
-    plain = datasets(tmp_path / "f" / TINY / "train.h5")["features"]
+    plain = datasets(cached(tmp_path / "f", folder) / "train.h5")["features"]
     res = extract(folder, tmp_path / "f", compression="lzf")
     assert res["train"].computed == 0 and res["train"].status == "updated" and "compression" in res["train"].reason
-    with h5py.File(tmp_path / "f" / TINY / "train.h5", "r") as f:
+    with h5py.File(cached(tmp_path / "f", folder) / "train.h5", "r") as f:
         assert f["features"].compression == "lzf"
         np.testing.assert_array_equal(f["features"][...], plain)
 
 
 def test_a_file_with_an_older_fingerprint_is_rewritten_from_its_rows(folder, tmp_path):
     extract(folder, tmp_path / "f")
-    before = datasets(tmp_path / "f" / TINY / "train.h5")["features"]
-    with h5py.File(tmp_path / "f" / TINY / "train.h5", "r+") as f:
+    before = datasets(cached(tmp_path / "f", folder) / "train.h5")["features"]
+    with h5py.File(cached(tmp_path / "f", folder) / "train.h5", "r+") as f:
         f.attrs["fingerprint"] = "written-by-an-older-flowerfeat"
     res = extract(folder, tmp_path / "f")
     assert res["train"].computed == 0 and "older fingerprint" in res["train"].reason
-    np.testing.assert_array_equal(datasets(tmp_path / "f" / TINY / "train.h5")["features"], before)
+    np.testing.assert_array_equal(datasets(cached(tmp_path / "f", folder) / "train.h5")["features"], before)
 
 
 def test_broken_links_are_skipped_and_recorded_links_to_images_extracted(folder, tmp_path):
@@ -215,11 +215,12 @@ def test_each_layer_and_weights_keeps_its_own_cache(folder, tmp_path):
     b = extract(folder, tmp_path / "f", layer="grid")
     assert a["train"].path.parent.name == "tiny-mean-random" and b["train"].path.parent.name == TINY
     assert a["train"].path.exists() and b["train"].path.exists()  # switching --layer orphans nothing
-    assert (tmp_path / "f" / store.LATEST).read_text().strip() == b["train"].path.parent.name
+    latest = (tmp_path / "f" / store.LATEST).read_text().strip()
+    assert tmp_path / "f" / latest == b["train"].path.parent  # <data set>/<trunk>, relative to the root
     assert store.find_features(tmp_path / "f", "train") == b["train"].path  # the latest extraction
     assert store.find_features(tmp_path / "f", "test", layer="mean") == a["test"].path
     assert store.find_features(a["train"].path.parent, "train") == a["train"].path
-    with pytest.raises(FlowerfeatError, match="no features for --layer fc6 .*there are: tiny-grid-random"):
+    with pytest.raises(FlowerfeatError, match="no features for --layer fc6 .*there are: flowers-\\w+/tiny-grid-random"):
         store.find_features(tmp_path / "f", "train", layer="fc6")
     again = extract(folder, tmp_path / "f", layer="mean")
     assert again["train"].status == "up to date" and store.find_features(tmp_path / "f", "train") == a["train"].path

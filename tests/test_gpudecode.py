@@ -11,7 +11,7 @@ from PIL import Image
 
 from flowerfeat import runtime, store
 from flowerfeat.config import ExtractConfig
-from flowerfeat.data import scan_data
+from flowerfeat.layouts import scan_data
 from flowerfeat.extraction import default_workers, run_extraction
 from flowerfeat.recipe import decode_plan
 from flowerfeat.gpudecode import (
@@ -23,7 +23,7 @@ from flowerfeat.gpudecode import (
     collate_raw,
     gpu_eligible,
 )
-from conftest import TINY, extract, make_image, vgg_pre, vgg_transform, write_corpus
+from conftest import cached, extract, make_image, vgg_pre, vgg_transform, write_corpus
 
 
 def _jpeg(img, **kw):
@@ -112,11 +112,11 @@ def test_gpu_decode_path_falls_back_cleanly_without_cuda(folder, tmp_path):
     cpu = extract(folder, tmp_path / "cpu", decode="cpu", device="cpu")
     gpu = extract(folder, tmp_path / "gpu", decode="gpu", device="cpu")
     assert gpu["train"].rows == cpu["train"].rows
-    assert store.read_skipped(tmp_path / "gpu" / TINY / "train.h5") == store.read_skipped(
-        tmp_path / "cpu" / TINY / "train.h5"
+    assert store.read_skipped(cached(tmp_path / "gpu", folder) / "train.h5") == store.read_skipped(
+        cached(tmp_path / "cpu", folder) / "train.h5"
     )
-    a = store.load_features(tmp_path / "cpu" / TINY / "train.h5")
-    b = store.load_features(tmp_path / "gpu" / TINY / "train.h5")
+    a = store.load_features(cached(tmp_path / "cpu", folder) / "train.h5")
+    b = store.load_features(cached(tmp_path / "gpu", folder) / "train.h5")
     assert a.paths == b.paths and b.meta["decoder"] == "libjpeg" and a.meta["decoder"] == "pil"
     assert a.meta["model_key"] != b.meta["model_key"]  # the decoder is part of the cache key
     cos = (a.X * b.X).sum(1) / (np.linalg.norm(a.X, axis=1) * np.linalg.norm(b.X, axis=1))
@@ -177,8 +177,8 @@ def test_hybrid_decodes_in_the_workers_with_the_gpu_modes_pixels(folder, tmp_pat
             decode=decode,
         )
         run_extraction(cfg)
-        runs[decode] = store.load_features(tmp_path / decode / TINY / "train.h5")
-        runs[decode].skipped = store.read_skipped(tmp_path / decode / TINY / "train.h5")
+        runs[decode] = store.load_features(cached(tmp_path / decode, folder) / "train.h5")
+        runs[decode].skipped = store.read_skipped(cached(tmp_path / decode, folder) / "train.h5")
     cpu, gpu, hyb = runs["cpu"], runs["gpu"], runs["hybrid"]
     assert hyb.meta["decoder"] == gpu.meta["decoder"] == "libjpeg"
     assert hyb.paths == gpu.paths == cpu.paths and hyb.skipped == gpu.skipped == cpu.skipped

@@ -71,8 +71,8 @@ def test_predict_runs_the_very_int8_trunk_the_features_came_from(tmp_path, monke
                   "--workers", "0"])  # fmt: skip
     assert r.exit_code == 0 and "quantizing the trunk to int8 (6 calibration images" in r.output, r.output
     assert run(app, ["fit-head"]).exit_code == 0
-    head = flowerfeat.Head.load(next((tmp_path / "data" / "runs").glob("*/head.pt")))
-    test = store.load_features(next((tmp_path / "data" / "features").glob("*/test.h5")))
+    head = flowerfeat.Head.load(store.heads_under(tmp_path / "data" / "features")[0])
+    test = store.load_features(store.find_features(tmp_path / "data" / "features", "test"))
     preds = flowerfeat.Classifier.load(head).predict([data / p for p in test.paths], top_k=3)
     got = np.array([[dict(p.top)[c] for c in head.classes] for p in preds])
     np.testing.assert_allclose(got, head.predict_proba(test.X), atol=1e-5)

@@ -31,7 +31,7 @@ def _features_fit_predict(photos, tmp_path, model: str, layer: str | None = None
     args = ["features", "--data", photos, "--out", out, "--model", model, "--weights", "none", "--workers", "0"]
     r = run(*args, *(["--layer", layer] if layer else []))
     assert r.exit_code == 0, r.output
-    folder = next(out.glob("*/"))
+    folder = store.cache_folders(out)[0]
     r = run("fit-head", "--features", out, "--out", head)  # no --model: the files say which
     assert r.exit_code == 0, r.output
     r = run("predict", photos / "test", "--head", head, "--top-k", "2")
@@ -76,7 +76,7 @@ def test_two_models_with_the_same_weights_tag_keep_apart(photos, tmp_path):
     for model in ("tiny", "resnet18"):
         r = run("features", "--data", photos, "--out", out, "--model", model, "--weights", "none", "--workers", "0")
         assert r.exit_code == 0, r.output
-    keys = {d.name: store.read_meta(d / "train.h5")["model_key"] for d in out.iterdir() if d.is_dir()}
+    keys = {d.name: store.read_meta(d / "train.h5")["model_key"] for d in store.cache_folders(out)}
     assert set(keys) == {"tiny-grid-random", "resnet18-pre-logits-random"} and len(set(keys.values())) == 2
     r = run("fit-head", "--features", out, "--model", "tiny", "--out", tmp_path / "h.pt")
     assert r.exit_code == 0 and "tiny grid, 24-d" in r.output, r.output
@@ -132,7 +132,7 @@ def test_another_family_exports_with_predicts_probabilities(photos, tmp_path, su
     assert run("fit-head", "--features", out, "--out", head).exit_code == 0
     r = run("export", tmp_path / f"m{suffix}", "--head", head)
     assert r.exit_code == 0, r.output
-    side = json.loads((tmp_path / "m.json").read_text())
+    side = json.loads((tmp_path / f"m{suffix}.json").read_text())
     assert side["model"] == "mobilenet_v3_small" and side["input"]["shape"] == ["batch", 3, 224, 224]
     images = sorted((photos / "test").rglob("*.*"))
     clf = flowerfeat.Classifier.load(head)
@@ -159,3 +159,9 @@ def test_a_torchvision_models_pre_logits_head_exports_as_its_own_state_dict(phot
     model.load_state_dict(torch.load(tmp_path / "r.pth", weights_only=True))
     h = torch.load(head, weights_only=True)
     assert torch.equal(model.fc.weight, h["weight"]) and torch.equal(model.fc.bias, h["bias"])
+
+
+def test_a_bare_name_of_another_familys_model_is_suggested_with_its_prefix():
+    pytest.importorskip("timm")
+    r = run("features", "--model", "tf_efficientnet_lite0")
+    assert r.exit_code == 2 and "close matches: timm:tf_efficientnet_lite0" in r.output, r.output

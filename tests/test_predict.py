@@ -38,8 +38,9 @@ def test_predict_lines_and_files(head_fc7, tmp_path):
         app, ["predict", str(root), "--head", str(head_fc7), "--top-k", "2", "--output", str(tmp_path / "p.csv")]
     )
     assert r.exit_code == 0, r.output
-    lines = [s for s in r.output.splitlines() if s.endswith(tuple("0123456789"))]
+    lines = [s for s in r.stdout.splitlines() if s.endswith(tuple("0123456789"))]
     assert len(lines) == 3 and all(s.count(", ") == 1 for s in lines)
+    assert r.stderr.startswith(f"head {head_fc7}: vgg16 fc7, 3 classes")  # with --output, which head on stderr
     assert "warning: skipped" in r.output and "broken.jpg" in r.output
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert len(rows) == 3 * 2 + 1

@@ -15,7 +15,7 @@ import pytest
 
 from flowerfeat import store
 from flowerfeat.errors import FlowerfeatError
-from conftest import TINY, extract, make_folder, write_features
+from conftest import cached, extract, make_folder, write_features
 
 HEADER = {"fingerprint": "abc", "feature_dim": 3, "dtype": "float32", "batch_size": 2}
 
@@ -60,7 +60,7 @@ def test_read_meta_refuses_missing_corrupt_truncated_and_unfinished(tmp_path):
 
 def test_truncated_feature_file_is_refused(folder, tmp_path):
     extract(folder, tmp_path / "f")
-    path = tmp_path / "f" / TINY / "train.h5"
+    path = cached(tmp_path / "f", folder) / "train.h5"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(FlowerfeatError, match="truncated or corrupt"):
@@ -93,20 +93,20 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(tmp_path):
             kills += 1
         proc.wait()
         assert (
-            not (out / TINY / "test.h5").exists() or (out / TINY / "train.h5").exists()
+            not (cached(out, data) / "test.h5").exists() or (cached(out, data) / "train.h5").exists()
         )  # finished files appear in order
     assert kills >= 3
     final = _run(data, out)
     assert "resumed" in final.stdout or "extracted" in final.stdout or "up to date" in final.stdout
     for split in ("train", "test"):
         with (
-            h5py.File(tmp_path / "clean" / TINY / f"{split}.h5", "r") as a,
-            h5py.File(out / TINY / f"{split}.h5", "r") as b,
+            h5py.File(cached(tmp_path / "clean", data) / f"{split}.h5", "r") as a,
+            h5py.File(cached(out, data) / f"{split}.h5", "r") as b,
         ):
             for name in store.DATASETS:
                 np.testing.assert_array_equal(a[name][...], b[name][...], err_msg=f"{split}/{name}")
             assert a.attrs["fingerprint"] == b.attrs["fingerprint"]
-    assert not any(p.name.endswith(".partial") for p in (out / TINY).iterdir())
+    assert not any(p.name.endswith(".partial") for p in cached(out, data).iterdir())
 
 
 def test_two_concurrent_extractions_one_refuses_neither_corrupts(tmp_path):
@@ -120,7 +120,7 @@ def test_two_concurrent_extractions_one_refuses_neither_corrupts(tmp_path):
         env={**os.environ, "SLOW_TRUNK_S": "0.6"},
     )
     deadline = time.monotonic() + 60
-    while not (tmp_path / "f" / TINY / "train.h5.partial").exists() and time.monotonic() < deadline:
+    while not (cached(tmp_path / "f", data) / "train.h5.partial").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     second = subprocess.run([sys.executable, script, str(data), str(tmp_path / "f")], capture_output=True, text=True)
     assert second.returncode != 0 and "another flowerfeat run is writing here" in second.stderr
@@ -128,8 +128,8 @@ def test_two_concurrent_extractions_one_refuses_neither_corrupts(tmp_path):
     assert first.returncode == 0, err
     _run(data, tmp_path / "clean")
     with (
-        h5py.File(tmp_path / "clean" / TINY / "train.h5", "r") as a,
-        h5py.File(tmp_path / "f" / TINY / "train.h5", "r") as b,
+        h5py.File(cached(tmp_path / "clean", data) / "train.h5", "r") as a,
+        h5py.File(cached(tmp_path / "f", data) / "train.h5", "r") as b,
     ):
         np.testing.assert_array_equal(a["features"][...], b["features"][...])
 

@@ -89,7 +89,8 @@ def test_lbfgs_solver_and_validation_split(train_file):
     res, _ = train.fit(FitConfig(features=train_file, solver="lbfgs", C=1.0, val_fraction=0.2), log=lines.append)
     assert res.metrics["val_rows"] == 36 and res.metrics["train_rows"] == 144
     assert res.metrics["train_acc"] > 0.9 and res.metrics["val_acc"] > 0.8
-    assert "L-BFGS done" in lines[0]
+    assert lines[0].startswith("Validation: --val-fraction 0.2 of the training images (36 rows)")
+    assert "L-BFGS done" in lines[1]
 
 
 def test_validation_keeps_the_best_epoch(train_file):
@@ -237,12 +238,28 @@ def test_an_averaged_head_is_the_mean_of_its_runs_and_run_0_is_the_single_run(tr
     assert [h["run"] for h in three.meta["history"]] == [0, 0, 1, 1, 2, 2]
     cfg = FitConfig(features=train_file, dropout=0.5, average=3)
     rows = rows_mod.Rows(train_file, cfg.max_memory)
-    val = np.zeros(rows.n, bool)
-    means, mean_l1 = rows.stats(~val, 3)
+    hold = rows_mod.holdout(rows, cfg)  # no validation: no row held out
+    means, mean_l1 = rows.stats(~hold.mask, 3)
     chosen = train.choose(cfg, rows.meta, mean_l1, rows.n)
-    start = train.ridge_start(rows, ~val, 3, means)
-    runs = [train._sgd_run(cfg, chosen, rows, val, means, run, lambda s: None, lambda s: None, start) for run in range(3)]
+    start = train.ridge_start(rows, ~hold.mask, 3, means)
+    quiet = lambda s: None  # noqa: E731
+    runs = [train._sgd_run(cfg, chosen, rows, hold, means, run, quiet, quiet, start) for run in range(3)]
     rows.close()
     assert torch.equal(runs[0].weight, one.weight)  # run 0 draws what a single run draws
     assert not torch.equal(runs[1].weight, runs[0].weight)  # the others shuffle differently
     torch.testing.assert_close(three.weight, torch.stack([r.weight for r in runs]).mean(0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "n, fraction, message",
+    [
+        (2, 0.1, r"--val-fraction 0.1 holds out 1 of 6 training images; .* each of the 3 classes on each side: use 0.5"),
+        (1, 0.5, r"--val-fraction 0.5 holds out 2 of 3 training images"),
+    ],
+)
+def test_a_validation_fraction_that_cannot_split_says_so_in_its_own_words(tmp_path, n, fraction, message):
+    x, y = blobs(n, dim=4)
+    path = write_features(tmp_path / "t.h5", x, y)
+    with pytest.raises(FlowerfeatError, match=message) as e:
+        train.fit(FitConfig(features=path, val_fraction=fraction))
+    assert "test_size" not in str(e.value) and "least populated" not in str(e.value)  # no scikit-learn words

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from flowerfeat.backbones import Backbone, Cut, Preprocessing, seeded
+from flowerfeat.errors import FlowerfeatError
 from flowerfeat.weights import DOWNLOAD_ERRORS, WeightsInfo, check_keys, download_error, load_state_dict, resolve_local
 
 # Number of VGG16 classifier modules each cut keeps: classifier[:5] ends after fc7's ReLU, [:2] after fc6's.
@@ -94,6 +95,13 @@ class VGG16(Backbone):
             except DOWNLOAD_ERRORS as e:
                 raise download_error(self.name, weights.url, e, f"{torch.hub.get_dir()}/checkpoints/") from None
         state = load_state_dict(weights.path, self.name)
+        served = [c for c in self.cuts() if all(k in state for k in required_keys(c))]
+        if layer not in served and served:  # e.g. a conv-only file (features.*) asked for the default fc7
+            missing = next(k for k in required_keys(layer) if k not in state)
+            raise FlowerfeatError(
+                f"{weights.path}: has the weights of --layer {' and '.join(served)} but not of {layer} (no {missing}); "
+                f"pass --layer {served[-1]}, or a file with {layer}'s weights"
+            )
         model = seeded(lambda: vgg16(weights=None))
         own = model.state_dict()
         check_keys(state, {k: own[k] for k in required_keys(layer)}, weights.path, self.name, layer)

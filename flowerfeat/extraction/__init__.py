@@ -17,7 +17,8 @@ import torch
 
 from flowerfeat import store
 from flowerfeat.config import ExtractConfig
-from flowerfeat.data import Split, scan_data
+from flowerfeat.data import Split
+from flowerfeat.layouts import missing_classes, scan_data
 from flowerfeat.extraction.job import Job, default_workers, make_job
 from flowerfeat.extraction.shards import Dist, dist_from_env
 from flowerfeat.extraction.split import SplitResult, extract_split
@@ -38,13 +39,22 @@ def run_extraction(
         with reporter.stage(f"scanning {cfg.data}") as found:
             splits = scan_data(Path(cfg.data), cfg.splits, cfg.test_fraction)  # structural errors stop here
             found.append(" + ".join(f"{len(s.items):,} {name}" for name, s in splits.items()) + " images")
-            found.append(f"{len(splits[cfg.splits[0]].classes)} classes")
+            found.append(f"{len(next(iter(splits.values())).classes)} classes")
+            found += [f"no {', '.join(m)} images in {s.name}" for s in splits.values() if (m := missing_classes(s))]
+            if set(splits) == {"train"} and not cfg.splits:
+                found.append("no test or validation split (--test-fraction 0.2 holds some training images out)")
     if job.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest convolutions
+    made = [p for p in (job.folder.parent, job.folder) if not p.exists()]
     job.folder.mkdir(parents=True, exist_ok=True)
-    with store.exclusive_lock(job.folder, f"features-rank{dist.rank}of{dist.world}"):
-        calibrate_on = splits.get("train") or next(iter(splits.values()))
-        results = [extract_split(job, split, dist, calibrate_on) for split in splits.values()]
+    try:
+        with store.exclusive_lock(job.folder, f"features-rank{dist.rank}of{dist.world}"):
+            store.mark_dataset(job.folder, cfg.data)
+            calibrate_on = splits.get("train") or next(iter(splits.values()))
+            results = [extract_split(job, split, dist, calibrate_on) for split in splits.values()]
+    except BaseException:
+        store.discard_unused(made)  # a refused run leaves nothing behind; finished or partial work stays
+        raise
     if dist.rank == 0:
         store.mark_latest(cfg.out, job.folder)  # what fit-head, report and predict pick by default
     return results

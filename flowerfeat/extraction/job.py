@@ -37,7 +37,7 @@ class Job:
 
     cfg: ExtractConfig
     recipe: Recipe
-    folder: Path  # the cache folder: <out>/<model>-<cut>-<weights tag>
+    folder: Path  # the cache folder: <out>/<data set>/<model>-<cut>-<weights tag>
     device: torch.device
     mode: str  # decode mode: cpu, gpu or hybrid
     batch_size: int
@@ -64,18 +64,18 @@ class Job:
         return self.built
 
 
-def cache_folder(out: Path, backbone: Backbone, cut: str, weights: WeightsInfo) -> Path:
-    return store.cache_dir(out, backbone.folder_name, cut, weights.tag)
+def cache_folder(cfg: ExtractConfig, backbone: Backbone, cut: str, weights: WeightsInfo) -> Path:
+    return store.cache_dir(cfg.out, cfg.data, backbone.folder_name, cut, weights.tag)
 
 
-def _history(folder: Path, splits) -> History:
+def _history(folder: Path) -> History:
     """What the cache in ``folder`` already holds: its engine (None: no readable file yet), its int8 record."""
     from flowerfeat import quantize
 
     engine = None
-    for split in splits:
+    for file in store.split_files(folder):
         try:
-            engine = store.engine_of(store.read_meta(store.split_file(folder, split)))
+            engine = store.engine_of(store.read_meta(file))
             break
         except FlowerfeatError:
             continue
@@ -89,10 +89,10 @@ def make_job(cfg: ExtractConfig, dist: Dist, reporter: Reporter) -> Job:
     device = runtime.resolve_device(cfg.device)
     if dist.world > 1 and device.type == "cuda":
         device = torch.device("cuda", dist.rank % torch.cuda.device_count())
-    recipe = resolve(cfg, device, lambda b, cut, w: _history(cache_folder(cfg.out, b, cut, w), cfg.splits))
+    recipe = resolve(cfg, device, lambda b, cut, w: _history(cache_folder(cfg, b, cut, w)))
     mode = decode_plan(cfg.decode, device)[0]
     workers = cfg.workers if cfg.workers is not None else default_workers(mode, device)
-    folder = cache_folder(cfg.out, recipe.backbone, recipe.layer, recipe.weights)
+    folder = cache_folder(cfg, recipe.backbone, recipe.layer, recipe.weights)
     return Job(cfg, recipe, folder, device, mode, batch_size_for(device.type, cfg.batch_size), workers, reporter)
 
 

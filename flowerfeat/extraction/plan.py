@@ -24,6 +24,7 @@ class Previous:
 
     path: Path | None
     meta: dict | None  # None: no file, or one that cannot be used (corrupt, unfinished, older format): rebuilt
+    elsewhere: bool = False  # another data set's cache (or 0.2's layout) holding these very images
 
     @classmethod
     def find(cls, final: Path) -> Previous:
@@ -33,6 +34,25 @@ class Previous:
             return cls(final, store.read_meta(final))
         except FlowerfeatError:
             return cls(final, None)
+
+    @classmethod
+    def found_again(cls, copies: list[Path], meta: dict, split: Split) -> Previous | None:
+        """Of the same trunk's files for other data sets, the one holding most of ``split``'s very images (the same
+        path in the data set, size and modification time): the rows of a data set moved or renamed. Nothing there
+        is changed; the rows are copied."""
+        keys = {(it.relpath, 0, it.size, it.mtime_ns) for it in split.items}
+        best, best_n = None, 0
+        for path in copies:
+            try:
+                old = store.read_meta(path)
+            except FlowerfeatError:
+                continue
+            if old["model_key"] != meta["model_key"] or old["classes"] != meta["classes"]:
+                continue
+            n = len(keys & set(store.row_keys(path)))
+            if n > best_n:
+                best, best_n = cls(path, old, elsewhere=True), n
+        return best
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ merge into the finished file."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -50,7 +51,11 @@ def extract_split(job: Job, split: Split, dist: Dist = Dist(), calibrate_on: Spl
     if prev.meta is not None and prev.meta.get("fingerprint") == meta["fingerprint"]:
         rows, skipped = store.count_rows(final), store.read_skipped(final)
         return SplitResult(split.name, final, "up to date", "fingerprint matches", rows, 0, skipped)
+    if prev.path is None:  # a data set moved or renamed keeps its rows (another data set's cache stays as it is)
+        prev = Previous.found_again(store.other_copies(job.folder, split.name), meta, split) or prev
     reuse = reusable_rows(prev, meta, split)
+    if prev.elsewhere:
+        reuse = dataclasses.replace(reuse, reason=f"rows found again in {prev.path.parent}", removed=0)
     t_trunk = time.perf_counter()
     meta.update(job.trunk(calibrate_on).recipe.to_attrs())  # built (weights checked) before anything is written
     t_trunk = time.perf_counter() - t_trunk

@@ -16,17 +16,18 @@ from flowerfeat.store.features import (
     read_meta, read_skipped, row_keys, write_feature_file,
 )  # fmt: skip
 from flowerfeat.store.layout import (
-    HEAD_FILE, LATEST, EngineFiles, atomic_path, cache_dir, check_writable, default_head_path, engine_files,
-    exclusive_lock, find_features, find_head, mark_latest, partial_dir, shard_dir, sibling_split, speed_file,
-    split_file, write_text,
+    HEADS, LATEST, LEGACY_RUNS, EngineFiles, atomic_path, cache_dir, cache_folders, check_writable, dataset_of, discard_unused,
+    dataset_tag, engine_files, exclusive_lock, find_features, find_head, head_path, heads_under, mark_dataset,
+    mark_latest, other_copies, partial_dir, shard_dir, sibling_split, speed_file, split_file, split_files, write_text,
 )  # fmt: skip
 from flowerfeat.store.shards import ShardLog
 
 __all__ = [
-    "ATTRS", "CHECKED_FIELDS", "DATASETS", "HEAD_FIELDS", "HEAD_FILE", "LATEST", "MODEL_KEY_FIELDS", "SCHEMA",
-    "SETTINGS_FIELDS", "Attr", "EngineFiles", "FeatureReader", "Features", "ShardLog", "atomic_path", "cache_dir",
-    "check_writable", "chunk_rows", "count_rows", "default_head_path", "describe_difference", "engine_files",
-    "engine_of", "exclusive_lock", "find_features", "find_head", "fingerprint", "load_checkpoint", "load_features",
-    "mark_latest", "model_key", "partial_dir", "read_checkpoint_meta", "read_meta", "read_skipped", "row_keys",
-    "save_checkpoint", "shard_dir", "sibling_split", "speed_file", "split_file", "write_feature_file", "write_text",
+    "ATTRS", "CHECKED_FIELDS", "DATASETS", "HEADS", "HEAD_FIELDS", "LATEST", "LEGACY_RUNS", "MODEL_KEY_FIELDS",
+    "SCHEMA", "SETTINGS_FIELDS", "Attr", "EngineFiles", "FeatureReader", "Features", "ShardLog", "atomic_path",
+    "cache_dir", "cache_folders", "check_writable", "chunk_rows", "count_rows", "dataset_of", "dataset_tag",
+    "describe_difference", "discard_unused", "engine_files", "engine_of", "exclusive_lock", "find_features", "find_head", "fingerprint",
+    "head_path", "heads_under", "load_checkpoint", "load_features", "mark_dataset", "mark_latest", "model_key",
+    "other_copies", "partial_dir", "read_checkpoint_meta", "read_meta", "read_skipped", "row_keys", "save_checkpoint",
+    "shard_dir", "sibling_split", "speed_file", "split_file", "split_files", "write_feature_file", "write_text",
 ]  # fmt: skip

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from flowerfeat.errors import FlowerfeatError
-from flowerfeat.store.layout import HEAD_FILE, atomic_path
+from flowerfeat.store.layout import HEADS, atomic_path
 from flowerfeat.weights import LOAD_ERRORS
 
 
@@ -28,7 +28,7 @@ def load_checkpoint(path: Path) -> tuple[dict, dict]:
 
     path = Path(path)
     if path.is_dir():
-        raise FlowerfeatError(f"{path}: is a directory; pass the checkpoint file, e.g. --head {path / HEAD_FILE}")
+        raise FlowerfeatError(f"{path}: is a directory; pass a checkpoint file, e.g. --head {path / HEADS / 'NAME.pt'}")
     if not path.is_file():
         raise FlowerfeatError(f"{path}: head checkpoint not found; run `flowerfeat fit-head` first (or pass --head)")
     try:

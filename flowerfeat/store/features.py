@@ -56,7 +56,7 @@ SCHEMA = (
     Attr("view_seed", settings=True),
     Attr("layout", settings=True),  # folders, flat or csv
     Attr("test_fraction", settings=True),
-    Attr("data_root"),
+    Attr("data_root", head=True),  # where the images were: the head's data set
     Attr("library_versions", json=True),
     Attr("extract_config", json=True),
     Attr("model_key", head=True),

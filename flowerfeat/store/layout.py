@@ -1,38 +1,76 @@
-"""Where everything lives on disk, in one place: cache folders, split files, work in progress, engine files, the
-LATEST pointer, heads; locks and atomic writes.
+"""Where everything lives on disk, in one place: cache folders (one per data set and trunk), split files, work in
+progress, engine files, heads, the LATEST pointer; locks and atomic writes.
 
-    <out>/LATEST                                  the cache folder extracted last
-    <out>/<model>-<cut>-<weights tag>/            one folder per trunk
-        <split>.h5                                finished feature files
-        <split>.h5.partial/rank<r>of<w>/          work in progress, one shard log per torchrun rank
-        trunk-int8.onnx, trunk-int8.json          the int8 trunk kept for this cache, and how it was made
-        speed.json                                images/s of the run that extracted it (compare)
-        .features-rank<r>of<w>.lock               held while a run writes here
-    data/runs/<cache folder name>/head.pt         the head fitted on that folder's train.h5
+    <out>/LATEST                                        the cache folder extracted last (relative to <out>)
+    <out>/<data set>/dataset.json                       which --data this is (its resolved path)
+    <out>/<data set>/<model>-<cut>-<weights tag>/       one folder per data set and trunk
+        <split>.h5                                      finished feature files: train, val, test
+        <split>.h5.partial/rank<r>of<w>/                work in progress, one shard log per torchrun rank
+        heads/<name>.pt                                 the heads fitted on train.h5, one file per experiment
+        trunk-int8.onnx, trunk-int8.json                the int8 trunk kept for this cache, and how it was made
+        speed.json                                      images/s of the run that extracted it (compare)
+        .features-rank<r>of<w>.lock                     held while a run writes here
+
+<data set> is the --data folder's (or CSV's) name and a short hash of its resolved path: flower_photos-1a2b3c4d.
+Caches of flowerfeat 0.2 (<out>/<model>-<cut>-<weights tag>/ directly) and its heads (data/runs/*/head.pt) are
+still found and read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowerfeat.config import RUNS_DIR
 from flowerfeat.errors import FlowerfeatError
+from flowerfeat.weights import safe_name
 
 LATEST = "LATEST"
-HEAD_FILE = "head.pt"
+DATASET_FILE = "dataset.json"
+HEADS = "heads"
+LEGACY_RUNS = Path("data/runs")  # where flowerfeat 0.2 saved heads: <cache folder name>/head.pt
+LEGACY_HEAD = "head.pt"
 
 
-def cache_dir(out: Path, model_folder: str, layer: str, weights_tag: str) -> Path:
-    """``<out>/<model>-<cut>-<weights tag>``, e.g. ``data/features/vgg16-pool5-gap-imagenet``."""
-    return Path(out) / f"{model_folder}-{layer}-{weights_tag}"
+def dataset_tag(data: Path) -> str:
+    """A data set's part of a cache path: its folder's (or CSV's) name and a short hash of its resolved path, so two
+    data sets never share a folder (``flower_photos-1a2b3c4d``)."""
+    resolved = Path(data).resolve()
+    name = resolved.stem if resolved.suffix.lower() == ".csv" else resolved.name
+    return f"{safe_name(name) or 'data'}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
+
+
+def cache_dir(out: Path, data: Path, model_folder: str, layer: str, weights_tag: str) -> Path:
+    """``<out>/<data set>/<model>-<cut>-<weights tag>``, e.g. ``data/features/flowers-1a2b3c4d/vgg16-fc7-imagenet``."""
+    return Path(out) / dataset_tag(data) / f"{model_folder}-{layer}-{weights_tag}"
+
+
+def mark_dataset(folder: Path, data: Path) -> None:
+    """Record beside a data set's caches which --data they are of (read by `flowerfeat runs`)."""
+    path = Path(folder).parent / DATASET_FILE
+    if not path.is_file():
+        write_text(path, json.dumps({"data": str(Path(data).resolve())}) + "\n")
+
+
+def dataset_of(folder: Path) -> str | None:
+    """The --data a cache folder was extracted from (None: not recorded, as in 0.2's layout)."""
+    try:
+        return json.loads((Path(folder).parent / DATASET_FILE).read_text())["data"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def split_file(folder: Path, split: str) -> Path:
     return Path(folder) / f"{split}.h5"
+
+
+def split_files(folder: Path) -> list[Path]:
+    """The feature files in a cache folder, by name."""
+    return sorted(Path(folder).glob("*.h5"))
 
 
 def sibling_split(feature_file: Path, split: str) -> Path:
@@ -67,35 +105,60 @@ def speed_file(feature_file: Path) -> Path:
     return Path(feature_file).with_name("speed.json")
 
 
+def other_copies(folder: Path, split: str) -> list[Path]:
+    """The ``split`` files of the same trunk for the other data sets under the same root (and in 0.2's layout): where
+    the rows of a data set moved, renamed or copied are found again."""
+    out, trunk = Path(folder).parent.parent, Path(folder).name
+    places = [out / trunk, *(d / trunk for d in sorted(out.iterdir()) if d.is_dir())] if out.is_dir() else []
+    return [p / f"{split}.h5" for p in places if p != Path(folder) and (p / f"{split}.h5").is_file()]
+
+
 def mark_latest(out: Path, folder: Path) -> None:
-    write_text(Path(out) / LATEST, Path(folder).name + "\n")
+    write_text(Path(out) / LATEST, Path(folder).relative_to(out).as_posix() + "\n")
+
+
+def cache_folders(root: Path) -> list[Path]:
+    """Every cache folder under the root of the caches (a folder holding feature files): ``<data set>/<trunk>/``,
+    and 0.2's ``<trunk>/``; ``root`` itself when it is one."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    if split_files(root):
+        return [root]
+    found = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        found += [d] if split_files(d) else sorted(t for t in d.iterdir() if t.is_dir() and split_files(t))
+    return found
 
 
 def find_features(path: Path, split: str, layer: str | None = None, model: str | None = None) -> Path:
-    """The ``split`` feature file ``path`` designates: a file as given; under the root of the caches (``--out`` of
-    ``features``), the folder of ``model`` and ``layer`` when given, the one extracted last when several; else
-    ``path/<split>.h5`` (one cache folder)."""
+    """The ``split`` feature file ``path`` designates: a file as given; else, of the cache folders under ``path`` (the
+    root of the caches, one data set's folder, or one cache folder), the one of ``model`` and ``layer`` when given,
+    the one extracted last when several."""
     from flowerfeat.store.features import read_meta
 
     path = Path(path)
     if path.suffix == ".h5" or path.is_file():
         return path
     name = f"{split}.h5"
-    folders = sorted(d for d in path.iterdir() if (d / name).is_file()) if path.is_dir() else []
-    if not folders and (path / name).is_file():
-        folders = [path]
+    folders = [d for d in cache_folders(path) if (d / name).is_file()]
     if not folders:
         raise FlowerfeatError(f"{path}: no {name} here; run `flowerfeat features` first (or pass --features FILE)")
     kept = [d for d in folders if _is_of(read_meta, d / name, layer, model)]
     if not kept:
         asked = " ".join(f"--{k} {v}" for k, v in (("model", model), ("layer", layer)) if v)
+        there = ", ".join(_shown(d, path) for d in folders)
         raise FlowerfeatError(
-            f"{path}: no features for {asked} (there are: {', '.join(d.name for d in folders)}); "
-            f"run `flowerfeat features {asked}`, or pick one of those"
+            f"{path}: no features for {asked} (there are: {there}); run `flowerfeat features {asked}`, or pick one "
+            "of those"
         )
     latest = (path / LATEST).read_text().strip() if (path / LATEST).is_file() else ""
-    by_name = {d.name: d for d in kept}
-    return (by_name.get(latest) or max(kept, key=lambda d: (d / name).stat().st_mtime_ns)) / name
+    chosen = path / latest if latest and path / latest in kept else max(kept, key=lambda d: (d / name).stat().st_mtime_ns)
+    return chosen / name
+
+
+def _shown(folder: Path, root: Path) -> str:
+    return folder.relative_to(root).as_posix() if folder != root else folder.name
 
 
 def _is_of(read_meta, file: Path, layer: str | None, model: str | None) -> bool:
@@ -109,34 +172,44 @@ def _is_of(read_meta, file: Path, layer: str | None, model: str | None) -> bool:
     return layer in (None, meta.get("layer")) and model in (None, meta.get("model"))
 
 
-def default_head_path(features_file: Path) -> Path:
-    """Where fit-head saves a head by default: beside its siblings of other models and layers, by the features'
-    folder."""
-    return RUNS_DIR / Path(features_file).resolve().parent.name / HEAD_FILE
+def head_path(features_file: Path, name: str) -> Path:
+    """Where a head called ``name`` fitted on ``features_file`` is saved: beside it, in ``heads/``."""
+    return Path(features_file).parent / HEADS / f"{name}.pt"
+
+
+def heads_under(path: Path) -> list[Path]:
+    """Every head checkpoint under ``path`` (a cache folder, a data set's folder or the root of the caches, or 0.2's
+    data/runs), newest first."""
+    path = Path(path)
+    found = [h for pattern in (f"{HEADS}/*.pt", f"*/{HEADS}/*.pt", f"*/*/{HEADS}/*.pt", LEGACY_HEAD,
+                               f"*/{LEGACY_HEAD}") for h in path.glob(pattern)]  # fmt: skip
+    return sorted(set(found), key=lambda h: h.stat().st_mtime_ns, reverse=True)
 
 
 def find_head(path: Path, layer: str | None = None, model: str | None = None) -> Path:
-    """The head checkpoint ``path`` designates: a file as given; a folder's ``head.pt``; under the root of the runs
-    (``data/runs``), the head saved last (of ``model`` and ``layer``, when given)."""
+    """The head checkpoint ``path`` designates: a file as given; under a folder (the root of the caches by default),
+    the head saved last (of ``model`` and ``layer``, when given)."""
     from flowerfeat.store.checkpoints import read_checkpoint_meta
 
     path = Path(path)
     if path.suffix == ".pt" or path.is_file():
         return path
-    heads = sorted(path.glob(f"*/{HEAD_FILE}")) + ([path / HEAD_FILE] if (path / HEAD_FILE).is_file() else [])
+    heads = heads_under(path)
     if not heads:
-        raise FlowerfeatError(f"{path}: no {HEAD_FILE} here; run `flowerfeat fit-head` first (or pass --head FILE)")
+        old = f"; heads of flowerfeat 0.2 are in {LEGACY_RUNS}: pass --head FILE" if heads_under(LEGACY_RUNS) else ""
+        raise FlowerfeatError(f"{path}: no head here; run `flowerfeat fit-head` first (or pass --head FILE){old}")
     if layer is None and model is None:
-        return max(heads, key=lambda h: h.stat().st_mtime_ns)
+        return heads[0]
     records = {h: read_checkpoint_meta(h)["features"] for h in heads}
     kept = [h for h in heads if layer in (None, records[h]["layer"]) and model in (None, records[h]["model"])]
     if not kept:
         asked = " ".join(f"--{k} {v}" for k, v in (("model", model), ("layer", layer)) if v)
-        there = ", ".join(h.parent.name for h in heads)
+        there = ", ".join(sorted({f"{r['model']} {r['layer']}" for r in records.values()}))
         raise FlowerfeatError(
-            f"{path}: no head fitted on features of {asked} (there are: {there}); run `flowerfeat fit-head {asked}`"
+            f"{path}: no head fitted on features of {asked} (there are heads on: {there}); run `flowerfeat fit-head "
+            f"{asked}`"
         )
-    return max(kept, key=lambda h: h.stat().st_mtime_ns)
+    return kept[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,6 +259,16 @@ def atomic_path(path: Path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def discard_unused(folders: list[Path]) -> None:
+    """Remove the cache folders a run made (innermost last in ``folders``) while they hold nothing but its lock and
+    the data set's record: a refused run leaves nothing behind."""
+    for folder in reversed(folders):
+        if folder.is_dir() and all(p.name.endswith(".lock") or p.name == DATASET_FILE for p in folder.iterdir()):
+            for p in folder.iterdir():
+                p.unlink()
+            folder.rmdir()
 
 
 def write_text(path: Path, text: str) -> None:
