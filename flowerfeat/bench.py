@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from flowerfeat import runtime
-from flowerfeat.backbones import get_backbone, gflops_text
+from flowerfeat.backbones import get_backbone
+from flowerfeat.catalogue import gflops_text
 from flowerfeat.config import ExtractConfig, FitConfig
 from flowerfeat.data import Split, UnitDataset, collate_units
 from flowerfeat.layouts import scan_data

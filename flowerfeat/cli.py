@@ -173,13 +173,15 @@ def fit_head(
 
     cfg = cfg.replace(features=store.find_features(cfg.features, "train", layer, model))
     where = heads.destination(cfg)  # refused before any work when it would replace a head unasked
+    again = where.exists() and not (cfg.out or cfg.name)  # its default name: the same settings on the same features
     t = time.perf_counter()
     head = train.fit_config(cfg, log=typer.echo)
     seconds = time.perf_counter() - t  # all of it: reading, the start, the epochs
     out = head.save(where)
     typer.echo(
         f"Saved head to {out} ({head.model} {head.layer}, {head.weight.shape[1]}-d, {len(head.classes)} classes, fitted on "
-        f"{cfg.features} in {seconds:.2f} s)"
+        f"{cfg.features} in {seconds:.2f} s)" + ("; the same settings on the same features as the head that was there: "
+                                                 "the same head again" if again else "")
     )
 
 
@@ -384,16 +386,21 @@ def models(
 
     Example: flowerfeat models 'efficientnet*'; flowerfeat models 'timm:*lite*'
     """
-    from flowerfeat.catalogue import HEADER, catalogue, catalogue_line, footer
+    from flowerfeat import catalogue as cat
 
-    if as_json:
-        typer.echo(json.dumps(list(catalogue(pattern)), indent=2))
-        return
-    typer.echo(HEADER)
-    n = 0
-    for n, row in enumerate(catalogue(pattern), 1):
-        typer.echo(catalogue_line(row))
-    typer.echo(footer(n))
+    rows = cat.remembered(pattern)  # what the last listing computed, when still true: printed at once
+    if not as_json:
+        typer.echo(cat.HEADER)
+    if rows is None:
+        rows = []
+        for row in cat.catalogue(pattern):  # each row as soon as it is read
+            rows.append(row)
+            if not as_json:
+                typer.echo(cat.catalogue_line(row))
+        cat.remember(pattern, rows)
+    elif not as_json:
+        typer.echo("\n".join(cat.catalogue_line(row) for row in rows))
+    typer.echo(json.dumps(rows, indent=2) if as_json else cat.footer(len(rows)))
 
 
 @command()

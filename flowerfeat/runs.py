@@ -43,7 +43,8 @@ def head_record(path: Path) -> HeadRecord:
 
     try:
         head = Head.load(path)
-        record = HeadRecord(str(path), head.model, head.layer, created=str(head.meta.get("created", ""))[:16])
+        when = str(head.meta.get("created", ""))[:16].replace("T", " ")
+        record = HeadRecord(str(path), head.model, head.layer, created=when)
         train = Path(head.meta["config"]["features"])
         if not any(store.sibling_split(train, s).is_file() for s in ("test", "val")):
             return record  # nothing held out beside its features: not scored
@@ -65,8 +66,9 @@ def cache_record(folder: Path, root: Path) -> CacheRecord:
     first = next(iter(metas.values()), {})
     data = store.dataset_of(folder) or first.get("data_root", "?")
     record = CacheRecord(str(folder), data, first.get("model", "?"), first.get("layer", "?"), first.get("weights", ""))
-    record.rows = {split: store.count_rows(folder / f"{split}.h5") for split in metas}
-    record.created = max((str(m.get("created", ""))[:16] for m in metas.values()), default="")
+    order = sorted(metas, key=lambda s: (("train", "val", "test").index(s) if s in ("train", "val", "test") else 3, s))
+    record.rows = {split: store.count_rows(folder / f"{split}.h5") for split in order}
+    record.created = max((str(m.get("created", ""))[:16].replace("T", " ") for m in metas.values()), default="")
     record.old_layout = folder.parent.resolve() == Path(root).resolve()
     record.heads = [head_record(h) for h in store.heads_under(folder)]
     return record

@@ -10,8 +10,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from flowerfeat.errors import FlowerfeatError
 
 # What torch.load raises on a file that is not a (safe) state dict: not a zip or pickle (UnpicklingError, also for
@@ -91,8 +89,10 @@ def resolve_local(weights: str, model: str) -> WeightsInfo | None:
     return WeightsInfo("file", path.name, sha256_file(path), path=str(path.resolve()))
 
 
-def load_state_dict(path: str, model: str) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str, model: str) -> dict:
     """A state dict of tensors from ``path`` (``torch.load(weights_only=True)``: no code runs); one-line errors."""
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except LOAD_ERRORS as e:

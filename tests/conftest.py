@@ -309,3 +309,9 @@ def cached(out, data, trunk: str = TINY) -> Path:
     from flowerfeat.store import dataset_tag
 
     return Path(out) / dataset_tag(data) / trunk
+
+
+@pytest.fixture(autouse=True)
+def own_user_cache(tmp_path, monkeypatch):
+    """What `flowerfeat models` remembers goes to the test's own folder, not the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))

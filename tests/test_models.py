@@ -165,3 +165,22 @@ def test_a_bare_name_of_another_familys_model_is_suggested_with_its_prefix():
     pytest.importorskip("timm")
     r = run("features", "--model", "tf_efficientnet_lite0")
     assert r.exit_code == 2 and "close matches: timm:tf_efficientnet_lite0" in r.output, r.output
+
+
+def test_models_remembers_its_rows_until_a_download_folder_changes(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from flowerfeat import catalogue
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # torchvision's download folder, for this test
+    first = run("models", "resnet1*").output
+    assert catalogue.remembered("resnet1*") is not None
+    code = "import sys; from flowerfeat import catalogue; r = catalogue.remembered('resnet1*'); " \
+           "print(len(r), 'torch' in sys.modules)"  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ)).stdout
+    assert out.split() == ["3", "False"]  # resnet18, resnet101, resnet152  # printed again at once: torch is not even imported
+    assert run("models", "resnet1*").output == first
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)  # a download lands: offline may have changed
+    assert catalogue.remembered("resnet1*") is None

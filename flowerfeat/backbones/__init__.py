@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -184,6 +183,10 @@ class Family:
     def suggested(self) -> list[str]:
         return []
 
+    def weights_dirs(self) -> list[str]:
+        """The folders where the family's published weights land when downloaded (what `models` reports on)."""
+        return []
+
 
 def seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
     """``build()`` under a fixed seed: random init reproducible across processes, so resumed runs stay bit-identical."""
@@ -200,10 +203,6 @@ def pooled_gflops(model: nn.Module, shape: tuple[int, int, int]) -> float:
     with counter, torch.no_grad():
         model(torch.empty(1, *shape, device="meta"))
     return counter.get_total_flops() / 2e9
-
-
-def gflops_text(g: float | None) -> str:
-    return "?" if g is None or not math.isfinite(g) else f"{g:.2f}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -306,6 +305,11 @@ def suggested_models() -> list[str]:
     for family in _FAMILIES.values():
         names += [family.prefix + n for n in family.suggested()]
     return list(dict.fromkeys(names))
+
+
+def weights_dirs() -> list[str]:
+    """Every family's download folders: when one changes, what `models` remembered about offline weights is stale."""
+    return sorted({d for family in _FAMILIES.values() for d in family.weights_dirs()})
 
 
 def parse_choice(choice: str) -> tuple[str, str | None]:

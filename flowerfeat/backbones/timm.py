@@ -33,6 +33,13 @@ class Family(BaseFamily):
     def suggested(self) -> list[str]:
         return ["tf_efficientnet_lite0"]  # 0.39 G multiply-adds, ImageNet-trained: the small model users reach for
 
+    def weights_dirs(self) -> list[str]:
+        if importlib.util.find_spec("huggingface_hub") is None:
+            return []
+        from huggingface_hub import constants
+
+        return [str(constants.HF_HUB_CACHE)]
+
     def names(self) -> list[str]:
         return _timm().list_models() if importlib.util.find_spec("timm") else []
 

@@ -30,6 +30,9 @@ class Family(BaseFamily):
     def suggested(self) -> list[str]:
         return ["resnet50", "efficientnet_b0", "convnext_tiny"]  # one small member of each family users reach for
 
+    def weights_dirs(self) -> list[str]:
+        return [str(Path(torch.hub.get_dir()) / "checkpoints")]
+
     def names(self) -> list[str]:
         import torchvision
 

@@ -18,7 +18,8 @@ from flowerfeat.store.features import (
 from flowerfeat.store.layout import (
     HEADS, LATEST, LEGACY_RUNS, EngineFiles, atomic_path, cache_dir, cache_folders, check_writable, dataset_of, discard_unused,
     dataset_tag, engine_files, exclusive_lock, find_features, find_head, head_path, heads_under, mark_dataset,
-    mark_latest, other_copies, partial_dir, shard_dir, sibling_split, speed_file, split_file, split_files, write_text,
+    mark_latest, other_copies, partial_dir, shard_dir, sibling_split, speed_file, split_file, split_files, user_cache,
+    write_text,
 )  # fmt: skip
 from flowerfeat.store.shards import ShardLog
 
@@ -29,5 +30,6 @@ __all__ = [
     "describe_difference", "discard_unused", "engine_files", "engine_of", "exclusive_lock", "find_features", "find_head", "fingerprint",
     "head_path", "heads_under", "load_checkpoint", "load_features", "mark_dataset", "mark_latest", "model_key",
     "other_copies", "partial_dir", "read_checkpoint_meta", "read_meta", "read_skipped", "row_keys", "save_checkpoint",
-    "shard_dir", "sibling_split", "speed_file", "split_file", "split_files", "write_feature_file", "write_text",
+    "shard_dir", "sibling_split", "speed_file", "split_file", "split_files", "user_cache", "write_feature_file",
+    "write_text",
 ]  # fmt: skip

@@ -271,6 +271,11 @@ def discard_unused(folders: list[Path]) -> None:
             folder.rmdir()
 
 
+def user_cache(name: str) -> Path:
+    """A file of flowerfeat's in the user's cache folder ($XDG_CACHE_HOME, else ~/.cache): what `models` computed."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flowerfeat" / name
+
+
 def write_text(path: Path, text: str) -> None:
     """``text`` into ``path``, atomically."""
     with atomic_path(path) as tmp:
