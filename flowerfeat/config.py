@@ -16,6 +16,15 @@ ENGINES = ("torch", "onnxruntime")
 AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 256}
 
 
+# What FitConfig's open settings (None) become, by what trains: the new last layer alone, or the top of the trunk
+# with it (--train-top). The linear head's: the textbook's batch, 2 epochs (README, "Choosing the head's settings");
+# the top's: the recipe measured on the flower photos (docs/heads.md).
+FIT_DEFAULTS = {
+    "linear": {"epochs": 2, "batch_size": 20, "weight_decay": 0.0, "label_smoothing": 0.0},
+    "top": {"epochs": 4, "batch_size": 64, "weight_decay": 0.05, "label_smoothing": 0.1},
+}
+
+
 def option(default, help: str, *, choices: tuple | None = None, flag: str | None = None, metavar: str | None = None,
            cli: bool = True):  # fmt: skip
     """A config field and its command-line option: ``help`` is the option's help, ``choices`` the values it takes
@@ -127,8 +136,12 @@ class ExtractConfig(_Config):
         "auto", "auto (bf16 on CUDA or CPUs with native bf16, else fp32), fp32, bf16 or int8 (a quantized trunk "
         "on the CPU, the [onnx] extra).", choices=PRECISIONS,
     )  # fmt: skip
-    # float16 halves the files (the activations of a cut below the top are stored so by the cut's own default)
-    dtype: str = option("float32", "Storage dtype of the features: float32 or float16.", choices=("float32", "float16"))
+    # float16 halves the files; auto: the cut's own (backbones.Cut.dtype: float32 for pooled rows, float16 for the
+    # activations of a cut below the top, which keep their values within 1e-3)
+    dtype: str = option(
+        "auto", "Storage dtype of the features: auto (the cut's own: float16 for activations below the top, else "
+        "float32), float32 or float16.", choices=("auto", "float32", "float16"),
+    )  # fmt: skip
     # Sparse rows (pool5, after a ReLU) compress well at the cost of a slower full read; dense rows gain little, so
     # the default is none (docs/benchmarks.md has the figures).
     compression: str = option(
@@ -137,6 +150,9 @@ class ExtractConfig(_Config):
     )  # fmt: skip
     views: int = option(0, "Extra augmented views per training image (RandomResizedCrop + flip, seeded).")
     view_seed: int = option(0, "Seed of the augmented views.")
+    # the smallest share of the image an augmented view crops (RandomResizedCrop's scale); docs/heads.md has the
+    # measurement behind the default
+    view_scale: float = option(0.25, "Smallest share of the image an augmented view crops (RandomResizedCrop's scale).")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
     decode: str = option(
         "auto", "auto (gpu on CUDA, else cpu), cpu (PIL in the workers), gpu (nvjpeg: batched JPEG decode on the "
@@ -163,6 +179,8 @@ class ExtractConfig(_Config):
         if self.workers is not None:
             _check_positive("workers", self.workers, allow_zero=True)
         _check_positive("views", self.views, allow_zero=True)
+        if not 0 < self.view_scale <= 1:
+            raise FlowerfeatError(f"{field_name('view_scale')} must be in (0, 1], got {self.view_scale}")
         _check_positive("calibration", self.calibration)
         _check_range("test_fraction", self.test_fraction)
         unknown = [s for s in self.splits if s not in ("train", "val", "test")]
@@ -192,14 +210,22 @@ class FitConfig(_Config):
         "features (another fit never takes an existing name).",
     )  # fmt: skip
     replace_head: bool = option(False, "Replace a head already at --out or --name (else refused).", flag="replace")
-    epochs: int = option(2, "Passes over the training features.")
-    batch_size: int = option(20, "Mini-batch size (the textbook's 20).")
+    # trains the top of the trunk above a cut below the top, with the head: fit_top.py
+    train_top: bool = option(False, "Train the top of the trunk above the cut too (features of a cut below the top).")
+    weights: str | None = option(
+        None, "--train-top: the trunk's weights, the top's start (default: those the features came from)."
+    )
+    epochs: int | None = option(None, "Passes over the training features; default 2 (--train-top: 4).")
+    batch_size: int | None = option(None, "Mini-batch size; default 20, the textbook's (--train-top: 64).")
     # Adam with a cosine decay from the ridge start, at a learning rate set from the features, gets within 1 point
     # of a converged probe in 2 epochs (README, "Choosing the head's settings")
     optimizer: str = option("adam", "adam or sgd (the textbook's, with --lr 0.001).", choices=("adam", "sgd"))
     # 0 = auto (train.choose): 2.7 / (mean L1 norm of a training row), times rows / features when the features
     # outnumber the rows
-    lr: float = option(0.0, "Learning rate (peak with --schedule cosine); 0 = auto from the features' scale.")
+    lr: float = option(
+        0.0, "Learning rate (peak with --schedule cosine); 0 = auto from the features' scale (--train-top: the new "
+        "layer's peak, 3e-3; the top learns at a tenth).",
+    )  # fmt: skip
     momentum: float = option(0.0, "SGD momentum (the textbook: 0).")
     schedule: str = option(
         "cosine", "cosine (decays to 0 over the run) or constant (the textbook's).", choices=("cosine", "constant")
@@ -208,7 +234,8 @@ class FitConfig(_Config):
         "ridge", "ridge (start at the regularised least-squares fit), class-means, or random (the textbook).",
         choices=("ridge", "class-means", "random"),
     )  # fmt: skip
-    weight_decay: float = option(0.0, "L2 weight decay.")
+    weight_decay: float | None = option(None, "L2 weight decay; default 0 (--train-top: 0.05, decoupled: AdamW).")
+    label_smoothing: float | None = option(None, "Label smoothing; default 0 (--train-top: 0.1).")
     # None = auto: the dropout the model's own classifier applies at the cut (backbones.Cut.dropout: VGG16 fc7 0.5)
     dropout: float | None = option(
         None, "Dropout before the layer; default: the model's own classifier's at the cut (VGG16: 0.5 at fc6/fc7)."
@@ -225,15 +252,24 @@ class FitConfig(_Config):
 
     def __post_init__(self) -> None:
         _check_choices(self)
-        _check_positive("epochs", self.epochs)
-        _check_positive("batch_size", self.batch_size)
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
         _check_positive("lr", self.lr, allow_zero=True)
         _check_positive("C", self.C)
         _check_positive("momentum", self.momentum, allow_zero=True)
-        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        if self.weight_decay is not None:
+            _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        if self.label_smoothing is not None:
+            _check_range("label_smoothing", self.label_smoothing)
         _check_positive("max_memory", self.max_memory)
         _check_positive("log_every", self.log_every)
         _check_positive("average", self.average)
         if self.dropout is not None:
             _check_range("dropout", self.dropout)
         _check_range("val_fraction", self.val_fraction)
+
+    def settled(self) -> FitConfig:
+        """The config with its open settings (None) filled by what trains (FIT_DEFAULTS): what a head records."""
+        defaults = FIT_DEFAULTS["top" if self.train_top else "linear"]
+        return self.replace(**{k: v for k, v in defaults.items() if getattr(self, k) is None})

@@ -98,8 +98,9 @@ def view_seed(seed: int, relpath: str, view: int) -> int:
 class Augment:
     """Seeded RandomResizedCrop + horizontal flip on a PIL image (picklable for DataLoader workers)."""
 
-    def __init__(self, crop_size, resize_size):
+    def __init__(self, crop_size, resize_size, scale: float = 0.08):
         self.crop_size, self.resize_size = list(crop_size), list(resize_size)  # the eval transform's
+        self.scale = scale  # the smallest share of the image a view crops
 
     def __call__(self, img, seed: int):
         import torch
@@ -108,7 +109,7 @@ class Augment:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            i, j, h, w = RandomResizedCrop.get_params(img, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+            i, j, h, w = RandomResizedCrop.get_params(img, scale=(self.scale, 1.0), ratio=(3 / 4, 4 / 3))
             flip = bool(torch.rand(1) < 0.5)
         img = F.resized_crop(img, i, j, h, w, self.crop_size)
         # Brought to the eval transform's resize size, so its resize is a no-op and its centre crop keeps the

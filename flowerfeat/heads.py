@@ -1,4 +1,5 @@
-"""The head: the new last layer (Dropout + Linear) as one module, and its self-sufficient checkpoint."""
+"""The head: the new last layer (Dropout + Linear) as one module, or the trained top of the trunk with it (a cut below
+the top: ``fit-head --train-top``); and its self-sufficient checkpoint."""
 
 from __future__ import annotations
 
@@ -19,7 +20,20 @@ from flowerfeat.errors import FlowerfeatError
 CHECKPOINT_VERSION = 2
 
 
-class LinearHead(nn.Module):
+class Rows2Logits(nn.Module):
+    """What every head is: (N, D) cached rows -> (N, C) logits, also from numpy."""
+
+    chunk = 4096  # rows scored at once: flat memory for any N
+
+    def logits(self, x) -> np.ndarray:
+        """(N, C) logits of (N, D) features, as numpy."""
+        with torch.no_grad():
+            parts = [self(torch.from_numpy(np.ascontiguousarray(x[s : s + self.chunk], dtype=np.float32)))
+                     for s in range(0, max(len(x), 1), self.chunk)]  # fmt: skip
+        return torch.cat(parts).numpy()
+
+
+class LinearHead(Rows2Logits):
     """Dropout + Linear: the replacement for the model's classifier (for VGG16 at fc7, ``classifier[5:]``, the
     Linear being ``classifier[6]``). Training, scoring, predict, export, report and bench all call this module."""
 
@@ -40,10 +54,22 @@ class LinearHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.dropout(x))  # (B, C) logits
 
-    def logits(self, x) -> np.ndarray:
-        """(N, C) logits of (N, D) features, as numpy."""
-        with torch.no_grad():
-            return self(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+class TopHead(Rows2Logits):
+    """The top of the trunk above a cut, trained, then Dropout + Linear: cached activation rows (B, C*H*W) -> the
+    activations (B, C, H, W) -> the top's pooled rows (B, top_dim) -> (B, classes) logits."""
+
+    chunk = 128  # the top convolves: a smaller chunk keeps scoring in flat memory
+
+    def __init__(self, top: nn.Module, shape: tuple[int, ...], top_dim: int, n_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.top = top
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(top_dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(self.top(x.view(-1, *self.shape))))
 
 
 def score(head: LinearHead, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -70,7 +96,7 @@ class Head:
         head.predict_proba(te.X)  # (N, C) probabilities
     """
 
-    module: LinearHead  # in eval mode
+    module: Rows2Logits  # a LinearHead, or a TopHead (kind "top"); in eval mode
     meta: dict  # checkpoint_version, features (the trunk's record), config, metrics, history
     path: Path | None = None  # the checkpoint file, once saved or loaded
 
@@ -79,13 +105,21 @@ class Head:
         """The head of a ``train.FitResult`` on features described by ``feature_meta``, fitted with ``cfg``."""
         meta = {
             "checkpoint_version": CHECKPOINT_VERSION,
+            "kind": "top" if result.module is not None else "linear",
             "features": {k: feature_meta.get(k) for k in store.HEAD_FIELDS},
-            "config": cfg.to_dict(),
+            "config": cfg.settled().to_dict(),  # the settings as used
             "metrics": result.metrics,
             "history": result.history,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
+        if result.module is not None:
+            return cls(result.module.eval().requires_grad_(False), meta)
         return cls(LinearHead.of(result.weight, result.bias, result.metrics.get("dropout", 0.0)), meta)
+
+    @property
+    def kind(self) -> str:
+        """``linear``: the new last layer alone; ``top``: the trained top of the trunk and the new last layer."""
+        return self.meta.get("kind", "linear")
 
     @property
     def weight(self) -> torch.Tensor:
@@ -133,7 +167,8 @@ class Head:
     def save(self, path: str | Path) -> Path:
         """Write the checkpoint atomically: tensors and one JSON string, loadable with
         ``torch.load(path, weights_only=True)`` (no code runs on load)."""
-        self.path = store.save_checkpoint(Path(path), {"weight": self.weight, "bias": self.bias}, self.meta)
+        tensors = self.module.state_dict() if self.kind == "top" else {"weight": self.weight, "bias": self.bias}
+        self.path = store.save_checkpoint(Path(path), tensors, self.meta)
         return self.path
 
     @classmethod
@@ -147,17 +182,16 @@ class Head:
                 f"{path}: a head from an earlier flowerfeat (checkpoint {version}); extract the features again with "
                 "`flowerfeat features` and refit with `flowerfeat fit-head`"
             )
+        refusal = FlowerfeatError(
+            f"{path}: not a flowerfeat head checkpoint (corrupt, truncated or foreign); rerun `flowerfeat fit-head`"
+        )
+        if version != CHECKPOINT_VERSION:
+            raise refusal
         try:
-            shape = (len(meta["features"]["classes"]), meta["features"]["feature_dim"])
-            fits = version == CHECKPOINT_VERSION and tuple(tensors["weight"].shape) == shape
-        except (KeyError, TypeError):
-            fits = False
-        if not fits:
-            raise FlowerfeatError(
-                f"{path}: not a flowerfeat head checkpoint (corrupt, truncated or foreign); rerun `flowerfeat fit-head`"
-            )
-        dropout = float(meta["metrics"].get("dropout", 0.0))
-        return cls(LinearHead.of(tensors["weight"], tensors["bias"], dropout), meta, path)
+            module = _rebuilt(tensors, meta)
+        except (KeyError, TypeError, ValueError, RuntimeError):  # tensors that are not the record's
+            raise refusal from None
+        return cls(module, meta, path)
 
     def source_line(self) -> str:
         """Which head answers, in one line: its file, model and cut, classes, data set and when it was fitted."""
@@ -189,6 +223,26 @@ def check_compatible(ck: Head, feature_meta: dict, features_path) -> None:
         )
 
 
+def _rebuilt(tensors: dict, meta: dict) -> Rows2Logits:
+    """The head module a checkpoint holds: a LinearHead from its weight and bias, or a TopHead: the top's modules
+    made by the model's family (their values then loaded from the checkpoint)."""
+    dropout = float(meta["metrics"].get("dropout", 0.0))
+    n_classes, dim = len(meta["features"]["classes"]), meta["features"]["feature_dim"]
+    if meta.get("kind", "linear") == "linear":
+        if tuple(tensors["weight"].shape) != (n_classes, dim):
+            raise ValueError("weight of another shape")
+        return LinearHead.of(tensors["weight"], tensors["bias"], dropout)
+    from flowerfeat.recipe import Recipe
+    from flowerfeat.weights import WeightsInfo
+
+    recipe = Recipe.from_attrs(meta["features"])
+    cut = recipe.backbone.cut(recipe.layer)
+    _, top = recipe.backbone.split(WeightsInfo("none", "none"), cut.name)  # the modules; values from the checkpoint
+    module = TopHead(top, cut.shape, cut.top_dim, n_classes, dropout)
+    module.load_state_dict(tensors)
+    return module.eval().requires_grad_(False)
+
+
 def _shown(value, limit: int = 60) -> str:
     """A recorded value for a one-line message: a list by whole items (``['a', 'b', ... +3 more]``), other values
     cut at ``limit`` characters with an ellipsis, never mid-item."""
@@ -207,9 +261,11 @@ def head_name(cfg, fingerprint: str) -> str:
     """A head's default name: its settings in words and a digest of all of them and of the training features'
     fingerprint (``adam-2ep-seed0-1a2b3c4d``, ``lbfgs-C0.1-seed0-...``), so another fit never takes an existing name
     and the same fit on the same features always gets the same one."""
+    cfg = cfg.settled()
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("features", "out", "name", "replace_head")}
     digest = hashlib.sha256(json.dumps([settings, fingerprint], sort_keys=True).encode()).hexdigest()[:8]
     words = f"lbfgs-C{cfg.C:g}" if cfg.solver == "lbfgs" else f"{cfg.optimizer}-{cfg.epochs}ep"
+    words = f"top-{cfg.epochs}ep" if cfg.train_top else words
     return f"{words}-seed{cfg.seed}-{digest}"
 
 

@@ -18,48 +18,14 @@ from flowerfeat.data import IMAGE_EXTENSIONS, BadImage, files_split, to_rgb
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.heads import Head
 from flowerfeat.recipe import Recipe, Trunk, build
-from flowerfeat.weights import WeightsInfo, resolve_local
 
 # decoder recorded -> the reader's mode that decodes so (extraction/reader.py)
 DECODE_MODES = {"pil": "cpu", "libjpeg": "hybrid", "nvjpeg": "gpu"}
 
 
 def head_recipe(head: Head, weights: str | None = None) -> Recipe:
-    """The recipe of the trunk the head's features came from, with its weights found: ``weights`` when given, else
-    from the record (the model's published ones; a file at its recorded path, checked by its sha256). Other weights
-    or preprocessing are refused with one line, before anything is loaded."""
-    recipe = head.recipe
-    backbone = recipe.backbone
-    info = backbone.resolve_weights(weights) if weights is not None else _remembered(recipe, backbone)
-    moved = info.kind == "file" and info.sha256 and info.sha256 == recipe.weights.sha256  # renamed: same bytes
-    if info.identity != recipe.weights.identity and not moved:
-        raise FlowerfeatError(
-            f"--weights {weights} is {info.identity[:70]}, but the head was trained on features from "
-            f"{recipe.weights.identity[:70]}; pass the same weights"
-        )
-    if backbone.preprocessing(info) != recipe.preprocessing:
-        raise FlowerfeatError("the head was trained on features with other preprocessing; re-extract and refit it")
-    return recipe.replace(weights=info)
-
-
-def _remembered(recipe: Recipe, backbone) -> WeightsInfo:
-    """The weights that reproduce the head's trunk, from its record; a one-line error when the file moved."""
-    w = recipe.weights
-    if w.kind == "hub":
-        return backbone.resolve_weights("imagenet")
-    if w.kind == "none":
-        return backbone.resolve_weights("none")
-    if w.path and Path(w.path).is_file():
-        found = resolve_local(w.path, recipe.model)
-        if found.sha256 == w.sha256:
-            return found
-        where = f"; {w.path} has changed since"
-    else:
-        where = f", no longer at {w.path}" if w.path else ""
-    raise FlowerfeatError(
-        f"the head's features came from weights {w.name} (sha256 {w.sha256 or 'unknown'}){where}; "
-        "pass --weights PATH to that file"
-    )
+    """The recipe of the trunk the head's features came from, with its weights found (``Recipe.found``)."""
+    return head.recipe.found(weights)
 
 
 def run_here(recipe: Recipe, device: torch.device, engine: str | None, precision: str | None):

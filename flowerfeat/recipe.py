@@ -18,7 +18,7 @@ from flowerfeat.config import ExtractConfig
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.progress import Reporter
 from flowerfeat.store import EngineFiles, engine_of
-from flowerfeat.weights import WeightsInfo, sha256_file
+from flowerfeat.weights import WeightsInfo, resolve_local, sha256_file
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Recipe:
     engine: str  # torch or onnxruntime
     quantization: dict | None = None  # int8: quantize.Settings as a dict
     artefact: dict | None = None  # the int8 engine file the rows were made with: {path, sha256}; not keyed
+    dtype: str = "float32"  # how the rows are stored (float16 halves them; activations default to it)
 
     @property
     def backbone(self) -> Backbone:
@@ -74,6 +75,7 @@ class Recipe:
             "engine": self.engine,
             "quantization": self.quantization,
             "quantized_model": self.artefact,
+            "dtype": self.dtype,
         }
 
     @classmethod
@@ -84,12 +86,48 @@ class Recipe:
         return cls(
             meta["model"], meta["layer"], int(meta["feature_dim"]), float(meta.get("cut_dropout") or 0.0), weights,
             Preprocessing.from_dict(meta["preprocessing"]), meta.get("decoder") or "pil", meta["precision"],
-            engine_of(meta), meta.get("quantization"), meta.get("quantized_model"),
+            engine_of(meta), meta.get("quantization"), meta.get("quantized_model"), meta.get("dtype") or "float32",
         )  # fmt: skip
+
+    def found(self, weights: str | None = None) -> Recipe:
+        """This recipe with its weights found: ``weights`` when given, else from the record (the model's published
+        ones; a file at its recorded path, checked by its sha256). Other weights or preprocessing are refused with
+        one line, before anything is loaded."""
+        backbone = self.backbone
+        info = backbone.resolve_weights(weights) if weights is not None else _remembered(self, backbone)
+        moved = info.kind == "file" and info.sha256 and info.sha256 == self.weights.sha256  # renamed: same bytes
+        if info.identity != self.weights.identity and not moved:
+            raise FlowerfeatError(
+                f"--weights {weights} is {info.identity[:70]}, but the head was trained on features from "
+                f"{self.weights.identity[:70]}; pass the same weights"
+            )
+        if backbone.preprocessing(info) != self.preprocessing:
+            raise FlowerfeatError("the head was trained on features with other preprocessing; re-extract and refit it")
+        return self.replace(weights=info)
 
     def exportable(self) -> Recipe:
         """The same trunk as torch computes it in fp32: what export writes and the reference engines agree with."""
         return self.replace(precision="fp32", engine="torch", quantization=None, artefact=None)
+
+
+def _remembered(recipe: Recipe, backbone: Backbone) -> WeightsInfo:
+    """The weights that reproduce the head's trunk, from its record; a one-line error when the file moved."""
+    w = recipe.weights
+    if w.kind == "hub":
+        return backbone.resolve_weights("imagenet")
+    if w.kind == "none":
+        return backbone.resolve_weights("none")
+    if w.path and Path(w.path).is_file():
+        found = resolve_local(w.path, recipe.model)
+        if found.sha256 == w.sha256:
+            return found
+        where = f"; {w.path} has changed since"
+    else:
+        where = f", no longer at {w.path}" if w.path else ""
+    raise FlowerfeatError(
+        f"the head's features came from weights {w.name} (sha256 {w.sha256 or 'unknown'}){where}; "
+        "pass --weights PATH to that file"
+    )
 
 
 @dataclass(frozen=True)
@@ -129,6 +167,7 @@ def resolve(
     return Recipe(
         backbone.name, cut.name, cut.dim, cut.dropout, weights, backbone.preprocessing(weights),
         decode_plan(cfg.decode, device)[1], precision, engine, quantization,
+        dtype=cut.dtype if cfg.dtype == "auto" else cfg.dtype,  # the cut declares its own storage
     )  # fmt: skip
 
 

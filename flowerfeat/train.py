@@ -28,12 +28,14 @@ class FitResult:
     bias: torch.Tensor  # (C,)
     metrics: dict
     history: list[dict] = field(default_factory=list)
+    module: nn.Module | None = None  # a TopHead when the top trained too
 
 
 def fit(cfg: FitConfig, log: Callable[[str], None] = lambda s: None, train=None, validation=None):
     """Train the head on ``train`` (loaded Features) or else the file ``cfg.features``, choosing its epoch on
     ``validation`` (a validation split's features or file) or on --val-fraction of the training images; returns the
     result and the features' metadata."""
+    cfg = cfg.settled()
     rows = Rows(train if train is not None else cfg.features, cfg.max_memory)
     try:
         meta = rows.meta
@@ -54,7 +56,7 @@ def fit(cfg: FitConfig, log: Callable[[str], None] = lambda s: None, train=None,
 
 def fit_head(
     train: str | Path | store.Features,
-    epochs: int = FitConfig.epochs,
+    epochs: int | None = FitConfig.epochs,
     *,
     log: Callable[[str], None] | None = None,
     **options,
@@ -83,9 +85,15 @@ def fit_head(
 def fit_config(cfg: FitConfig, log: Callable[[str], None] | None = None, train: store.Features | None = None) -> Head:
     """The head ``cfg`` describes, fitted on ``train`` (loaded Features) or else the file ``cfg.features``; the epoch
     is chosen on the validation split's file beside it (val.h5) where there is one and no --val-fraction is asked."""
+    cfg = cfg.settled()
     beside = store.sibling_split(cfg.features, "val")
     validation = beside if not cfg.val_fraction and beside != Path(cfg.features) and beside.is_file() else None
-    result, meta = fit(cfg, log or (lambda s: None), train, validation)
+    if cfg.train_top:
+        from flowerfeat.fit_top import fit_top
+
+        result, meta = fit_top(cfg, log or (lambda s: None), train, validation)
+    else:
+        result, meta = fit(cfg, log or (lambda s: None), train, validation)
     return Head.from_fit(result, meta, cfg)
 
 
@@ -244,7 +252,7 @@ class _Steps:
         """One pass over the training rows in mini-batches; the textbook's running-loss lines; the epoch's figures."""
         cfg, rows = self.cfg, self.rows
         t0 = time.perf_counter()
-        criterion = nn.CrossEntropyLoss()
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         labels = torch.from_numpy(rows.labels)
         running, total_loss, seen, correct, batch_i = 0.0, 0.0, 0, 0, 0
         for window in epoch_windows(rows.n, rows.block, window_rows(rows.dim), self.stream, epoch):

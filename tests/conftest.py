@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from flowerfeat.backbones import Backbone, Cut
+from flowerfeat.backbones import Backbone, Cut, stage_cut
 from flowerfeat.backbones.vgg import VGG16
 from flowerfeat.weights import WeightsInfo, load_state_dict, resolve_local
 
@@ -52,18 +52,27 @@ TINY = "tiny-grid-random"
 
 
 class TinyTrunk(nn.Module):
-    """A stand-in for a real trunk: the same interface (B, 3, 224, 224) -> (B, 24), milliseconds per batch."""
+    """A stand-in for a real trunk: the same interface (B, 3, 224, 224) -> (B, 24), milliseconds per batch; two
+    stages, so a top can train above the first."""
 
     def __init__(self):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.conv = nn.Conv2d(3, 6, kernel_size=8, stride=8)
+        self.conv = nn.Conv2d(3, 6, kernel_size=8, stride=8)  # stage 1: (B, 6, 28, 28)
+        self.mix = nn.Conv2d(6, 6, kernel_size=1)  # stage 2, the top
         with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.1)
-            self.conv.bias.zero_()
+            for conv in (self.conv, self.mix):
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.1)
+                conv.bias.zero_()
+
+    def bottom(self, x):
+        return self.conv(x)
+
+    def top(self, a):
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.mix(torch.relu(a))), 2), 1)
 
     def forward(self, x):
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 2), 1)  # (B, 24)
+        return self.top(self.bottom(x))  # (B, 24)
 
 
 class TinyBackbone(Backbone):
@@ -76,7 +85,15 @@ class TinyBackbone(Backbone):
         self.trunk_class = trunk_class  # a TinyTrunk that crashes, sleeps, ... (``tiny_runs``)
 
     def cuts(self):
-        return {"grid": Cut("grid", 24, 0.25, "2 x 2 pooled"), "mean": Cut("mean", 6, 0.0, "averaged")}
+        return {
+            "grid": Cut("grid", 24, 0.25, "2 x 2 pooled"),
+            "mean": Cut("mean", 6, 0.0, "averaged"),
+            "stage1": stage_cut("stage1", (6, 28, 28), "the 1x1 conv and its pool", 24, 0.1, "the first conv's map"),
+        }
+
+    def split(self, weights, cut, with_top=True):
+        trunk = self.load(weights, "grid")
+        return Bottom(trunk), (Top(trunk) if with_top else None)
 
     def resolve_weights(self, weights):
         return resolve_local("none" if weights == "imagenet" else weights, self.name)
@@ -89,6 +106,27 @@ class TinyBackbone(Backbone):
         if weights.kind == "file":
             trunk.load_state_dict(load_state_dict(weights.path, self.name))
         return trunk if cut == "grid" else nn.Sequential(trunk, nn.Unflatten(1, (6, 4)), MeanLast())
+
+
+class Bottom(nn.Module):
+    def __init__(self, trunk):
+        super().__init__()
+        self.trunk = trunk
+
+    calls = 0  # every bottom's batches, counted: training the top never runs the bottom
+
+    def forward(self, x):
+        Bottom.calls += 1
+        return torch.flatten(self.trunk.bottom(x), 1)
+
+
+class Top(nn.Module):
+    def __init__(self, trunk):
+        super().__init__()
+        self.mix = trunk.mix
+
+    def forward(self, a):
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.mix(torch.relu(a))), 2), 1)
 
 
 class MeanLast(nn.Module):

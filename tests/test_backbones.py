@@ -23,8 +23,8 @@ def test_each_vgg16_cut_has_its_documented_dimension(vgg):
     x = torch.randn(2, 3, 224, 224)
     outs = {}
     for name, cut in VGG16().cuts().items():
-        with torch.inference_mode():
-            outs[name] = Trunk(vgg, name).eval()(x)
+        with torch.inference_mode():  # pool4: below the conv5 block, the map flattened
+            outs[name] = torch.flatten(vgg.features[:24](x), 1) if name == "pool4" else Trunk(vgg, name).eval()(x)
         assert outs[name].shape == (2, cut.dim) and torch.isfinite(outs[name]).all(), name
     assert (outs["fc7"] >= 0).all() and (outs["fc6"] >= 0).all()  # after ReLU
     # pool5-gap is the per-channel mean of pool5's 512 x 7 x 7 map
@@ -60,7 +60,7 @@ def test_features_only_state_dict_serves_pool5_but_not_fc7(vgg, tmp_path):
     assert info.kind == "file" and len(info.sha256) == 64
     torch.testing.assert_close(model.load_vgg16(info, "pool5").features[0].weight, vgg.features[0].weight)
     # the default layer (fc7) asked of a conv-only file: what the file serves, and the way out
-    with pytest.raises(FlowerfeatError, match=r"has the weights of --layer pool5 and pool5-gap but not of fc7 "
+    with pytest.raises(FlowerfeatError, match=r"has the weights of --layer pool5, pool5-gap, pool4 but not of fc7 "
                        r"\(no classifier\.0\.weight\); pass --layer pool5-gap"):  # fmt: skip
         model.load_vgg16(info, "fc7")
 
@@ -115,8 +115,11 @@ def test_a_state_dict_of_another_architecture_names_the_missing_keys(tmp_path):
 
 def test_torchvision_cuts_are_read_off_the_model():
     mobilenet = backbones.get_backbone("mobilenet_v3_small")
-    assert {n: (c.dim, c.dropout) for n, c in mobilenet.cuts().items()} == {"pre-logits": (1024, 0.2), "pool": (576, 0)}
-    assert list(backbones.get_backbone("resnet18").cuts()) == ["pre-logits"]  # fc follows the pool directly
+    assert {n: (c.dim, c.dropout) for n, c in mobilenet.cuts().items()} == {
+        "pre-logits": (1024, 0.2), "pool": (576, 0), "features.8": (48 * 14 * 14, 0)  # the last stages' input
+    }  # fmt: skip
+    assert mobilenet.cut("features.8").top_dropout == 0.2  # its own classifier's, before the last Linear
+    assert list(backbones.get_backbone("resnet18").cuts()) == ["pre-logits", "layer3"]  # fc follows the pool directly
     assert backbones.get_backbone("vit_b_16").cut(None).dim == 768
     trunk = mobilenet.build(NONE, "pool")
     with torch.inference_mode():

@@ -236,7 +236,7 @@ def test_an_averaged_head_is_the_mean_of_its_runs_and_run_0_is_the_single_run(tr
     one = train.fit_head(train_file, average=1, dropout=0.5)
     three = train.fit_head(train_file, average=3, dropout=0.5)
     assert [h["run"] for h in three.meta["history"]] == [0, 0, 1, 1, 2, 2]
-    cfg = FitConfig(features=train_file, dropout=0.5, average=3)
+    cfg = FitConfig(features=train_file, dropout=0.5, average=3).settled()
     rows = rows_mod.Rows(train_file, cfg.max_memory)
     hold = rows_mod.holdout(rows, cfg)  # no validation: no row held out
     means, mean_l1 = rows.stats(~hold.mask, 3)

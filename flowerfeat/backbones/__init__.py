@@ -25,7 +25,7 @@ from flowerfeat.errors import FlowerfeatError
 from flowerfeat.weights import WeightsInfo, safe_name
 
 __all__ = [
-    "Backbone", "Cut", "Family", "Preprocessing", "DEFAULT_MODEL", "get_backbone", "list_models", "register",
+    "Backbone", "Cut", "Family", "Flat", "stage_cut", "Preprocessing", "DEFAULT_MODEL", "get_backbone", "list_models", "register",
     "register_family", "suggested_models", "unregister", "unregister_family",
 ]  # fmt: skip
 
@@ -33,12 +33,34 @@ __all__ = [
 @dataclass(frozen=True)
 class Cut:
     """Where a model is cut: its name (``--layer``), the row dimension, and the dropout the model's own classifier
-    applies to that output (the head's default dropout)."""
+    applies before its last layer (the head's default dropout). A cut below the top of the model also names the
+    ``top`` that sits above it (trained on the cached rows by ``fit-head --train-top``), the ``shape`` of its
+    activations (C, H, W; a row is them flattened) and the pooled dimension the top gives the head."""
 
     name: str
     dim: int
     dropout: float = 0.0
     about: str = ""  # one line for `flowerfeat models`
+    top: str = ""  # what trains above the cut, in words ("" for a pooled cut: only the head trains)
+    shape: tuple[int, ...] = ()  # (C, H, W) of the activations, for a cut below the top
+    top_dim: int = 0  # what the top gives the head
+    top_dropout: float = 0.0  # what the model drops out before its last layer when the top trains
+    # how its rows are stored by default: activations are many values a row and float16 keeps them within 1e-3
+    dtype: str = "float32"
+
+    @property
+    def trainable(self) -> bool:
+        """Whether a top sits above the cut (``fit-head --train-top``)."""
+        return bool(self.top)
+
+
+def stage_cut(name: str, shape: tuple[int, ...], top: str, top_dim: int, top_dropout: float, about: str,
+              dtype: str = "float16") -> Cut:  # fmt: skip
+    """A cut below the top: its activations (stored float16 by default), the top above it named."""
+    dim = 1
+    for s in shape:
+        dim *= s
+    return Cut(name, dim, 0.0, about, top, tuple(shape), top_dim, top_dropout, dtype)
 
 
 @dataclass(frozen=True)
@@ -133,6 +155,14 @@ class Backbone:
         loadable by ``torchvision.models.get_model(name, num_classes=C)``; None where the family cannot."""
         return None
 
+    def split(self, weights: WeightsInfo, cut: str, with_top: bool = True) -> tuple[nn.Module, nn.Module | None]:
+        """(bottom, top) of the model at a cut below its top, with ``weights``: the bottom maps images to the cut's
+        activations flattened, (B, C*H*W); the top maps the activations (B, C, H, W) to the pooled rows its own
+        classifier takes, (B, top_dim), from the weights' own values (refused in one line where they lack them).
+        ``with_top=False``: the bottom alone, which needs only the bottom's weights (top None). Families with such
+        cuts implement it."""
+        raise FlowerfeatError(f"{self.name} at {cut}: no top to train above this cut; choose a cut that has one")
+
     def whole_model(self, weights: WeightsInfo, n_classes: int) -> tuple[nn.Module, nn.Module] | None:
         """(the whole network with a new last layer for ``n_classes``, that layer): the textbook's recipe; None where
         the family cannot."""
@@ -154,8 +184,8 @@ class Backbone:
         return cuts[name]
 
     def build(self, weights: WeightsInfo, cut: str) -> nn.Module:
-        """The frozen trunk: eval mode (dropout off), no gradients."""
-        trunk = self.load(weights, cut).eval()
+        """The frozen trunk: eval mode (dropout off), no gradients; for a cut below the top, the bottom of ``split``."""
+        trunk = (self.split(weights, cut, False)[0] if self.cut(cut).trainable else self.load(weights, cut)).eval()
         trunk.requires_grad_(False)
         return trunk
 
@@ -186,6 +216,17 @@ class Family:
     def weights_dirs(self) -> list[str]:
         """The folders where the family's published weights land when downloaded (what `models` reports on)."""
         return []
+
+
+class Flat(nn.Module):
+    """A bottom: the model up to the cut, its activations flattened to rows, (B, C, H, W) -> (B, C*H*W)."""
+
+    def __init__(self, *modules: nn.Module):
+        super().__init__()
+        self.body = nn.Sequential(*modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.body(x), 1)
 
 
 def seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:

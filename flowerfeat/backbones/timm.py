@@ -9,11 +9,14 @@ import importlib.util
 import torch
 from torch import nn
 
-from flowerfeat.backbones import Backbone, Cut, Family as BaseFamily, Preprocessing, seeded
+from flowerfeat.backbones import Backbone, Cut, Family as BaseFamily, Flat, Preprocessing, seeded, stage_cut
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.weights import DOWNLOAD_ERRORS, WeightsInfo, check_keys, download_error, load_state_dict, resolve_local
 
 INSTALL = "pip install 'flowerfeat[timm]'"
+# the dropout EfficientNet's training recipe puts before its classifier (timm creates the model without it): the
+# head's when the top trains, as in the run that measured the trained top (docs/heads.md)
+TOP_DROPOUT = 0.2
 
 
 def _timm(name: str = "<name>"):
@@ -70,7 +73,32 @@ class TimmModel(Backbone):
         m = self._meta_model
         dim = int(getattr(m, "head_hidden_size", None) or m.num_features)
         dropout = float(getattr(m, "drop_rate", 0.0) or 0.0)  # what timm drops out before its classifier
-        return {"pre-logits": Cut("pre-logits", dim, dropout, "pooled pre-logits (num_classes=0)")}
+        cuts = {"pre-logits": Cut("pre-logits", dim, dropout, "pooled pre-logits (num_classes=0)")}
+        return cuts | self._stage_cuts(dim)
+
+    def _stage_cuts(self, dim: int) -> dict[str, Cut]:
+        """For EfficientNet-like models (stem, ``blocks`` of stages, ``conv_head``): the input of the last stage and
+        of the last two, each with the stages above it, conv_head and bn2 as its top."""
+        m = self._meta_model
+        if not all(hasattr(m, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")):
+            return {}
+        shape = self.preprocessing(WeightsInfo("none", "none")).input_shape
+        with torch.no_grad():
+            x = m.bn1(m.conv_stem(torch.empty(1, *shape, device="meta")))
+            shapes = [tuple((x := block(x)).shape[1:]) for block in m.blocks]
+        n, cuts = len(m.blocks), {}
+        for k in (n - 2, n - 3):
+            top = f"blocks[{k + 1}:], conv_head, bn2 ({n - 1 - k} stage{'s' if n - 2 > k else ''} and the head conv)"
+            about = f"blocks[{k}]'s output {' x '.join(map(str, shapes[k]))}; trains {top}"
+            cuts[f"blocks.{k}"] = stage_cut(f"blocks.{k}", shapes[k], top, dim, TOP_DROPOUT, about)
+        return cuts
+
+    def split(self, weights: WeightsInfo, cut: str, with_top: bool = True) -> tuple[nn.Module, nn.Module | None]:
+        if not self.cut(cut).trainable:
+            return super().split(weights, cut, with_top)
+        k, m = int(cut.split(".")[1]), self._loaded(weights, cut)
+        top = nn.Sequential(*m.blocks[k + 1 :], m.conv_head, m.bn2, m.global_pool) if with_top else None
+        return Flat(m.conv_stem, m.bn1, *m.blocks[: k + 1]), top
 
     def resolve_weights(self, weights: str) -> WeightsInfo:
         local = resolve_local(weights, self.name)
@@ -113,6 +141,10 @@ class TimmModel(Backbone):
         return {"gflops": pooled_gflops(self._meta_model, shape), "imagenet_top1": None, "weights_offline": offline}
 
     def load(self, weights: WeightsInfo, cut: str) -> nn.Module:
+        return self._loaded(weights, cut)
+
+    def _loaded(self, weights: WeightsInfo, cut: str) -> nn.Module:
+        """The whole model (its pooled pre-logits out) with ``weights``."""
         if weights.kind == "hub":
             try:
                 return self._create(pretrained=True)

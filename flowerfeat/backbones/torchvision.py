@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flowerfeat.backbones import Backbone, Cut, Family as BaseFamily, Preprocessing, seeded
+from flowerfeat.backbones import Backbone, Cut, Family as BaseFamily, Flat, Preprocessing, seeded, stage_cut
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.weights import DOWNLOAD_ERRORS, WeightsInfo, check_keys, download_error, load_state_dict, resolve_local
 
@@ -70,6 +70,29 @@ def _has_pool_cut(model: nn.Module) -> bool:
     return any(not isinstance(m, (nn.Dropout, nn.Flatten, nn.Linear)) for m in classifier.children())
 
 
+def _has_features(model: nn.Module) -> bool:
+    return hasattr(model, "features") and isinstance(getattr(model, "avgpool", None), nn.AdaptiveAvgPool2d)
+
+
+class _Top(nn.Module):
+    """A features-CNN above a cut: its last stages, the pool, and its classifier up to its last Linear (a trailing
+    dropout left to the head): (B, C, H, W) -> the rows the last Linear takes."""
+
+    def __init__(self, model: nn.Module, start: int):
+        super().__init__()
+        self.features, self.avgpool = model.features[start:], model.avgpool
+        pre = list(model.classifier.children())[:-1]
+        while pre and isinstance(pre[-1], nn.Dropout):
+            pre.pop()
+        first = next((i for i, p in enumerate(pre) if isinstance(p, nn.Linear)), None)
+        if first is not None and not any(isinstance(p, nn.Flatten) for p in pre[:first]):
+            pre.insert(first, nn.Flatten())  # MobileNetV3's or AlexNet's Linear takes the flattened pool
+        self.pre = nn.Sequential(*pre)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pre(self.avgpool(self.features(x))), 1)
+
+
 class PoolTrunk(nn.Module):
     """features -> global average pool -> flatten: the last stage's pooled map."""
 
@@ -104,17 +127,22 @@ class TorchvisionModel(Backbone):
             return seeded(lambda: get_model(self.name, weights=None))
 
     @functools.cached_property
-    def _shape(self) -> dict:
-        """The classifier's name, input dimension and dropout, read off the model built on the meta device (fast);
-        a model that cannot be built there (RegNet computes its widths with tensors) is built on the CPU."""
+    def _meta(self) -> nn.Module:
+        """The model built on the meta device (fast, no weights); a model that cannot be built there (RegNet computes
+        its widths with tensors) is built on the CPU."""
         from torchvision.models import get_model
 
         try:
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                model = get_model(self.name, weights=None)
+                return get_model(self.name, weights=None)
         except (NotImplementedError, RuntimeError):
-            model = self._random()
+            return self._random()
+
+    @functools.cached_property
+    def _shape(self) -> dict:
+        """The classifier's name, input dimension and dropout, read off the model."""
+        model = self._meta
         name, linear, dropout = _last_linear(model)
         shape = {"linear": name, "dim": linear.in_features, "dropout": dropout, "pool": None}
         if _has_pool_cut(model):  # the classifier's first module takes the pooled map: a Linear or a norm
@@ -127,7 +155,44 @@ class TorchvisionModel(Backbone):
         cuts = {"pre-logits": Cut("pre-logits", s["dim"], s["dropout"], f"the input of {s['linear']}, pooled")}
         if s["pool"]:
             cuts["pool"] = Cut("pool", s["pool"], 0.0, "the last stage's map, global-average pooled")
+        stage = self._stage
+        if stage:
+            about = f"{stage['at']}'s output {' x '.join(map(str, stage['shape']))}; trains {stage['top']}"
+            cuts[stage["at"]] = stage_cut(stage["at"], stage["shape"], stage["top"], s["dim"], s["dropout"], about)
         return cuts
+
+    @functools.cached_property
+    def _stage(self) -> dict | None:
+        """The input of the last stage, for a ResNet (layer3's output; layer4 above it) or a CNN of ``features``
+        stages (the output just before the last resolution's stages: EfficientNet, MobileNetV3, ConvNeXt); None for
+        the other models."""
+        m, shape = self._meta, self.preprocessing(WeightsInfo("none", "none")).input_shape
+        x = torch.empty(1, *shape, device=next(m.parameters()).device)
+        with torch.no_grad():
+            if all(hasattr(m, a) for a in ("layer3", "layer4", "avgpool", "fc")):
+                for part in (m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3):
+                    x = part(x)
+                return {"at": "layer3", "shape": tuple(x.shape[1:]), "top": "layer4 and its pool", "start": None}
+            if not (_has_features(m) and isinstance(m.classifier, nn.Sequential)):
+                return None
+            shapes = [tuple((x := f(x)).shape[1:]) for f in m.features]
+        start = next(i for i, s in enumerate(shapes) if s[1:] == shapes[-1][1:])  # the last resolution's first stage
+        if start < 2:
+            return None
+        return {"at": f"features.{start - 1}", "shape": shapes[start - 1], "start": start,
+                "top": f"features[{start}:] (the last resolution's stages), the pool and the classifier before its "
+                       "last layer"}  # fmt: skip
+
+    def split(self, weights: WeightsInfo, cut: str, with_top: bool = True) -> tuple[nn.Module, nn.Module | None]:
+        stage = self._stage
+        if not stage or cut != stage["at"]:
+            return super().split(weights, cut, with_top)
+        m = self._full(weights, "pre-logits")
+        if stage["start"] is None:  # a ResNet
+            bottom = Flat(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3)
+            return bottom, nn.Sequential(m.layer4, m.avgpool, nn.Flatten()) if with_top else None
+        bottom = Flat(*m.features[: stage["start"]])
+        return bottom, _Top(m, stage["start"]) if with_top else None
 
     def resolve_weights(self, weights: str) -> WeightsInfo:
         local = resolve_local(weights, self.name)

@@ -1,16 +1,20 @@
-"""VGG16, the textbook's trunk: cut at fc7 (the default), fc6, pool5 or pool5-gap; conv-only state dicts serve pool5."""
+"""VGG16, the textbook's trunk: cut at fc7 (the default), fc6, pool5 or pool5-gap; conv-only state dicts serve pool5.
+Below the top: pool5 (fc6 and fc7 above it) and pool4 (the conv5 block above it), for `fit-head --train-top`."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from flowerfeat.backbones import Backbone, Cut, Preprocessing, seeded
+from flowerfeat.backbones import Backbone, Cut, Flat, Preprocessing, seeded, stage_cut
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.weights import DOWNLOAD_ERRORS, WeightsInfo, check_keys, download_error, load_state_dict, resolve_local
 
 # Number of VGG16 classifier modules each cut keeps: classifier[:5] ends after fc7's ReLU, [:2] after fc6's.
 _CLASSIFIER_KEEP = {"fc7": 5, "fc6": 2, "pool5": 0, "pool5-gap": 0}
+POOL4 = 24  # features[:24] ends with conv4's max pool; features[24:31] is the conv5 block and pool5
+# the head's dropout above the trained conv5 block and its global average pool (docs/heads.md has the measurement)
+POOL4_DROPOUT = 0.2
 # Positions of the 13 Conv2d modules in torchvision's vgg16().features.
 CONV_IDX = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 
@@ -35,8 +39,10 @@ class Trunk(nn.Module):
 
 
 def required_keys(layer: str) -> list[str]:
-    """State-dict keys the cut needs: the 13 conv layers, plus fc6 (and fc7) for the classifier cuts."""
-    keys = [f"features.{i}.{p}" for i in CONV_IDX for p in ("weight", "bias")]
+    """State-dict keys the cut needs: the 13 conv layers (pool4: the first 10), plus fc6 (and fc7) for the classifier
+    cuts."""
+    convs = [i for i in CONV_IDX if layer != "pool4" or i < POOL4]
+    keys = [f"features.{i}.{p}" for i in convs for p in ("weight", "bias")]
     fcs = {"fc7": (0, 3), "fc6": (0,)}.get(layer, ())
     return keys + [f"classifier.{i}.{p}" for i in fcs for p in ("weight", "bias")]
 
@@ -53,8 +59,12 @@ class VGG16(Backbone):
         return {
             "fc7": Cut("fc7", 4096, 0.5, "after fc7's ReLU: classifier[6]'s input, the textbook's cut"),
             "fc6": Cut("fc6", 4096, 0.5, "after fc6's ReLU"),
-            "pool5": Cut("pool5", 512 * 7 * 7, 0.0, "the last conv block's 512 x 7 x 7 map, flattened"),
+            "pool5": Cut("pool5", 512 * 7 * 7, 0.0, "the last conv block's 512 x 7 x 7 map, flattened; trains fc6, fc7",
+                         top="classifier[:6] (fc6 and fc7 with their dropout)", shape=(512, 7, 7), top_dim=4096,
+                         top_dropout=0.5),  # fmt: skip
             "pool5-gap": Cut("pool5-gap", 512, 0.0, "pool5 averaged over its 7 x 7 positions"),
+            "pool4": stage_cut("pool4", (512, 14, 14), "features[24:31] (the conv5 block and pool5), global average pool",
+                               512, POOL4_DROPOUT, "conv4's pooled 512 x 14 x 14 map; trains the conv5 block"),
         }
 
     @staticmethod
@@ -95,12 +105,14 @@ class VGG16(Backbone):
             except DOWNLOAD_ERRORS as e:
                 raise download_error(self.name, weights.url, e, f"{torch.hub.get_dir()}/checkpoints/") from None
         state = load_state_dict(weights.path, self.name)
-        served = [c for c in self.cuts() if all(k in state for k in required_keys(c))]
+        cuts = self.cuts()
+        served = [c for c in cuts if all(k in state for k in required_keys(c))]
         if layer not in served and served:  # e.g. a conv-only file (features.*) asked for the default fc7
             missing = next(k for k in required_keys(layer) if k not in state)
+            pick = min((c for c in served if not cuts[c].shape), key=lambda c: cuts[c].dim, default=served[0])
             raise FlowerfeatError(
-                f"{weights.path}: has the weights of --layer {' and '.join(served)} but not of {layer} (no {missing}); "
-                f"pass --layer {served[-1]}, or a file with {layer}'s weights"
+                f"{weights.path}: has the weights of --layer {', '.join(served)} but not of {layer} (no {missing}); "
+                f"pass --layer {pick}, or a file with {layer}'s weights"
             )
         model = seeded(lambda: vgg16(weights=None))
         own = model.state_dict()
@@ -110,6 +122,24 @@ class VGG16(Backbone):
 
     def load(self, weights: WeightsInfo, cut: str) -> nn.Module:
         return Trunk(self.load_vgg16(weights, cut), cut)
+
+    def split(self, weights: WeightsInfo, cut: str, with_top: bool = True) -> tuple[nn.Module, nn.Module | None]:
+        if cut not in ("pool4", "pool5"):
+            return super().split(weights, cut, with_top)
+        needs = cut if not with_top else "pool5" if cut == "pool4" else "fc7"
+        if with_top and cut == "pool5" and weights.kind == "file":
+            state = load_state_dict(weights.path, self.name)
+            if not all(k in state for k in required_keys("fc7")):
+                raise FlowerfeatError(
+                    f"{weights.path}: has no fc6/fc7 weights (classifier.0, classifier.3), which the top above pool5 "
+                    "starts from; train the conv5 block above pool4 (--layer pool4), or pass VGG16's full weights"
+                )
+        vgg = self.load_vgg16(weights, needs)
+        if cut == "pool5":
+            top = nn.Sequential(nn.Flatten(), *vgg.classifier[:6]) if with_top else None
+            return Trunk(vgg, "pool5"), top
+        top = nn.Sequential(*vgg.features[POOL4:], nn.AdaptiveAvgPool2d(1), nn.Flatten()) if with_top else None
+        return Flat(*vgg.features[:POOL4]), top
 
     def whole_model(self, weights: WeightsInfo, n_classes: int) -> tuple[nn.Module, nn.Module]:
         """The textbook's network: VGG16 with ``classifier[6]`` replaced (a conv-only file: fc6/fc7 stay random)."""

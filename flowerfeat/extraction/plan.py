@@ -76,7 +76,8 @@ def reusable_rows(prev: Previous, meta: dict, split: Split) -> Reuse:
     old_rows = store.row_keys(prev.path)
     nv = 1 + meta["views"]
     # Augmented views are only valid under the same seed; centre crops (view 0) always are.
-    reusable_views = nv if old["view_seed"] == meta["view_seed"] else 1
+    same_views = old["view_seed"] == meta["view_seed"] and old.get("view_scale") == meta.get("view_scale")
+    reusable_views = nv if same_views else 1
     reuse = {}
     for idx, item in enumerate(split.items):
         for v in range(reusable_views):

@@ -21,6 +21,7 @@ def make_loader(
     mode: str,
     device: torch.device,
     workers: int,
+    view_scale: float = 0.08,
 ):
     """Batches of (x or None, unit ids, skipped) for ``batches``, read by ``workers`` processes; in the gpu and hybrid
     modes prepared on ``device``."""
@@ -33,7 +34,7 @@ def make_loader(
 
         dataset_type = DecodedUnitDataset if mode == "hybrid" else RawUnitDataset
     transform = preprocessing.transform()
-    augment = Augment(preprocessing.crop_size, preprocessing.resize_size)
+    augment = Augment(preprocessing.crop_size, preprocessing.resize_size, view_scale)
     dataset = dataset_type(split, n_views, transform, augment, view_seed)
     loader = DataLoader(
         dataset,

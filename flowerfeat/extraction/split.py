@@ -73,7 +73,8 @@ def extract_split(job: Job, split: Split, dist: Dist = Dist(), calibrate_on: Spl
 
     def loader(batches):
         return make_loader(split, n_views, job.cfg.view_seed, batches, preprocessing=job.recipe.preprocessing,
-                           mode=job.mode, device=job.device, workers=job.workers)  # fmt: skip
+                           mode=job.mode, device=job.device, workers=job.workers,
+                           view_scale=job.cfg.view_scale)  # fmt: skip
 
     times = run_with_progress(split.name, plan.done_before, plan.total, plan.remaining, loader, job.trunk, log,
                               job.batch_size, job.reporter)  # fmt: skip

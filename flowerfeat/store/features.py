@@ -54,6 +54,7 @@ SCHEMA = (
     Attr("compression", settings=True),
     Attr("views", settings=True, head=True),
     Attr("view_seed", settings=True),
+    Attr("view_scale", settings=True, json=True),  # None without views
     Attr("layout", settings=True),  # folders, flat or csv
     Attr("test_fraction", settings=True),
     Attr("data_root", head=True),  # where the images were: the head's data set
@@ -67,6 +68,8 @@ SCHEMA = (
 ATTRS = {a.name: a for a in SCHEMA}
 MODEL_KEY_FIELDS = tuple(a.name for a in SCHEMA if a.key)
 SETTINGS_FIELDS = tuple(a.name for a in SCHEMA if a.settings)
+# settings added after format 2 enter the fingerprint only when set, so the caches made before keep theirs
+LATER = ("view_scale",)
 HEAD_FIELDS = tuple(a.name for a in SCHEMA if a.head)
 CHECKED_FIELDS = tuple(a.name for a in SCHEMA if a.checked)
 # Datasets of a finished file (all length N = rows, except `skipped`, which is (S, 2): path, reason).
@@ -87,7 +90,8 @@ def fingerprint(meta: dict, image_list: list[tuple]) -> str:
     """Hash of the model key, the settings fields (views and their seed, classes, storage filter, how the split was
     made) and every (relpath, label, size, mtime_ns). A new filter rewrites the file from the cached rows."""
     h = hashlib.sha256(model_key(meta).encode())
-    h.update(json.dumps([meta.get(k) for k in SETTINGS_FIELDS]).encode())
+    settings = [meta.get(k) for k in SETTINGS_FIELDS if k not in LATER or meta.get(k) is not None]
+    h.update(json.dumps(settings).encode())
     for entry in image_list:
         h.update(json.dumps(entry).encode())
     return h.hexdigest()

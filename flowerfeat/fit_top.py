@@ -1,0 +1,142 @@
+"""Train the top of the trunk and the new head on cached activations (``fit-head --train-top``): the rows of a cut
+below the top, and their augmented views, go through the top's modules, which start from the model's own weights;
+the bottom of the trunk never runs. Seeded: the same seed gives the same checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from flowerfeat.config import FitConfig
+from flowerfeat.errors import FlowerfeatError
+from flowerfeat.heads import TopHead, score
+from flowerfeat.recipe import Recipe
+from flowerfeat.rows import Holdout, Rows, epoch_windows, holdout, window_rows
+from flowerfeat.train import FitResult, _epoch_line
+
+# The pretrained top learns at a tenth of the new layer's rate; the new layer's peak rate; BatchNorm statistics of
+# the top updated from the cached rows: the settings measured on the flower photos (docs/heads.md has the figures).
+TOP_LR_RATIO = 0.1
+TOP_LR = 3e-3
+BN_STATISTICS = "update"  # or "freeze": the top's BatchNorm layers kept in eval mode while it trains
+
+
+def fit_top(cfg: FitConfig, log: Callable[[str], None], train=None, validation=None) -> tuple[FitResult, dict]:
+    """Train the top above the cut of ``cfg.features`` (or ``train``, loaded) and a new head; the epoch is chosen on
+    ``validation`` or --val-fraction where given, else the last is kept. Returns the result (its ``module`` the
+    TopHead) and the features' metadata."""
+    cfg = cfg.settled()
+    rows = Rows(train if train is not None else cfg.features, cfg.max_memory)
+    try:
+        recipe = Recipe.from_attrs(rows.meta)
+        cut = recipe.backbone.cut(recipe.layer)
+        if not cut.trainable:
+            tops = ", ".join(c.name for c in recipe.backbone.cuts().values() if c.trainable) or "none"
+            raise FlowerfeatError(
+                f"{rows.name}: {recipe.model} {recipe.layer} features have no top above them to train; extract a cut "
+                f"below the top (for {recipe.model}: {tops}) or drop --train-top"
+            )
+        hold = holdout(rows, cfg, validation)
+        if hold.source:
+            log(f"Validation: {hold.source}")
+        _, top = recipe.backbone.split(recipe.found(cfg.weights).weights, cut.name)  # from the model's own weights
+        module, best, history = _train(cfg, rows, hold, cut, top, log)
+        result = FitResult(module.linear.weight.detach(), module.linear.bias.detach(), best, history, module)
+        result.metrics.update(
+            rows=int(rows.n), train_rows=int((~hold.mask).sum()), val_rows=len(hold.y), streamed=bool(rows.streamed),
+            validation=hold.source, top=cut.top,
+        )  # fmt: skip
+        return result, rows.meta
+    finally:
+        rows.close()
+
+
+def _train(cfg: FitConfig, rows: Rows, hold: Holdout, cut, top: nn.Module, log):
+    """(the trained TopHead, the metrics of the epoch kept, every epoch's entry)."""
+    n_classes = len(rows.meta["classes"])
+    dropout = cut.top_dropout if cfg.dropout is None else cfg.dropout
+    lr = cfg.lr or TOP_LR
+    log(f"Settings: top {cut.top}; lr {lr:g} for the new layer, {lr * TOP_LR_RATIO:g} for the top (one cycle); "
+        f"AdamW weight decay {cfg.weight_decay:g}; label smoothing {cfg.label_smoothing:g}; dropout {dropout:g}; "
+        f"batch {cfg.batch_size}; {cfg.epochs} epochs; BatchNorm statistics: {BN_STATISTICS}")  # fmt: skip
+    with torch.random.fork_rng(devices=[]):  # seeds the new layer and the dropout without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        module = TopHead(top, cut.shape, cut.top_dim, n_classes, dropout)
+        module.top.requires_grad_(True)
+        steps = _Steps(cfg, rows, hold, module, lr, log)
+        history, kept = [], None
+        for epoch in range(1, cfg.epochs + 1):
+            entry = steps.epoch(epoch)
+            if len(hold.y):
+                vloss, vpred, _ = score(module, hold.x, hold.y)
+                entry.update(val_loss=vloss, val_acc=float((vpred == hold.y).mean()))
+                if kept is None or entry["val_acc"] > kept[0]["val_acc"]:
+                    kept = (entry, copy.deepcopy(module.state_dict()))
+            history.append(entry)
+            log(_epoch_line(entry))
+    if kept is not None:
+        module.load_state_dict(kept[1])
+        log(f"Kept epoch {kept[0]['epoch']} (best validation accuracy {kept[0]['val_acc']:.1%})")
+    entry = kept[0] if kept is not None else history[-1]
+    metrics = {"best_epoch": entry["epoch"], "lr": lr, "top_lr": lr * TOP_LR_RATIO, "dropout": dropout,
+               "bn_statistics": BN_STATISTICS, **{k: v for k, v in entry.items() if k not in ("epoch", "seconds")}}
+    return module.eval().requires_grad_(False), metrics, history
+
+
+class _Steps:
+    """One run's mini-batch steps over the cached rows: AdamW with a one-cycle schedule, label smoothing."""
+
+    def __init__(self, cfg: FitConfig, rows: Rows, hold: Holdout, module: TopHead, lr: float, log):
+        self.cfg, self.rows, self.hold, self.module, self.log = cfg, rows, hold, module, log
+        groups = [{"params": module.top.parameters(), "lr": lr * TOP_LR_RATIO},
+                  {"params": module.linear.parameters(), "lr": lr}]  # fmt: skip
+        self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        total = sum(  # the schedule's length: every epoch's batches (windows differ by epoch)
+            math.ceil(len(w[~hold.mask[w]]) / cfg.batch_size)
+            for e in range(1, cfg.epochs + 1) for w in epoch_windows(rows.n, rows.block, window_rows(rows.dim), cfg.seed, e)
+        )  # fmt: skip
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, [lr * TOP_LR_RATIO, lr], total_steps=max(total, 1))
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    def _train_mode(self) -> None:
+        self.module.train()
+        if BN_STATISTICS == "freeze":
+            for m in self.module.top.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def epoch(self, epoch: int) -> dict:
+        """One pass over the training rows (their views included) in shuffled mini-batches; the epoch's figures."""
+        cfg, rows, t0 = self.cfg, self.rows, time.perf_counter()
+        self._train_mode()
+        labels = torch.from_numpy(rows.labels)
+        running, total_loss, seen, correct, batch_i = 0.0, 0.0, 0, 0, 0
+        for window in epoch_windows(rows.n, rows.block, window_rows(rows.dim), cfg.seed, epoch):
+            window = window[~self.hold.mask[window]]
+            x_win, y_win = torch.from_numpy(rows.take(window)), labels[window]
+            for s in range(0, len(window), cfg.batch_size):
+                x, y = x_win[s : s + cfg.batch_size], y_win[s : s + cfg.batch_size]
+                if len(y) < 2:  # BatchNorm cannot learn statistics from one row (its step is counted, not taken)
+                    self.sched.step()
+                    continue
+                self.opt.zero_grad(set_to_none=True)
+                out = self.module(x)  # (B, C)
+                loss = self.criterion(out, y)
+                loss.backward()
+                self.opt.step()
+                self.sched.step()
+                batch_i, running = batch_i + 1, running + loss.item()
+                total_loss, seen = total_loss + loss.item() * len(y), seen + len(y)
+                correct += int((out.argmax(1) == y).sum())
+                if batch_i % cfg.log_every == 0:
+                    self.log(f"Epoch {epoch}, Batch {batch_i} loss: {running / cfg.log_every:.16f}")
+                    running = 0.0
+        self.module.eval()
+        return {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
+                "seconds": time.perf_counter() - t0}  # fmt: skip

@@ -1,0 +1,90 @@
+"""fit-head --train-top: the top of a tiny two-stage model trained on cached activations (and augmented views), then
+report, predict and export through the same doors as a linear head."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import flowerfeat
+from flowerfeat import store
+from flowerfeat.cli import app
+from conftest import Bottom, TinyBackbone, cached, make_folder
+
+runner = CliRunner()
+
+
+def run(*args, code=0):
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == code, r.output
+    return r
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """Activations of the tiny model's first stage, with one augmented view per training image."""
+    from flowerfeat import backbones
+
+    backbones.register("tiny", TinyBackbone)  # before the per-test fixture does: this one serves the module
+    tmp = tmp_path_factory.mktemp("top")
+    data = make_folder(tmp / "d", {"train": 4, "test": 2})
+    run("features", "--data", data, "--out", tmp / "f", "--model", "tiny", "--layer", "stage1", "--weights", "none",
+        "--workers", "0", "--views", "1")  # fmt: skip
+    return data, cached(tmp / "f", data, "tiny-stage1-random")
+
+
+def test_activations_are_cached_float16_with_their_views(stage1):
+    _data, folder = stage1
+    tr = store.load_features(folder / "train.h5")
+    assert tr.meta["dtype"] == "float16" and tr.X.shape == (24, 6 * 28 * 28) and sorted(set(tr.views)) == [0, 1]
+    assert tr.meta["view_scale"] == 0.25  # the views' crop scale is recorded (and keyed)
+
+
+def test_the_top_trains_on_the_cache_alone_and_serves_every_command(stage1, tmp_path):
+    data, folder = stage1
+    Bottom.calls = 0
+    r = run("fit-head", "--features", folder, "--train-top", "--epochs", "3", "--out", tmp_path / "top.pt")
+    assert Bottom.calls == 0, "training the top ran the bottom"
+    assert "Settings: top the 1x1 conv and its pool" in r.output and "Epoch 3 done" in r.output
+    head = flowerfeat.Head.load(tmp_path / "top.pt")
+    assert head.kind == "top" and head.metrics["best_epoch"] == 3 and head.metrics["dropout"] == 0.1
+    start = flowerfeat.Classifier.load(tmp_path / "top.pt")  # the trained top differs from the model's own
+    assert not torch.equal(head.module.top.mix.weight, start.trunk().module.trunk.mix.weight)
+    report = run("report", "--head", tmp_path / "top.pt", "--json")
+    test = store.load_features(folder / "test.h5")
+    ev = json.loads(report.stdout)
+    assert ev["overall"]["correct"] == int((head.predict(test.X) == test.y).sum()) and ev["overall"]["total"] == 6
+    images = [f"{test.meta['data_root']}/{p}" for p in test.paths]
+    clf = flowerfeat.Classifier.load(tmp_path / "top.pt")
+    want = np.array([[dict(p.top)[c] for c in clf.classes] for p in clf.predict(images, top_k=3)])
+    np.testing.assert_allclose(want, head.predict_proba(test.X), atol=1e-3)  # rows stored float16: to 1e-3
+    x = torch.stack([clf._transform(flowerfeat.data.load_image(p)) for p in images])
+    for suffix in (".pt2", ".onnx"):  # bottom + top + head, one model
+        run("export", tmp_path / f"m{suffix}", "--head", tmp_path / "top.pt")
+    got = torch.export.load(tmp_path / "m.pt2").module()(x).detach().numpy()
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    import onnxruntime
+
+    got = onnxruntime.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": x.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-3)
+
+
+def test_the_same_seed_gives_the_same_checkpoint(stage1, tmp_path):
+    _data, folder = stage1
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        run("fit-head", "--features", folder, "--train-top", "--epochs", "2", "--seed", seed, "--out",
+            tmp_path / f"{name}.pt")  # fmt: skip
+    a, b, c = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in "abc")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "meta")
+    assert not torch.equal(a["linear.weight"], c["linear.weight"])
+
+
+def test_a_pooled_cut_has_no_top_to_train(stage1, tmp_path):
+    data, folder = stage1
+    run("features", "--data", data, "--out", tmp_path / "f", "--model", "tiny", "--weights", "none", "--workers", "0")
+    r = run("fit-head", "--features", tmp_path / "f", "--train-top", code=2)
+    assert "tiny grid features have no top above them to train; extract a cut below the top (for tiny: stage1)" in r.output
