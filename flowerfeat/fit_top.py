@@ -9,7 +9,6 @@ import math
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -285,7 +285,7 @@ def test_fit_head_report_predict_pick_the_latest_cache_or_the_layer_asked(tmp_pa
     for layer in ("pool5", "pool5-gap"):  # each cache and each head are still there
         r = run("report", "--layer", layer, "--json")
         assert r.exit_code == 0 and json.loads(r.stdout)["overall"]["total"] == 3, r.output
-        assert r.stderr.startswith(f"head data/features/d-") and f"vgg16 {layer}, 3 classes" in r.stderr
+        assert r.stderr.startswith("head data/features/d-") and f"vgg16 {layer}, 3 classes" in r.stderr
     r = run("report")  # the head saved last: pool5-gap's, with the test file beside its training features
     assert r.exit_code == 0 and r.output.startswith("head data/features/") and "\nTest Loss: " in r.output, r.output
     r = run("predict", data / "test", "--layer", "pool5")
