@@ -116,3 +116,15 @@ def test_the_figure_keeps_its_labels_apart_and_inside(tmp_path):
     assert any("timm:tf_efficientnet_lite0 pre-logits" in t.get_text() for t in fig.legends[0].get_texts())
     front = fig.legends[0].legend_handles[-1]
     assert front.get_linestyle() == "--" and front.get_visible()
+
+
+def test_a_trained_top_is_one_more_candidate(photos, tmp_path):
+    args = ["compare", "--data", photos, "--model", "tiny", "--model", "tiny@stage1+top", "--sample", "12",
+            "--folds", "3", "--out", tmp_path / "c", "--json"]  # fmt: skip
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    rows = {row["candidate"]: row for row in json.loads(r.stdout)["rows"]}
+    top = rows["tiny@stage1+top"]
+    assert not top["error"] and top["layer"] == "stage1+top" and top["head_mean"] is not None
+    assert top["probe_mean"] is None and top["fit_s"] > 0 and rows["tiny"]["probe_mean"] is not None
+    assert top["full_disk_bytes"] == 24 * 6 * 28 * 28 * 2  # the 24 training images' float16 activations

@@ -73,14 +73,17 @@ def test_the_top_trains_on_the_cache_alone_and_serves_every_command(stage1, tmp_
     np.testing.assert_allclose(got, want, atol=1e-3)
 
 
-def test_the_same_seed_gives_the_same_checkpoint(stage1, tmp_path):
+def test_the_same_seed_gives_the_same_checkpoint_in_memory_or_streamed(stage1, tmp_path):
     _data, folder = stage1
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        run("fit-head", "--features", folder, "--train-top", "--epochs", "2", "--seed", seed, "--out",
-            tmp_path / f"{name}.pt")  # fmt: skip
-    a, b, c = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in "abc")
+    for name, seed, memory in (("a", 0, "4"), ("b", 0, "4"), ("c", 1, "4"), ("d", 0, "0.0001")):
+        run("fit-head", "--features", folder, "--train-top", "--epochs", "2", "--seed", seed, "--max-memory", memory,
+            "--out", tmp_path / f"{name}.pt")  # fmt: skip
+    a, b, c, d = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in "abcd")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "meta")
     assert not torch.equal(a["linear.weight"], c["linear.weight"])
+    streamed = flowerfeat.Head.load(tmp_path / "d.pt").metrics  # 0.0001 GiB: read from disk block by block
+    assert streamed["streamed"] and not flowerfeat.Head.load(tmp_path / "a.pt").metrics["streamed"]
+    assert all(torch.equal(a[k], d[k]) for k in a if k != "meta")
 
 
 def test_a_pooled_cut_has_no_top_to_train(stage1, tmp_path):

@@ -34,7 +34,8 @@ class Family(BaseFamily):
     prefix, listed = "timm:", False
 
     def suggested(self) -> list[str]:
-        return ["tf_efficientnet_lite0"]  # 0.39 G multiply-adds, ImageNet-trained: the small model users reach for
+        # 0.39 G multiply-adds, ImageNet-trained: the small model users reach for; and its top trained on the cache
+        return ["tf_efficientnet_lite0", "tf_efficientnet_lite0@blocks.5+top"]
 
     def weights_dirs(self) -> list[str]:
         if importlib.util.find_spec("huggingface_hub") is None:
