@@ -16,7 +16,7 @@ from torch import nn
 from flowerfeat import runtime
 from flowerfeat.backbones import get_backbone
 from flowerfeat.catalogue import gflops_text
-from flowerfeat.config import ExtractConfig, FitConfig
+from flowerfeat.config import ExtractConfig, FitConfig, batch_size_for
 from flowerfeat.data import Split, UnitDataset, collate_units
 from flowerfeat.layouts import scan_data
 from flowerfeat.errors import FlowerfeatError
@@ -160,41 +160,72 @@ def _flowerfeat_run(cfg: ExtractConfig, train: Split, test: Split, fig: dict) ->
 
 
 def engine_combos(precision: str) -> list[tuple[str, str]]:
-    """(engine, precision) rows to time: torch at the asked precision (fp32 when int8 is asked: the reference),
-    onnxruntime fp32, and onnxruntime int8 when asked; the installed engines only."""
-    combos = [("torch", "fp32" if precision == "int8" else precision), ("onnxruntime", "fp32")]
-    combos += [("onnxruntime", "int8")] if precision == "int8" else []
+    """(engine, precision) rows to time: torch fp32 (the reference the others are compared with), torch bf16 where
+    the CPU has native bf16, onnxruntime fp32, and onnxruntime int8 when asked; the installed engines only."""
+    combos = [("torch", "fp32")] + ([("torch", "bf16")] if runtime.cpu_has_bf16() else [])
+    combos += [("onnxruntime", "fp32")] + ([("onnxruntime", "int8")] if precision == "int8" else [])
     return [(e, p) for e, p in combos if runtime.engine_available(e)]
 
 
+def preprocessed(splits: list[Split], transform) -> torch.Tensor:
+    """Every image of ``splits`` decoded and preprocessed, held in memory: (N, 3, H, W)."""
+    xs = []
+    for split in splits:
+        ds = UnitDataset(split, 0, transform, None, 0)
+        xs.append(collate_units([ds[i] for i in range(len(ds))])[0])
+    return torch.cat(xs)
+
+
+def trunk_alone(cfg: ExtractConfig, folder: Path, x: torch.Tensor) -> float:
+    """Images/s of the very trunk a run used (its engine, precision, batch size and threads; the engine file it kept
+    in ``folder``) on preprocessed images in memory: the speed the pipeline would have if reading cost nothing."""
+    from flowerfeat import store
+
+    recipe = resolve(cfg, torch.device("cpu"))
+    keep = store.engine_files(folder, recipe.precision) if recipe.engine == "onnxruntime" else None
+    trunk = build(recipe, keep=keep, channels_last=cfg.channels_last)
+    batch = batch_size_for("cpu", cfg.batch_size)
+    trunk.rows(x[:batch])  # warm-up: first-call allocations and kernel choices
+    t = time.perf_counter()
+    for start in range(0, len(x), batch):
+        trunk.rows(x[start : start + batch])
+    return len(x) / (time.perf_counter() - t)
+
+
 def engine_rows(cfg: ExtractConfig, train: Split, test: Split, log) -> dict:
-    """Each installed engine's extraction of the two subsets, side by side: images/s (trunk ready; preparing it
-    apart: loading, exporting, quantizing), and agreement with the first (torch) row: min cosine, max abs
-    difference over the largest value. Rows are named by engine, ``onnxruntime-int8`` for the quantized trunk."""
+    """Each installed engine's extraction of the two subsets, side by side: the pipeline's images/s (trunk ready;
+    preparing it apart: loading, exporting, quantizing), the same trunk alone on the images preprocessed in memory,
+    and agreement with the first (torch) row: min cosine, max abs difference over the largest value. Rows are named
+    by engine, ``onnxruntime-int8`` for the quantized trunk."""
     from flowerfeat.extraction import run_extraction
     from flowerfeat.store import load_features
 
-    rows, ref = {}, None
+    rows, ref, images = {}, None, None
     n = len(train.items) + len(test.items)
     for engine, precision in engine_combos(cfg.precision):
         with tempfile.TemporaryDirectory() as tmp:
             c = cfg.replace(out=Path(tmp), engine=engine, precision=precision)
             results = run_extraction(c, splits={"train": train, "test": test})
             x = np.concatenate([load_features(r.path).X for r in results])
+            if images is None:
+                images = preprocessed([train, test], resolve(c, torch.device("cpu")).preprocessing.transform())
+            alone = trunk_alone(c, results[0].path.parent, images)
         ready_s = sum(r.trunk_s for r in results)
         seconds = sum(r.seconds for r in results) - ready_s  # images/s with the trunk ready
         ref = x if ref is None else ref  # torch comes first
         cos = row_cosines(x, ref)
-        name = engine + ("-int8" if precision == "int8" else "")
+        name = engine + ("" if precision == "fp32" else f"-{precision}")
         rows[name] = {"images_per_s": n / seconds, "seconds": seconds, "prepare_s": ready_s, "precision": precision}
+        rows[name].update(trunk_alone_ips=alone, pipeline_over_trunk=n / seconds / alone)
         rows[name].update(min_cosine=float(cos.min()), median_cosine=float(np.median(cos)))
         rows[name]["max_abs_diff"] = float(np.abs(x - ref).max() / np.abs(ref).max())
         r, first = rows[name], next(iter(rows.values()))
         log(
-            f"engine {engine} ({precision}): {r['images_per_s']:.2f} images/s "
-            f"({r['images_per_s'] / first['images_per_s']:.2f}x torch; {ready_s:.1f} s to prepare"
-            f"{', quantizing included, once per cache' if precision == 'int8' else ''}), min cosine to torch "
-            f"{r['min_cosine']:.7f} (median {r['median_cosine']:.7f}), max |diff| {r['max_abs_diff']:.1e} of the largest"
+            f"engine {engine} ({precision}): pipeline {r['images_per_s']:.2f} images/s, trunk alone {alone:.2f} "
+            f"(pipeline {r['pipeline_over_trunk']:.2f}x the trunk; {r['images_per_s'] / first['images_per_s']:.2f}x "
+            f"torch fp32; {ready_s:.1f} s to prepare{', quantizing included, once per cache' if precision == 'int8' else ''})"
+            f", min cosine to torch {r['min_cosine']:.7f} (median {r['median_cosine']:.7f}), max |diff| "
+            f"{r['max_abs_diff']:.1e} of the largest"
         )
     return rows
 

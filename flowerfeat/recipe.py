@@ -12,12 +12,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from flowerfeat import runtime
+from flowerfeat import runtime, store
 from flowerfeat.backbones import Backbone, Preprocessing, get_backbone
 from flowerfeat.config import ExtractConfig
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.progress import Reporter
-from flowerfeat.store import EngineFiles, engine_of
+from flowerfeat.store import EngineFiles, atomic_path, engine_of
 from flowerfeat.weights import WeightsInfo, resolve_local, sha256_file
 
 
@@ -42,7 +42,7 @@ class Recipe:
     precision: str  # fp32, bf16 or int8
     engine: str  # torch or onnxruntime
     quantization: dict | None = None  # int8: quantize.Settings as a dict
-    artefact: dict | None = None  # the int8 engine file the rows were made with: {path, sha256}; not keyed
+    artefact: dict | None = None  # the engine file the rows were made with (int8, ONNX fp32): {path, sha256}; not keyed
     dtype: str = "float32"  # how the rows are stored (float16 halves them; activations default to it)
 
     @property
@@ -202,18 +202,17 @@ def build(
     reporter: Reporter | None = None,
 ) -> Trunk:
     """The one way a runnable trunk is made: the recipe's model, cut and weights, as its engine runs it on
-    ``device``. An int8 trunk is the engine file kept at ``keep`` (made there first, calibrated on
-    ``calibration()``'s images, when it is missing or other), or else the very file the recipe names."""
+    ``device``. ONNX Runtime runs an engine file kept at ``keep`` (made there first when it is missing, damaged or
+    made otherwise; an int8 one calibrated on ``calibration()``'s images), or else the file the recipe names."""
     device = device or torch.device("cpu")
     reporter = reporter or Reporter()
     if recipe.precision == "int8":
         module, artefact = _int8(recipe, keep, calibration, reporter)
         return Trunk(module, recipe.replace(artefact=artefact), device)
-    trunk = _torch_trunk(recipe, reporter)
     if recipe.engine == "onnxruntime":
-        with reporter.stage("preparing the onnxruntime engine"):
-            return Trunk(runtime.onnx_trunk(trunk, recipe.preprocessing.input_shape), recipe, device)
-    trunk = trunk.to(device)
+        module, artefact = _onnx_fp32(recipe, keep, reporter)
+        return Trunk(module, recipe.replace(artefact=artefact), device)
+    trunk = _torch_trunk(recipe, reporter).to(device)
     if channels_last:
         trunk = trunk.to(memory_format=torch.channels_last)
     if compile:  # pays on CUDA for large sets; compiles on the first batch (docs/benchmarks.md)
@@ -240,7 +239,7 @@ def _int8(recipe: Recipe, keep: EngineFiles | None, calibration, reporter: Repor
             )
         sha = recipe.artefact["sha256"]
     else:
-        sha = quantize.kept(keep.model, keep.record, recipe.quantization)
+        sha = keep.intact(recipe.quantization)
         if sha is None:
             if calibration is None:
                 raise FlowerfeatError("--precision int8 calibrates on training images; extract the train split too")
@@ -249,3 +248,32 @@ def _int8(recipe: Recipe, keep: EngineFiles | None, calibration, reporter: Repor
         path = keep.model
     with reporter.stage("loading the int8 trunk"):
         return runtime.OnnxModel(path), {"path": str(path.resolve()), "sha256": sha}
+
+
+def onnx_settings(recipe: Recipe) -> dict:
+    """What an exported fp32 ONNX trunk depends on besides the cache folder's model, cut and weights."""
+    import onnxruntime
+
+    return {"input_shape": list(recipe.preprocessing.input_shape), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__}  # fmt: skip
+
+
+def _onnx_fp32(recipe: Recipe, keep: EngineFiles | None, reporter: Reporter) -> tuple[nn.Module, dict | None]:
+    """The trunk exported to ONNX for ONNX Runtime: the file kept at ``keep`` (exported there once), or for a head
+    (``keep`` None) the one its features were made with where it is still there and intact, else exported now."""
+    settings = onnx_settings(recipe)
+    if keep is None and recipe.artefact:
+        keep = store.engine_files(Path(recipe.artefact["path"]).parent, "fp32")
+        if keep.intact(settings) is None:  # moved, changed, or another torch: export once more, nothing kept
+            keep = None
+    if keep is None:
+        with reporter.stage("preparing the onnxruntime engine"):
+            return runtime.onnx_trunk(_torch_trunk(recipe, reporter), recipe.preprocessing.input_shape), None
+    sha = keep.intact(settings)
+    if sha is None:
+        trunk = _torch_trunk(recipe, reporter)
+        keep.model.parent.mkdir(parents=True, exist_ok=True)
+        with reporter.stage("exporting the trunk for onnxruntime (once for this cache)"), atomic_path(keep.model) as tmp:
+            runtime.export_onnx(trunk, recipe.preprocessing.input_shape, tmp)
+        sha = keep.write_record(settings)
+    return runtime.OnnxModel(keep.model), {"path": str(keep.model.resolve()), "sha256": sha}

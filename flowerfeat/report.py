@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
-from flowerfeat import store
+from flowerfeat import runtime, store
 from flowerfeat.heads import Head, check_compatible, score
 
 
@@ -97,7 +98,8 @@ def evaluate(head: Head | str | Path, test: store.Features | str | Path | None =
     check_compatible(head, fs.meta, fs.path or "test features")
     keep = fs.views == 0
     x, y = fs.X[keep], fs.y[keep]
-    loss, pred, probs = score(head.module, x, y)
+    with runtime.threads(runtime.SMALL_WORK_THREADS if head.kind == "linear" else torch.get_num_threads()):
+        loss, pred, probs = score(head.module, x, y)
     paths = [p for p, k in zip(fs.paths, keep) if k]
     split = "validation" if fs.meta.get("split") == "val" else "test"
     return Evaluation(

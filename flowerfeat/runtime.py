@@ -27,6 +27,27 @@ def cpu_has_bf16() -> bool:
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
+# Small work (a linear head's epochs, scoring a split) runs on one thread: its matrices are too small to pay for a
+# second, and threads that wait on each other at every step lose badly to another busy process on a laptop's cores
+# (docs/benchmarks.md, "Threads").
+SMALL_WORK_THREADS = 1
+
+
+@contextlib.contextmanager
+def threads(n: int = SMALL_WORK_THREADS):
+    """torch, and the BLAS under numpy and scikit-learn, on at most ``n`` threads inside the block; the caller's
+    settings are back after it (a notebook keeps its own)."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, before)))
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def trunk_rows(trunk: nn.Module, x: torch.Tensor, precision: str) -> torch.Tensor:
     """The trunk's float32 rows for a batch already on its device: inference mode, bf16 autocast when asked."""
     with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -96,15 +117,21 @@ def export_onnx(trunk: nn.Module, input_shape: tuple[int, int, int], path: Path)
         )  # fmt: skip
 
 
+ORT_SPINNING = True  # ONNX Runtime's default
+
+
 class OnnxModel(nn.Module):
     """An ONNX trunk file run by ONNX Runtime on the CPU, called like the torch trunk: (B, 3, H, W) -> (B, D)."""
 
-    def __init__(self, path: Path, threads: int | None = None, keep_path: bool = True):
+    def __init__(self, path: Path, threads: int | None = None, keep_path: bool = True, spin: bool | None = None):
         import onnxruntime
 
         super().__init__()
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
+        # threads that spin between operators hold the cores the readers decode on (docs/benchmarks.md, "Threads")
+        spin = ORT_SPINNING if spin is None else spin
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.path = Path(path) if keep_path else None  # the file it runs (None: a temporary one, gone)
 

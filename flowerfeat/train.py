@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowerfeat import store
+from flowerfeat import runtime, store
 from flowerfeat.config import FitConfig
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.heads import Head, LinearHead, score
@@ -88,12 +88,13 @@ def fit_config(cfg: FitConfig, log: Callable[[str], None] | None = None, train: 
     cfg = cfg.settled()
     beside = store.sibling_split(cfg.features, "val")
     validation = beside if not cfg.val_fraction and beside != Path(cfg.features) and beside.is_file() else None
-    if cfg.train_top:
+    if cfg.train_top:  # convolutions: every core
         from flowerfeat.fit_top import fit_top
 
         result, meta = fit_top(cfg, log or (lambda s: None), train, validation)
     else:
-        result, meta = fit(cfg, log or (lambda s: None), train, validation)
+        with runtime.threads():
+            result, meta = fit(cfg, log or (lambda s: None), train, validation)
     return Head.from_fit(result, meta, cfg)
 
 

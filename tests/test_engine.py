@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import flowerfeat
 from flowerfeat import runtime, store
 from flowerfeat.errors import FlowerfeatError
 from conftest import extract
@@ -49,3 +50,31 @@ def test_onnxruntime_features_agree_with_torch_and_are_keyed_apart(folder, tmp_p
     assert cos.min() > 0.99999 and np.abs(a.X - b.X).max() < 1e-4 * np.abs(a.X).max()
     again = extract(folder, tmp_path / "f", precision="fp32")  # auto: the cache's engine
     assert again["train"].status == "up to date"
+
+
+@pytest.mark.onnxruntime
+def test_the_onnxruntime_export_is_made_once_per_cache_and_made_again_when_damaged(folder, tmp_path, monkeypatch):
+    from flowerfeat.recipe import Recipe, onnx_settings
+
+    first = extract(folder, tmp_path / "f", engine="onnxruntime", precision="fp32", splits=("train",))
+    kept = store.engine_files(first["train"].path.parent, "fp32")
+    meta = store.read_meta(first["train"].path)
+    assert meta["quantized_model"] == {"path": str(kept.model.resolve()), "sha256": kept.read_record()["sha256"]}
+    head = flowerfeat.fit_head(first["train"].path)
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(runtime, "export_onnx", no_export)
+    test = extract(folder, tmp_path / "f", precision="fp32")["test"]  # another split: the kept file runs it
+    assert test.status == "extracted" and store.read_meta(test.path)["quantized_model"] == meta["quantized_model"]
+    image = folder / store.load_features(test.path).paths[0]
+    assert flowerfeat.Classifier.load(head).predict(image)[0].label in head.classes  # predict: nothing to prepare
+    monkeypatch.undo()
+
+    kept.model.write_bytes(kept.model.read_bytes()[:1000])  # cut short
+    again = extract(folder, tmp_path / "f", precision="fp32")
+    assert again["train"].status == "up to date" and "trunk-fp32.onnx was missing or damaged: made again" in again[
+        "train"
+    ].reason
+    assert kept.intact(onnx_settings(Recipe.from_attrs(meta))) is not None

@@ -14,7 +14,7 @@ import torchvision
 from typer.testing import CliRunner
 
 import flowerfeat
-from flowerfeat import runtime, train
+from flowerfeat import train
 from flowerfeat.cli import app
 from flowerfeat.config import FitConfig
 from conftest import blobs, make_folder, make_image, vgg_preprocessing, vgg_transform, vgg_trunk, write_features

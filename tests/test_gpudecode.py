@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flowerfeat import runtime, store
+from flowerfeat import store
 from flowerfeat.config import ExtractConfig
 from flowerfeat.layouts import scan_data
 from flowerfeat.extraction import default_workers, run_extraction

@@ -28,11 +28,19 @@ def test_int8_features_record_their_quantization_and_agree_with_fp32(folder, tmp
     assert meta["quantization"]["calibration"] == 6 and meta["quantization"]["activations"] == "uint8"
     kept = store.engine_files(int8["train"].path.parent, "int8")
     assert meta["quantized_model"]["path"] == str(kept.model.resolve()) and kept.model.is_file()
-    assert len(quantize.read_record(kept.record)["calibration_images"]) == 6  # the seeded sample, named
+    assert len(kept.read_record()["calibration_images"]) == 6  # the seeded sample, named
+    speed = kept.read_record()["speed"]  # int8 against fp32, measured on this CPU when it was made
+    assert speed["int8_over_fp32"] == speed["int8_images_per_s"] / speed["fp32_images_per_s"] > 0
     a, b = store.load_features(fp32["train"].path), store.load_features(int8["train"].path)
     assert a.paths == b.paths and cosines(a.X, b.X).min() > 0.98 and not np.array_equal(a.X, b.X)
     again = extract(folder, tmp_path / "b", precision="int8", calibration=6)
     assert again["train"].status == again["test"].status == "up to date"
+    kept.model.write_bytes(kept.model.read_bytes()[:1000])  # cut short: the next run makes it again, the same file
+    again = extract(folder, tmp_path / "b", precision="int8", calibration=6)
+    assert again["train"].status == "up to date" and "trunk-int8.onnx was missing or damaged: made again" in again[
+        "train"
+    ].reason
+    assert kept.intact(meta["quantization"]) == meta["quantized_model"]["sha256"]
 
 
 class StopAfter(Reporter):
@@ -107,3 +115,13 @@ def test_a_calibration_sample_smaller_than_the_classes_is_refused(folder, tmp_pa
     with pytest.raises(FlowerfeatError, match="calibration .* of 2 images is smaller than the 3 classes"):
         extract(folder, tmp_path / "f", precision="int8", calibration=2)
     assert not list((tmp_path / "f").rglob("*.h5"))
+
+
+def test_int8_says_in_one_line_where_it_measured_slower_than_fp32():
+    slow = {"speed": {"int8_images_per_s": 25.5, "fp32_images_per_s": 35.4, "int8_over_fp32": 0.72, "images": 16}}
+    assert quantize.slower_note(slow) == (
+        "note: int8 runs at 0.72x fp32's speed on this CPU (25.5 against 35.4 images/s, measured when it was made); "
+        "--precision fp32 is faster here"
+    )
+    fast = {"speed": {"int8_images_per_s": 60.0, "fp32_images_per_s": 40.0, "int8_over_fp32": 1.5, "images": 16}}
+    assert quantize.slower_note(fast) is None and quantize.slower_note({}) is None  # older records: nothing said

@@ -50,10 +50,12 @@ class Job:
         cache folder, made first when it is not there, calibrated on ``calibrate_on`` (the run's training split)."""
         if self.built is None:
             keep = calibration = None
+            if self.recipe.engine == "onnxruntime":  # its engine file is kept in the cache folder
+                keep = store.engine_files(self.folder, self.recipe.precision)
             if self.recipe.precision == "int8":
                 from flowerfeat import quantize
 
-                keep, q = store.engine_files(self.folder, "int8"), self.recipe.quantization
+                q = self.recipe.quantization
                 if calibrate_on is not None:
                     pre = self.recipe.preprocessing
                     calibration = lambda: quantize.calibration_sample(calibrate_on, pre, q["calibration"], q["seed"])  # noqa: E731
@@ -61,7 +63,20 @@ class Job:
                 self.recipe, self.device, keep=keep, calibration=calibration, channels_last=self.cfg.channels_last,
                 compile=self.cfg.compile, reporter=self.reporter,
             )  # fmt: skip
+            if self.recipe.precision == "int8" and (note := quantize.slower_note(keep.read_record())):
+                self.reporter.status(note)
         return self.built
+
+    def engine_file_lost(self) -> str | None:
+        """The kept engine file's name when it is missing, damaged or made otherwise (it is made again on the
+        next build); None when the recipe runs none or it is intact."""
+        if self.recipe.engine != "onnxruntime":
+            return None
+        from flowerfeat.recipe import onnx_settings
+
+        keep = store.engine_files(self.folder, self.recipe.precision)
+        settings = self.recipe.quantization if self.recipe.precision == "int8" else onnx_settings(self.recipe)
+        return None if keep.intact(settings) else keep.model.name
 
 
 def cache_folder(cfg: ExtractConfig, backbone: Backbone, cut: str, weights: WeightsInfo) -> Path:
@@ -70,8 +85,6 @@ def cache_folder(cfg: ExtractConfig, backbone: Backbone, cut: str, weights: Weig
 
 def _history(folder: Path) -> History:
     """What the cache in ``folder`` already holds: its engine (None: no readable file yet), its int8 record."""
-    from flowerfeat import quantize
-
     engine = None
     for file in store.split_files(folder):
         try:
@@ -79,7 +92,7 @@ def _history(folder: Path) -> History:
             break
         except FlowerfeatError:
             continue
-    record = quantize.read_record(store.engine_files(folder, "int8").record)
+    record = store.engine_files(folder, "int8").read_record()
     return History(engine, record["settings"] if record else None)
 
 

@@ -41,6 +41,19 @@ class SplitResult:
     finish_s: float = 0.0  # merging the shard log into the finished file
 
 
+def _engine_file_made_again(job: Job, old: dict, calibrate_on: Split | None) -> tuple[str, bool] | None:
+    """Where the kept engine file of an up-to-date split is missing or damaged, it is made again now (so predict
+    finds it): (what happened, whether the split's rows still hold); None where it was intact. fp32 rows always
+    hold; int8 rows only when the int8 trunk made again is the very file they came from."""
+    lost = job.engine_file_lost()
+    if lost is None:
+        return None
+    made = job.trunk(calibrate_on).recipe.artefact or {}
+    if job.recipe.precision != "int8" or made.get("sha256") == (old.get("quantized_model") or {}).get("sha256"):
+        return f"{lost} was missing or damaged: made again", True
+    return f"{lost} was missing or damaged and the int8 trunk made again differs", False
+
+
 def extract_split(job: Job, split: Split, dist: Dist = Dist(), calibrate_on: Split | None = None) -> SplitResult:
     """Bring ``<folder>/<split>.h5`` up to date: nothing if its fingerprint matches, else extract what is missing
     (an int8 trunk is calibrated on ``calibrate_on``, the run's training split, when it does not exist yet)."""
@@ -49,8 +62,13 @@ def extract_split(job: Job, split: Split, dist: Dist = Dist(), calibrate_on: Spl
     meta = split_meta(job, split)
     prev = Previous.find(final)
     if prev.meta is not None and prev.meta.get("fingerprint") == meta["fingerprint"]:
-        rows, skipped = store.count_rows(final), store.read_skipped(final)
-        return SplitResult(split.name, final, "up to date", "fingerprint matches", rows, 0, skipped)
+        remade = _engine_file_made_again(job, prev.meta, calibrate_on)
+        if remade is None or remade[1]:
+            rows, skipped = store.count_rows(final), store.read_skipped(final)
+            why = "fingerprint matches" + (f"; {remade[0]}" if remade else "")
+            return SplitResult(split.name, final, "up to date", why, rows, 0, skipped)
+        prev = Previous(final, None)  # rows of another int8 trunk: extracted again with this one
+        job.reporter.status(f"{split.name}: {remade[0]}: extracting again")
     if prev.path is None:  # a data set moved or renamed keeps its rows (another data set's cache stays as it is)
         prev = Previous.found_again(store.other_copies(job.folder, split.name), meta, split) or prev
     reuse = reusable_rows(prev, meta, split)

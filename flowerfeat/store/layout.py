@@ -8,6 +8,7 @@ progress, engine files, heads, the LATEST pointer; locks and atomic writes.
         <split>.h5.partial/rank<r>of<w>/                work in progress, one shard log per torchrun rank
         heads/<name>.pt                                 the heads fitted on train.h5, one file per experiment
         trunk-int8.onnx, trunk-int8.json                the int8 trunk kept for this cache, and how it was made
+        trunk-fp32.onnx, trunk-fp32.json                the trunk exported for ONNX Runtime, kept so no run exports twice
         speed.json                                      images/s of the run that extracted it (compare)
         .features-rank<r>of<w>.lock                     held while a run writes here
 
@@ -89,14 +90,40 @@ def shard_dir(final: Path, rank: int, world: int) -> Path:
 
 @dataclass(frozen=True)
 class EngineFiles:
-    """An engine file kept in a cache folder, and the record of how it was made."""
+    """An engine file kept in a cache folder, and the record of how it was made: {"settings", "sha256", ...}."""
 
     model: Path
     record: Path
 
+    def read_record(self) -> dict | None:
+        """How the kept file was made (None: no record, or an unreadable one)."""
+        try:
+            return json.loads(self.record.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def intact(self, settings: dict) -> str | None:
+        """The kept file's sha256 when it was made with ``settings`` and is whole; else None (missing, cut short,
+        changed, or made otherwise: to be made again)."""
+        from flowerfeat.weights import sha256_file
+
+        made = self.read_record()
+        if made is None or made.get("settings") != settings or not self.model.is_file():
+            return None
+        return made["sha256"] if sha256_file(self.model) == made.get("sha256") else None
+
+    def write_record(self, settings: dict, **more) -> str:
+        """Record how the file now at ``model`` was made; returns its sha256."""
+        from flowerfeat.weights import sha256_file
+
+        sha = sha256_file(self.model)
+        with atomic_path(self.record) as tmp:
+            tmp.write_text(json.dumps({"settings": settings, **more, "sha256": sha}, indent=1) + "\n")
+        return sha
+
 
 def engine_files(folder: Path, precision: str) -> EngineFiles:
-    """The int8 trunk kept for the cache in ``folder``."""
+    """The engine file kept for the cache in ``folder``: the int8 trunk, or the fp32 ONNX export."""
     return EngineFiles(Path(folder) / f"trunk-{precision}.onnx", Path(folder) / f"trunk-{precision}.json")
 
 
