@@ -61,14 +61,16 @@ def _train(cfg: FitConfig, rows: Rows, hold: Holdout, cut, top: nn.Module, log):
     n_classes = len(rows.meta["classes"])
     dropout = cut.top_dropout if cfg.dropout is None else cfg.dropout
     lr = cfg.lr or TOP_LR
+    bf16 = cut.top_bf16 and rows.meta.get("precision") == "bf16"  # as the trunk ran, where it pays (Cut.top_bf16)
     log(f"Settings: top {cut.top}; lr {lr:g} for the new layer, {lr * TOP_LR_RATIO:g} for the top (one cycle); "
         f"AdamW weight decay {cfg.weight_decay:g}; label smoothing {cfg.label_smoothing:g}; dropout {dropout:g}; "
-        f"batch {cfg.batch_size}; {cfg.epochs} epochs; BatchNorm statistics: {BN_STATISTICS}")  # fmt: skip
+        f"batch {cfg.batch_size}; {cfg.epochs} epochs; BatchNorm statistics: {BN_STATISTICS}; "
+        f"{'bf16 autocast' if bf16 else 'fp32'}")  # fmt: skip
     with torch.random.fork_rng(devices=[]):  # seeds the new layer and the dropout without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         module = TopHead(top, cut.shape, cut.top_dim, n_classes, dropout)
         module.top.requires_grad_(True)
-        steps = _Steps(cfg, rows, hold, module, lr, log)
+        steps = _Steps(cfg, rows, hold, module, lr, log, bf16)
         history, kept = [], None
         for epoch in range(1, cfg.epochs + 1):
             entry = steps.epoch(epoch)
@@ -84,15 +86,16 @@ def _train(cfg: FitConfig, rows: Rows, hold: Holdout, cut, top: nn.Module, log):
         log(f"Kept epoch {kept[0]['epoch']} (best validation accuracy {kept[0]['val_acc']:.1%})")
     entry = kept[0] if kept is not None else history[-1]
     metrics = {"best_epoch": entry["epoch"], "lr": lr, "top_lr": lr * TOP_LR_RATIO, "dropout": dropout,
-               "bn_statistics": BN_STATISTICS, **{k: v for k, v in entry.items() if k not in ("epoch", "seconds")}}
+               "bn_statistics": BN_STATISTICS, "top_precision": "bf16" if bf16 else "fp32",
+               **{k: v for k, v in entry.items() if k not in ("epoch", "seconds")}}  # fmt: skip
     return module.eval().requires_grad_(False), metrics, history
 
 
 class _Steps:
     """One run's mini-batch steps over the cached rows: AdamW with a one-cycle schedule, label smoothing."""
 
-    def __init__(self, cfg: FitConfig, rows: Rows, hold: Holdout, module: TopHead, lr: float, log):
-        self.cfg, self.rows, self.hold, self.module, self.log = cfg, rows, hold, module, log
+    def __init__(self, cfg: FitConfig, rows: Rows, hold: Holdout, module: TopHead, lr: float, log, bf16: bool):
+        self.cfg, self.rows, self.hold, self.module, self.log, self.bf16 = cfg, rows, hold, module, log, bf16
         groups = [{"params": module.top.parameters(), "lr": lr * TOP_LR_RATIO},
                   {"params": module.linear.parameters(), "lr": lr}]  # fmt: skip
         self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -125,7 +128,8 @@ class _Steps:
                     self.sched.step()
                     continue
                 self.opt.zero_grad(set_to_none=True)
-                out = self.module(x)  # (B, C)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                    out = self.module(x).float()  # (B, C)
                 loss = self.criterion(out, y)
                 loss.backward()
                 self.opt.step()

@@ -91,3 +91,16 @@ def test_a_pooled_cut_has_no_top_to_train(stage1, tmp_path):
     run("features", "--data", data, "--out", tmp_path / "f", "--model", "tiny", "--weights", "none", "--workers", "0")
     r = run("fit-head", "--features", tmp_path / "f", "--train-top", code=2)
     assert "tiny grid features have no top above them to train; extract a cut below the top (for tiny: stage1)" in r.output
+
+
+def test_the_top_trains_in_bf16_only_where_its_cut_asks_and_the_trunk_ran_bf16(stage1, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    _data, folder = stage1
+    rows = store.load_features(folder / "train.h5")
+    cuts = TinyBackbone.cuts
+    monkeypatch.setattr(TinyBackbone, "cuts", lambda self: {**cuts(self), "stage1": replace(cuts(self)["stage1"], top_bf16=True)})
+    for precision, want in (("bf16", "bf16"), ("fp32", "fp32")):
+        made = store.Features(rows.X, rows.y, rows.classes, rows.paths, rows.views, [], {**rows.meta, "precision": precision})
+        head = flowerfeat.fit_head(made, epochs=1, train_top=True)
+        assert head.metrics["top_precision"] == want

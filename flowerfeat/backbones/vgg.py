@@ -61,10 +61,11 @@ class VGG16(Backbone):
             "fc6": Cut("fc6", 4096, 0.5, "after fc6's ReLU"),
             "pool5": Cut("pool5", 512 * 7 * 7, 0.0, "the last conv block's 512 x 7 x 7 map, flattened; trains fc6, fc7",
                          top="classifier[:6] (fc6 and fc7 with their dropout)", shape=(512, 7, 7), top_dim=4096,
-                         top_dropout=0.5),  # fmt: skip
+                         top_dropout=0.5, top_bf16=True),  # fmt: skip
             "pool5-gap": Cut("pool5-gap", 512, 0.0, "pool5 averaged over its 7 x 7 positions"),
             "pool4": stage_cut("pool4", (512, 14, 14), "features[24:31] (the conv5 block and pool5), global average pool",
-                               512, POOL4_DROPOUT, "conv4's pooled 512 x 14 x 14 map; trains the conv5 block"),
+                               512, POOL4_DROPOUT, "conv4's pooled 512 x 14 x 14 map; trains the conv5 block",
+                               top_bf16=True),
         }
 
     @staticmethod
