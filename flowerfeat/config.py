@@ -215,7 +215,9 @@ class FitConfig(_Config):
     weights: str | None = option(
         None, "--train-top: the trunk's weights, the top's start (default: those the features came from)."
     )
-    epochs: int | None = option(None, "Passes over the training features; default 2 (--train-top: 4).")
+    epochs: int | None = option(
+        None, "Passes over the training features; default 2 (--train-top: 4, more where 4 make under 200 steps)."
+    )
     batch_size: int | None = option(None, "Mini-batch size; default 20, the textbook's (--train-top: 64).")
     # Adam with a cosine decay from the ridge start, at a learning rate set from the features, gets within 1 point
     # of a converged probe in 2 epochs (README, "Choosing the head's settings")

@@ -132,10 +132,12 @@ def _remembered(recipe: Recipe, backbone: Backbone) -> WeightsInfo:
 
 @dataclass(frozen=True)
 class History:
-    """What an existing cache says about how its rows were made: its engine, and the int8 record kept there."""
+    """What an existing cache says about how its rows were made: its engine and precision, and the int8 record kept
+    there."""
 
     engine: str | None = None
     int8: dict | None = None  # quantize.Settings of the kept int8 trunk, as a dict
+    precision: str | None = None
 
 
 def decode_plan(decode: str, device: torch.device) -> tuple[str, str]:
@@ -144,6 +146,17 @@ def decode_plan(decode: str, device: torch.device) -> tuple[str, str]:
     hybrid's workers, or the gpu mode's own code on a machine without CUDA)."""
     mode = decode if decode != "auto" else ("gpu" if device.type == "cuda" else "cpu")
     return mode, {"cpu": "pil", "gpu": "nvjpeg" if device.type == "cuda" else "libjpeg", "hybrid": "libjpeg"}[mode]
+
+
+def _precision(cfg: ExtractConfig, device: torch.device, past: History) -> str:
+    """auto: fp32 for --engine onnxruntime; else the cache's own where this device runs it natively (it may have
+    been chosen by measuring, fastest.py), else the device's rule (runtime.resolve_precision)."""
+    native = runtime.resolve_precision(cfg.precision, device)
+    if cfg.precision != "auto":
+        return native
+    if cfg.engine == "onnxruntime":
+        return "fp32"
+    return past.precision if past.precision == "fp32" or past.precision == native == "bf16" else native
 
 
 def resolve(
@@ -156,7 +169,7 @@ def resolve(
     cut = backbone.cut(cfg.layer)
     weights = backbone.resolve_weights(cfg.weights)
     past = history(backbone, cut.name, weights) if history is not None else History()
-    precision = runtime.resolve_precision(cfg.precision, device)
+    precision = _precision(cfg, device, past)
     engine = runtime.resolve_engine(cfg.engine, device, precision, past.engine)
     quantization = None
     if precision == "int8":

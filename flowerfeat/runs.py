@@ -67,7 +67,7 @@ def cache_record(folder: Path, root: Path) -> CacheRecord:
     data = store.dataset_of(folder) or first.get("data_root", "?")
     record = CacheRecord(str(folder), data, first.get("model", "?"), first.get("layer", "?"), first.get("weights", ""))
     order = sorted(metas, key=lambda s: (("train", "val", "test").index(s) if s in ("train", "val", "test") else 3, s))
-    record.rows = {split: store.count_rows(folder / f"{split}.h5") for split in order}
+    record.rows = {split: store.count_rows(store.split_file(folder, split)) for split in order}
     record.created = max((str(m.get("created", ""))[:16].replace("T", " ") for m in metas.values()), default="")
     record.old_layout = folder.parent.resolve() == Path(root).resolve()
     record.heads = [head_record(h) for h in store.heads_under(folder)]

@@ -146,11 +146,15 @@ def tiny_backbone():
 
 @pytest.fixture(autouse=True)
 def torch_engine_unless_asked(request, monkeypatch):
-    """Tests run the torch engine (exporting VGG16 to ONNX costs seconds a run) unless marked onnxruntime."""
-    if "onnxruntime" not in request.keywords:
-        from flowerfeat import runtime
+    """Tests run the torch engine (exporting VGG16 to ONNX costs seconds a run) unless marked onnxruntime; auto's
+    choice by measurement on a bf16 CPU (fastest.py) only where a test asks for it, so results do not depend on the
+    machine's CPU."""
+    from flowerfeat import fastest, runtime
 
+    if "onnxruntime" not in request.keywords:
         monkeypatch.setattr(runtime, "engine_available", lambda engine: engine == "torch")
+    if "fastest" not in request.keywords:
+        monkeypatch.setattr(fastest, "needed", lambda *a: False)
 
 
 @pytest.fixture

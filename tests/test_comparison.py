@@ -118,7 +118,10 @@ def test_the_figure_keeps_its_labels_apart_and_inside(tmp_path):
     assert front.get_linestyle() == "--" and front.get_visible()
 
 
-def test_a_trained_top_is_one_more_candidate(photos, tmp_path):
+def test_a_trained_top_is_one_more_candidate(photos, tmp_path, monkeypatch):
+    from flowerfeat import fit_top
+
+    monkeypatch.setattr(fit_top, "TOP_MIN_STEPS", 4)  # a few epochs are enough to check the row
     args = ["compare", "--data", photos, "--model", "tiny", "--model", "tiny@stage1+top", "--sample", "12",
             "--folds", "3", "--out", tmp_path / "c", "--json"]  # fmt: skip
     r = CliRunner().invoke(app, [str(a) for a in args])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 import flowerfeat
 from flowerfeat import runtime, store
 from flowerfeat.errors import FlowerfeatError
-from conftest import extract
+from conftest import extract, make_folder
 
 
 def test_auto_picks_onnxruntime_only_where_it_can_run(monkeypatch):
@@ -78,3 +80,37 @@ def test_the_onnxruntime_export_is_made_once_per_cache_and_made_again_when_damag
         "train"
     ].reason
     assert kept.intact(onnx_settings(Recipe.from_attrs(meta))) is not None
+
+
+@pytest.mark.onnxruntime
+@pytest.mark.fastest
+def test_on_a_bf16_cpu_auto_measures_both_engines_once_and_runs_the_faster(folder, tmp_path, monkeypatch):
+    from flowerfeat import fastest
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    timed, real = [], fastest.images_per_s
+    speed = {"onnxruntime": 50.0, "torch": 20.0}
+
+    def measured(trunk, batch=fastest.BATCH):
+        assert real(trunk, 2) > 0  # the real timing runs on this very trunk
+        timed.append(trunk.recipe.engine)
+        return speed[trunk.recipe.engine]
+
+    monkeypatch.setattr(fastest, "images_per_s", measured)
+    first = extract(folder, tmp_path / "f", splits=("train",))
+    meta = store.load_features(first["train"].path).meta
+    assert (meta["engine"], meta["precision"]) == ("onnxruntime", "fp32") and sorted(timed) == ["onnxruntime", "torch"]
+    assert store.engine_files(first["train"].path.parent, "fp32").model.is_file()  # the export measured is the one run
+    kept = json.loads(store.user_cache(fastest.KEPT).read_text())
+    assert [v["chosen"] for v in kept.values()] == [["onnxruntime", "fp32"]]
+
+    speed.update(torch=99.0)  # a kept choice is not measured again, for another data set either
+    other = extract(make_folder(tmp_path / "other"), tmp_path / "f", splits=("train",))
+    assert store.load_features(other["train"].path).meta["engine"] == "onnxruntime" and len(timed) == 2
+
+    store.user_cache(fastest.KEPT).unlink()  # measured afresh: torch bf16 wins now; the cache keeps its own engine
+    assert extract(folder, tmp_path / "f", splits=("train",))["train"].status == "up to date" and len(timed) == 2
+    third = extract(make_folder(tmp_path / "third"), tmp_path / "f", splits=("train",))
+    meta = store.load_features(third["train"].path).meta
+    assert (meta["engine"], meta["precision"]) == ("torch", "bf16") and len(timed) == 4
+    assert not store.engine_files(third["train"].path.parent, "fp32").model.exists()  # the losing export is gone

@@ -104,3 +104,19 @@ def test_the_top_trains_in_bf16_only_where_its_cut_asks_and_the_trunk_ran_bf16(s
         made = store.Features(rows.X, rows.y, rows.classes, rows.paths, rows.views, [], {**rows.meta, "precision": precision})
         head = flowerfeat.fit_head(made, epochs=1, train_top=True)
         assert head.metrics["top_precision"] == want
+
+
+def test_a_small_set_trains_the_top_for_more_epochs_unless_asked(stage1, monkeypatch):
+    from flowerfeat import fit_top
+    from flowerfeat.fit_top import default_epochs
+
+    assert default_epochs(7_707, 64) == 4  # the shared photos with 2 views: the default epochs
+    assert default_epochs(400, 64) == -(-fit_top.TOP_MIN_STEPS // 7)  # 7 steps an epoch: at least TOP_MIN_STEPS
+    monkeypatch.setattr(fit_top, "TOP_MIN_STEPS", 6)  # the tiny set's one step an epoch: 6 epochs, quickly
+    _data, folder = stage1
+    rows = store.load_features(folder / "train.h5")
+    head = flowerfeat.fit_head(rows, train_top=True)
+    n = int(rows.meta.get("rows", len(rows.y)))
+    assert head.metrics["epochs"] == len(head.meta["history"]) == default_epochs(n, 64) > 4
+    assert head.meta["config"]["epochs"] == head.metrics["epochs"]  # the head records what ran
+    assert flowerfeat.fit_head(rows, epochs=2, train_top=True).metrics["epochs"] == 2

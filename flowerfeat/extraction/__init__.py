@@ -50,6 +50,7 @@ def run_extraction(
     try:
         with store.exclusive_lock(job.folder, f"features-rank{dist.rank}of{dist.world}"):
             store.mark_dataset(job.folder, cfg.data)
+            job.settle_engine(measure=dist.world == 1)  # torchrun's ranks take a kept choice or the rule
             calibrate_on = splits.get("train") or next(iter(splits.values()))
             results = [extract_split(job, split, dist, calibrate_on) for split in splits.values()]
     except BaseException:

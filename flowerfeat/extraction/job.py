@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowerfeat import FORMAT_VERSION, __version__, runtime, store
+from flowerfeat import FORMAT_VERSION, __version__, fastest, runtime, store
 from flowerfeat.backbones import Backbone
 from flowerfeat.config import ExtractConfig, batch_size_for
 from flowerfeat.data import Split
@@ -44,6 +44,16 @@ class Job:
     workers: int
     reporter: Reporter
     built: Trunk | None = None
+    choose_engine: bool = False  # auto's engine and precision are chosen by measuring (fastest.py), in the folder
+
+    def settle_engine(self, measure: bool = True) -> None:
+        """On a new cache on a CPU with bf16 units: the engine and precision that run this model fastest here (a
+        kept measurement, or one made now in the cache folder, its trunk kept for the run)."""
+        if self.choose_engine:
+            self.recipe, self.built = fastest.choose(
+                self.recipe, self.folder, self.reporter, self.cfg.channels_last, measure
+            )  # fmt: skip
+            self.choose_engine = False
 
     def trunk(self, calibrate_on: Split | None = None) -> Trunk:
         """The trunk, built on the first call (an up-to-date run never loads weights); an int8 trunk is kept in the
@@ -84,16 +94,18 @@ def cache_folder(cfg: ExtractConfig, backbone: Backbone, cut: str, weights: Weig
 
 
 def _history(folder: Path) -> History:
-    """What the cache in ``folder`` already holds: its engine (None: no readable file yet), its int8 record."""
-    engine = None
+    """What the cache in ``folder`` already holds: its engine and precision (None: no readable file yet), its int8
+    record."""
+    engine = precision = None
     for file in store.split_files(folder):
         try:
-            engine = store.engine_of(store.read_meta(file))
+            meta = store.read_meta(file)
+            engine, precision = store.engine_of(meta), meta.get("precision")
             break
         except FlowerfeatError:
             continue
     record = store.engine_files(folder, "int8").read_record()
-    return History(engine, record["settings"] if record else None)
+    return History(engine, record["settings"] if record else None, precision)
 
 
 def make_job(cfg: ExtractConfig, dist: Dist, reporter: Reporter) -> Job:
@@ -106,7 +118,10 @@ def make_job(cfg: ExtractConfig, dist: Dist, reporter: Reporter) -> Job:
     mode = decode_plan(cfg.decode, device)[0]
     workers = cfg.workers if cfg.workers is not None else default_workers(mode, device)
     folder = cache_folder(cfg, recipe.backbone, recipe.layer, recipe.weights)
-    return Job(cfg, recipe, folder, device, mode, batch_size_for(device.type, cfg.batch_size), workers, reporter)
+    batch = batch_size_for(device.type, cfg.batch_size)
+    job = Job(cfg, recipe, folder, device, mode, batch, workers, reporter)
+    job.choose_engine = fastest.needed(cfg.engine, cfg.precision, device, _history(folder).engine)
+    return job
 
 
 def library_versions(engine: str = "torch") -> dict:

@@ -1,0 +1,103 @@
+"""``--engine auto --precision auto`` on a CPU with native bf16 units: torch in bf16 or ONNX Runtime in fp32, whichever
+runs this model's cut faster here, measured once per model, cut and CPU kind and kept in the user's cache folder.
+
+Neither wins everywhere: on a 2-core Intel Xeon with AMX, EfficientNet-Lite0 runs at about 150 images/s on ONNX
+Runtime fp32 and 85 on torch bf16 (depthwise convolutions gain nothing from bf16), while VGG16's dense convolutions
+run several times faster in bf16 (docs/benchmarks.md, "auto on a CPU with bf16"). Where the CPU has no bf16 units
+the rule needs no measurement: fp32, on ONNX Runtime where it is installed (runtime.resolve_engine)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from flowerfeat import runtime, store
+from flowerfeat.progress import Reporter
+from flowerfeat.recipe import Recipe, Trunk, build
+
+KEPT = "fastest.json"  # in the user's cache folder (store.user_cache)
+CANDIDATES = (("torch", "bf16"), ("onnxruntime", "fp32"))
+BATCH = 8  # images a timed call runs: enough to reach the engine's steady speed, small enough for VGG16 on 2 cores
+
+
+def needed(cfg_engine: str, cfg_precision: str, device: torch.device, past_engine: str | None) -> bool:
+    """True where auto has two candidates to choose from and nothing chose yet (an existing cache keeps its own)."""
+    return (
+        cfg_engine == cfg_precision == "auto" and device.type == "cpu" and past_engine is None
+        and runtime.cpu_has_bf16() and runtime.engine_available("onnxruntime")
+    )  # fmt: skip
+
+
+def cpu_kind() -> str:
+    """The CPU's model name and the flags that decide its kernels, with the engines' versions: a kept choice is
+    made again on another CPU or after an upgrade."""
+    import onnxruntime
+
+    name = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo() if ln.startswith("model name")), platform.machine())
+    flags = sorted(runtime.cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"})
+    return f"{name} [{' '.join(flags)}] {torch.get_num_threads()} threads; torch {torch.__version__}, onnxruntime " \
+        f"{onnxruntime.__version__}"  # fmt: skip
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def choose(
+    recipe: Recipe, folder: Path, reporter: Reporter, channels_last: bool = True, measure: bool = True
+) -> tuple[Recipe, Trunk | None]:
+    """``recipe`` with the faster candidate's engine and precision, and that trunk when it was built to measure
+    (None when the choice was kept from an earlier run). The ONNX file exported to measure stays in the cache
+    folder, where the run reuses it if ONNX Runtime wins (else it is removed). Without ``measure`` (torchrun's ranks must agree), a
+    kept choice or else ``recipe`` as resolved."""
+    key = f"{recipe.model}@{recipe.layer} on {cpu_kind()}"
+    path = store.user_cache(KEPT)
+    kept = _read(path)
+    if key in kept:
+        engine, precision = kept[key]["chosen"]
+        return recipe.replace(engine=engine, precision=precision), None
+    if not measure:
+        return recipe, None
+    speeds, trunks = {}, {}
+    for engine, precision in CANDIDATES:
+        r = recipe.replace(engine=engine, precision=precision)
+        keep = store.engine_files(folder, precision) if engine == "onnxruntime" else None
+        trunks[engine] = build(r, keep=keep, channels_last=channels_last, reporter=reporter)
+        speeds[f"{engine} {precision}"] = images_per_s(trunks[engine])
+    (engine, precision), _ = max(zip(CANDIDATES, speeds.values()), key=lambda kv: kv[1])
+    line = ", ".join(f"{k} {v:.1f}" for k, v in speeds.items())
+    reporter.status(f"auto: {engine} {precision} runs {recipe.model} {recipe.layer} fastest here ({line} images/s; "
+                    f"kept in {path})")  # fmt: skip
+    if engine != "onnxruntime":  # the export made to measure is not the cache's engine: not kept
+        for f in (store.engine_files(folder, "fp32").model, store.engine_files(folder, "fp32").record):
+            f.unlink(missing_ok=True)
+    kept[key] = {"chosen": [engine, precision], "images_per_s": speeds}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store.write_text(path, json.dumps(kept, indent=1) + "\n")
+    return trunks[engine].recipe, trunks[engine]
+
+
+def images_per_s(trunk: Trunk, batch: int = BATCH) -> float:
+    """The trunk's speed on a batch of random preprocessed images: one call to warm up, the best of two timed."""
+    x = torch.randn(batch, *trunk.recipe.preprocessing.input_shape)
+    trunk.rows(x)
+    best = float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        trunk.rows(x)
+        best = min(best, time.perf_counter() - t)
+    return batch / best
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
