@@ -114,3 +114,15 @@ def test_on_a_bf16_cpu_auto_measures_both_engines_once_and_runs_the_faster(folde
     meta = store.load_features(third["train"].path).meta
     assert (meta["engine"], meta["precision"]) == ("torch", "bf16") and len(timed) == 4
     assert not store.engine_files(third["train"].path.parent, "fp32").model.exists()  # the losing export is gone
+
+    store.user_cache(fastest.KEPT).unlink()  # an export onnxruntime cannot take: torch runs, nothing fails
+    real_build = fastest.build
+
+    def no_onnx(recipe, **kw):
+        if recipe.engine == "onnxruntime":
+            raise RuntimeError("an operator the exporter lacks")
+        return real_build(recipe, **kw)
+
+    monkeypatch.setattr(fastest, "build", no_onnx)
+    fourth = extract(make_folder(tmp_path / "fourth"), tmp_path / "f", splits=("train",))
+    assert store.load_features(fourth["train"].path).meta["engine"] == "torch" and timed[-1] == "torch"

@@ -1,0 +1,52 @@
+"""The pipeline's thread budget, side by side in one process (docs/benchmarks.md, "Threads"): onnxruntime's threads
+spinning or not, reader processes x engine threads, each run a fresh extraction of the same photos, runs alternated
+over rounds. Prints the loop's images/s with the trunk ready (exporting is left out).
+
+    python scripts/pipeline_threads.py --data flower_photos --model timm:tf_efficientnet_lite0 \\
+        --weights tf_efficientnet_lite0_imagenet.pth --limit 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from flowerfeat import runtime
+from flowerfeat.bench import bench_images
+from flowerfeat.config import ExtractConfig
+from flowerfeat.extraction import run_extraction
+
+# (onnxruntime spinning, reader processes, engine threads)
+SETTINGS = [(True, 1, 2), (False, 1, 2), (False, 1, 1), (False, 2, 1), (False, 2, 2), (False, 0, 2)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--model", default="timm:tf_efficientnet_lite0")
+    ap.add_argument("--weights", default="imagenet")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
+    ap.add_argument("--limit", type=int, default=400)
+    ap.add_argument("--rounds", type=int, default=2)
+    a = ap.parse_args()
+    cfg = ExtractConfig(data=a.data, model=a.model, weights=a.weights, engine="onnxruntime", precision=a.precision)
+    train, test = bench_images(cfg, a.limit)
+    n = len(train.items) + len(test.items)
+    for rnd in range(a.rounds):
+        for spin, workers, threads in SETTINGS:
+            runtime.ORT_SPINNING = spin
+            torch.set_num_threads(threads)
+            with tempfile.TemporaryDirectory() as tmp:
+                results = run_extraction(
+                    cfg.replace(out=Path(tmp), workers=workers), splits={"train": train, "test": test}
+                )
+            loop = sum(r.seconds - r.trunk_s for r in results)
+            print(f"round {rnd}: spinning {spin}, {workers} reader(s), {threads} engine thread(s): "
+                  f"{n / loop:.1f} images/s", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
