@@ -80,7 +80,8 @@ def _train(cfg: FitConfig, rows: Rows, hold: Holdout, cut, top: nn.Module, log):
     dropout = cut.top_dropout if cfg.dropout is None else cfg.dropout
     lr = cfg.lr or TOP_LR
     bf16 = cut.top_bf16 and rows.meta.get("precision") == "bf16"  # as the trunk ran, where it pays (Cut.top_bf16)
-    log(f"Settings: top {cut.top}; lr {lr:g} for the new layer, {lr * TOP_LR_RATIO:g} for the top (one cycle); "
+    ratio = TOP_LR_RATIO if cut.top_lr_ratio is None else cut.top_lr_ratio  # the cut's own, where it has one
+    log(f"Settings: top {cut.top}; lr {lr:g} for the new layer, {lr * ratio:g} for the top (one cycle); "
         f"AdamW weight decay {cfg.weight_decay:g}; label smoothing {cfg.label_smoothing:g}; dropout {dropout:g}; "
         f"batch {cfg.batch_size}; {cfg.epochs} epochs; BatchNorm statistics: {BN_STATISTICS}; "
         f"{'bf16 autocast' if bf16 else 'fp32'}")  # fmt: skip
@@ -88,7 +89,7 @@ def _train(cfg: FitConfig, rows: Rows, hold: Holdout, cut, top: nn.Module, log):
         torch.manual_seed(cfg.seed)
         module = TopHead(top, cut.shape, cut.top_dim, n_classes, dropout)
         module.top.requires_grad_(True)
-        steps = _Steps(cfg, rows, hold, module, lr, log, bf16)
+        steps = _Steps(cfg, rows, hold, module, (lr * ratio, lr), log, bf16)
         history, kept = [], None
         for epoch in range(1, cfg.epochs + 1):
             entry = steps.epoch(epoch)
@@ -103,7 +104,7 @@ def _train(cfg: FitConfig, rows: Rows, hold: Holdout, cut, top: nn.Module, log):
         module.load_state_dict(kept[1])
         log(f"Kept epoch {kept[0]['epoch']} (best validation accuracy {kept[0]['val_acc']:.1%})")
     entry = kept[0] if kept is not None else history[-1]
-    metrics = {"best_epoch": entry["epoch"], "lr": lr, "top_lr": lr * TOP_LR_RATIO, "dropout": dropout,
+    metrics = {"best_epoch": entry["epoch"], "lr": lr, "top_lr": lr * ratio, "dropout": dropout,
                "bn_statistics": BN_STATISTICS, "top_precision": "bf16" if bf16 else "fp32",
                **{k: v for k, v in entry.items() if k not in ("epoch", "seconds")}}  # fmt: skip
     return module.eval().requires_grad_(False), metrics, history
@@ -112,16 +113,18 @@ def _train(cfg: FitConfig, rows: Rows, hold: Holdout, cut, top: nn.Module, log):
 class _Steps:
     """One run's mini-batch steps over the cached rows: AdamW with a one-cycle schedule, label smoothing."""
 
-    def __init__(self, cfg: FitConfig, rows: Rows, hold: Holdout, module: TopHead, lr: float, log, bf16: bool):
+    def __init__(self, cfg: FitConfig, rows: Rows, hold: Holdout, module: TopHead, lrs: tuple[float, float], log,
+                 bf16: bool):  # fmt: skip
+        """``lrs``: the peak rates of the pretrained top and of the new layer."""
         self.cfg, self.rows, self.hold, self.module, self.log, self.bf16 = cfg, rows, hold, module, log, bf16
-        groups = [{"params": module.top.parameters(), "lr": lr * TOP_LR_RATIO},
-                  {"params": module.linear.parameters(), "lr": lr}]  # fmt: skip
+        groups = [{"params": module.top.parameters(), "lr": lrs[0]},
+                  {"params": module.linear.parameters(), "lr": lrs[1]}]  # fmt: skip
         self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         total = sum(  # the schedule's length: every epoch's batches (windows differ by epoch)
             math.ceil(len(w[~hold.mask[w]]) / cfg.batch_size)
             for e in range(1, cfg.epochs + 1) for w in epoch_windows(rows.n, rows.block, window_rows(rows.dim), cfg.seed, e)
         )  # fmt: skip
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, [lr * TOP_LR_RATIO, lr], total_steps=max(total, 1))
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, list(lrs), total_steps=max(total, 1))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     def _train_mode(self) -> None:

@@ -118,8 +118,8 @@ def export_onnx(trunk: nn.Module, input_shape: tuple[int, int, int], path: Path)
 
 
 # ONNX Runtime's intra-op threads wait without spinning (its default spins): a spinning thread holds a core the
-# readers decode on. Lite0, 400 shared photos, the pipeline with one reader on 2 cores (Intel AMX machine): 135.7 and
-# 134.4 images/s without spinning, 124.0 and 130.2 with (runs alternated; docs/benchmarks.md, "Threads").
+# readers decode on. Lite0, 400 shared photos, the pipeline with one reader on 2 cores (Intel AMX machine): 129.0 and
+# 128.7 images/s without spinning, 115.2 and 111.2 with (scripts/pipeline_threads.py; docs/benchmarks.md, "Threads").
 ORT_SPINNING = False
 
 

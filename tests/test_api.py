@@ -15,6 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import flowerfeat
+from flowerfeat import runtime, store
 from flowerfeat.cli import app
 from conftest import TinyTrunk, make_folder, tiny_runs
 
@@ -161,6 +162,7 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     (project / "pyproject.toml").write_text("")
     make_folder(project / "data" / "flower_photos", {"train": 3, "test": 1})
     nb = nbformat.read(ROOT / "examples" / "transfer_learning.ipynb", as_version=4)
+    _keep_autos_choice("vgg16@pool5-gap")  # the kernel is another process: it would time both engines on a bf16 CPU
     env = {"FLOWERFEAT_WEIGHTS": "none", "FLOWERFEAT_LAYER": "pool5-gap"}  # the data and out paths: the defaults
     old = dict(os.environ)
     for name in ("FLOWERFEAT_DATA", "FLOWERFEAT_OUT"):
@@ -177,6 +179,21 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the training images and the sample results, inline
     assert list((project / "data" / "features").glob("flower_photos-*/vgg16-pool5-gap-random/heads/notebook.pt"))
+
+
+def _keep_autos_choice(model_cut: str) -> None:
+    """The choice auto would make by measuring on a CPU with bf16 (fastest.py), kept in the test's own user cache as
+    if measured: torch, as resolve_precision says. A kernel on another thread count measures, slower but the same."""
+    import importlib.util
+
+    from flowerfeat import fastest
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return
+    precision = runtime.resolve_precision("auto", torch.device("cpu"))
+    path = store.user_cache(fastest.KEPT)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({f"{model_cut} on {fastest.cpu_kind()}": {"chosen": ["torch", precision]}}))
 
 
 def test_every_public_name_has_a_docstring_with_an_example():

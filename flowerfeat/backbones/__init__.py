@@ -50,6 +50,8 @@ class Cut:
     # the top trains in bf16 autocast where its rows were made in bf16 (a CPU or GPU with native bf16): dense
     # convolutions gain from it (VGG16's conv5 block: 1.9x a step), depthwise ones lose (EfficientNet's: 0.85x)
     top_bf16: bool = False
+    # the pretrained top's share of the new layer's learning rate, where it differs from fit_top.TOP_LR_RATIO
+    top_lr_ratio: float | None = None
 
     @property
     def trainable(self) -> bool:
@@ -58,12 +60,12 @@ class Cut:
 
 
 def stage_cut(name: str, shape: tuple[int, ...], top: str, top_dim: int, top_dropout: float, about: str,
-              dtype: str = "float16", top_bf16: bool = False) -> Cut:  # fmt: skip
+              dtype: str = "float16", top_bf16: bool = False, top_lr_ratio: float | None = None) -> Cut:  # fmt: skip
     """A cut below the top: its activations (stored float16 by default), the top above it named."""
     dim = 1
     for s in shape:
         dim *= s
-    return Cut(name, dim, 0.0, about, top, tuple(shape), top_dim, top_dropout, dtype, top_bf16)
+    return Cut(name, dim, 0.0, about, top, tuple(shape), top_dim, top_dropout, dtype, top_bf16, top_lr_ratio)
 
 
 @dataclass(frozen=True)
