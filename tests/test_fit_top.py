@@ -120,3 +120,16 @@ def test_a_small_set_trains_the_top_for_more_epochs_unless_asked(stage1, monkeyp
     assert head.metrics["epochs"] == len(head.meta["history"]) == default_epochs(n, 64) > 4
     assert head.meta["config"]["epochs"] == head.metrics["epochs"]  # the head records what ran
     assert flowerfeat.fit_head(rows, epochs=2, train_top=True).metrics["epochs"] == 2
+
+
+def test_a_cut_may_declare_its_tops_share_of_the_learning_rate(stage1, monkeypatch):
+    from dataclasses import replace
+
+    from flowerfeat.fit_top import TOP_LR_RATIO
+
+    _data, folder = stage1
+    rows = store.load_features(folder / "train.h5")
+    assert flowerfeat.fit_head(rows, epochs=1, train_top=True, lr=0.01).metrics["top_lr"] == 0.01 * TOP_LR_RATIO
+    cuts = TinyBackbone.cuts
+    monkeypatch.setattr(TinyBackbone, "cuts", lambda self: {**cuts(self), "stage1": replace(cuts(self)["stage1"], top_lr_ratio=0.05)})
+    assert flowerfeat.fit_head(rows, epochs=1, train_top=True, lr=0.01).metrics["top_lr"] == 0.01 * 0.05

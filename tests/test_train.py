@@ -263,3 +263,23 @@ def test_a_validation_fraction_that_cannot_split_says_so_in_its_own_words(tmp_pa
     with pytest.raises(FlowerfeatError, match=message) as e:
         train.fit(FitConfig(features=path, val_fraction=fraction))
     assert "test_size" not in str(e.value) and "least populated" not in str(e.value)  # no scikit-learn words
+
+
+def test_small_work_runs_on_one_thread_and_gives_the_callers_threads_back(tmp_path):
+    from threadpoolctl import threadpool_info
+
+    from flowerfeat import runtime
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # a notebook's own setting
+    try:
+        seen = []
+        with runtime.threads():
+            seen.append(torch.get_num_threads())
+            seen += [p["num_threads"] for p in threadpool_info()]
+        assert set(seen) == {1} and torch.get_num_threads() == 3
+        X, y = blobs(20, dim=8, n_classes=2)
+        train.fit_head(write_features(tmp_path / "train.h5", X, y, classes=["a", "b"]), epochs=1)
+        assert torch.get_num_threads() == 3  # fitting a head leaves the caller's setting as it was
+    finally:
+        torch.set_num_threads(before)
