@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowerfeat import runtime
+from flowerfeat import runtime, store
 from flowerfeat.backbones import get_backbone
 from flowerfeat.catalogue import gflops_text
 from flowerfeat.config import ExtractConfig, FitConfig, batch_size_for
@@ -134,7 +135,28 @@ class BenchResult:
     figures: dict
 
 
-def _flowerfeat_run(cfg: ExtractConfig, train: Split, test: Split, fig: dict) -> str:
+def keep_engines(folder: Path, kept: Path) -> None:
+    """The engine files a run made in its cache ``folder`` (the ONNX export, the int8 model, with their records)
+    copied to ``kept``, so the next run of the same trunk loads them instead of exporting or quantizing again."""
+    for precision in ("fp32", "int8"):
+        files = store.engine_files(folder, precision)
+        if files.model.is_file() and files.record.is_file():
+            for f in (files.model, files.record):
+                shutil.copy2(f, kept / f.name)
+
+
+def seed_engines(cfg: ExtractConfig, kept: Path) -> None:
+    """``cfg``'s new cache folder holding the engine files kept so far (as a rerun of ``features`` finds them)."""
+    from flowerfeat.extraction.job import cache_folder
+
+    recipe = resolve(cfg, torch.device("cpu"))
+    folder = cache_folder(cfg, recipe.backbone, recipe.layer, recipe.weights)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in kept.iterdir():
+        shutil.copy2(f, folder / f.name)
+
+
+def _flowerfeat_run(cfg: ExtractConfig, train: Split, test: Split, fig: dict, kept: Path) -> str:
     """(c) flowerfeat end to end on the two subsets: features, fit-head --epochs 2, report; returns the overall line."""
     from flowerfeat.extraction import run_extraction
     from flowerfeat.heads import LinearHead, score
@@ -145,6 +167,7 @@ def _flowerfeat_run(cfg: ExtractConfig, train: Split, test: Split, fig: dict) ->
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         results = run_extraction(cfg.replace(out=Path(tmp)), splits={"train": train, "test": test})
+        keep_engines(results[0].path.parent, kept)
         fig["engine"] = load_features(results[1].path).meta["engine"]
         fig["extract_s"] = sum(r.seconds for r in results)
         t1 = time.perf_counter()
@@ -192,7 +215,7 @@ def trunk_alone(cfg: ExtractConfig, folder: Path, x: torch.Tensor) -> float:
     return len(x) / (time.perf_counter() - t)
 
 
-def engine_rows(cfg: ExtractConfig, train: Split, test: Split, log) -> dict:
+def engine_rows(cfg: ExtractConfig, train: Split, test: Split, log, kept: Path) -> dict:
     """Each installed engine's extraction of the two subsets, side by side: the pipeline's images/s (trunk ready;
     preparing it apart: loading, exporting, quantizing), the same trunk alone on the images preprocessed in memory,
     and agreement with the first (torch) row: min cosine, max abs difference over the largest value. Rows are named
@@ -205,7 +228,9 @@ def engine_rows(cfg: ExtractConfig, train: Split, test: Split, log) -> dict:
     for engine, precision in engine_combos(cfg.precision):
         with tempfile.TemporaryDirectory() as tmp:
             c = cfg.replace(out=Path(tmp), engine=engine, precision=precision)
+            seed_engines(c, kept)  # an export or int8 model an earlier row made is loaded, not made again
             results = run_extraction(c, splits={"train": train, "test": test})
+            keep_engines(results[0].path.parent, kept)
             x = np.concatenate([load_features(r.path).X for r in results])
             if images is None:
                 images = preprocessed([train, test], resolve(c, torch.device("cpu")).preprocessing.transform())
@@ -223,7 +248,7 @@ def engine_rows(cfg: ExtractConfig, train: Split, test: Split, log) -> dict:
         log(
             f"engine {engine} ({precision}): pipeline {r['images_per_s']:.2f} images/s, trunk alone {alone:.2f} "
             f"(pipeline {r['pipeline_over_trunk']:.2f}x the trunk; {r['images_per_s'] / first['images_per_s']:.2f}x "
-            f"torch fp32; {ready_s:.1f} s to prepare{', quantizing included, once per cache' if precision == 'int8' else ''})"
+            f"torch fp32; {ready_s:.1f} s to prepare: loading, and exporting or quantizing where no earlier row did)"
             f", min cosine to torch {r['min_cosine']:.7f} (median {r['median_cosine']:.7f}), max |diff| "
             f"{r['max_abs_diff']:.1e} of the largest"
         )
@@ -265,18 +290,19 @@ def run_bench(
 
     naive = build(recipe.exportable(), channels_last=False).module  # plain torch, fp32, NCHW
     fig["gflop_per_image"] = gflop_per_image(naive, pre.input_shape)
-    overall = _flowerfeat_run(cfg, train, test, fig)
-    fig["extract_ips"] = n_images / fig["extract_s"]
-    fig["flowerfeat_ips"] = n_images / fig["flowerfeat_s"]
-    achieved = fig["extract_ips"] * fig["gflop_per_image"]
-    fig["peak_kind"] = "bf16" if prec == "bf16" else "fp32"  # int8 is set against fp32's (no int8 peak is measured)
-    peak = fig[f"{fig['peak_kind']}_peak"]
-    log(
-        f"(c) flowerfeat: {fig['flowerfeat_s']:.1f} s end to end ({fig['flowerfeat_ips']:.2f} images/s); extraction "
-        f"{fig['extract_ips']:.2f} images/s = {achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the "
-        f"{fig['peak_kind']} matmul peak; fit-head {fig['fit_s']:.2f} s; engine {fig['engine']}; {overall}"
-    )
-    fig["engines"] = engine_rows(cfg, train, test, log)
+    with tempfile.TemporaryDirectory() as kept:  # the engine files the runs make, for the later runs
+        overall = _flowerfeat_run(cfg, train, test, fig, Path(kept))
+        fig["extract_ips"] = n_images / fig["extract_s"]
+        fig["flowerfeat_ips"] = n_images / fig["flowerfeat_s"]
+        achieved = fig["extract_ips"] * fig["gflop_per_image"]
+        fig["peak_kind"] = "bf16" if prec == "bf16" else "fp32"  # int8 against fp32 (no int8 peak is measured)
+        peak = fig[f"{fig['peak_kind']}_peak"]
+        log(
+            f"(c) flowerfeat: {fig['flowerfeat_s']:.1f} s end to end ({fig['flowerfeat_ips']:.2f} images/s); extraction "
+            f"{fig['extract_ips']:.2f} images/s = {achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the "
+            f"{fig['peak_kind']} matmul peak; fit-head {fig['fit_s']:.2f} s; engine {fig['engine']}; {overall}"
+        )
+        fig["engines"] = engine_rows(cfg, train, test, log, Path(kept))
     transform = pre.transform()
     fig["naive_s"] = naive_loop(train, naive, transform) + naive_loop(test, naive, transform)
     fig["naive_ips"] = n_images / fig["naive_s"]
@@ -317,7 +343,8 @@ def models_side_by_side(first: ExtractConfig, others, train: Split, test: Split,
         if rows is None:
             log(f"--- {backbone.name} at {cut.name} ---")
             precision = runtime.resolve_precision(cfg.precision, torch.device("cpu"))
-            rows = engine_rows(cfg.replace(device="cpu", precision=precision), train, test, log)
+            with tempfile.TemporaryDirectory() as kept:
+                rows = engine_rows(cfg.replace(device="cpu", precision=precision), train, test, log, Path(kept))
         best = max(rows, key=lambda e: rows[e]["images_per_s"])
         gflops = backbone.describe().get("gflops")
         table.append({"model": backbone.name, "layer": cut.name, "dim": cut.dim, "gflops": gflops})

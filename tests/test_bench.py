@@ -18,7 +18,10 @@ def test_bench_runs_and_reports_ratios(tmp_path, monkeypatch):
     # a small torchvision model: its whole network serves the textbook's loop as VGG16's does, in a fraction of the time
     cfg = ExtractConfig(data=data, model="mobilenet_v3_small", weights="none", batch_size=4, workers=0,
                         precision="fp32")  # fmt: skip
+    exports, export = [], runtime.export_onnx
+    monkeypatch.setattr(runtime, "export_onnx", lambda *a: exports.append(1) or export(*a))
     res = bench.run_bench(cfg, limit=10, agreement_images=2, log=lines.append)
+    assert len(exports) == 1  # flowerfeat's run exports; the onnxruntime row loads that file
     f = res.figures
     assert f["train_images"] + f["test_images"] == 10
     assert f["naive_over_flowerfeat_extract"] == f["naive_s"] / f["extract_s"] > 0
