@@ -4,6 +4,7 @@ pairs; layouts.py finds the splits."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -50,8 +51,10 @@ class BadImage(Exception):
     """An image file that cannot be used; the message is the reason recorded in the feature file."""
 
 
-def load_image(path: Path) -> Image.Image:
-    """Decode any image Pillow reads into RGB, EXIF orientation applied; raise BadImage with a reason otherwise."""
+def load_image(path: Path, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode any image Pillow reads into RGB, EXIF orientation applied; raise BadImage with a reason otherwise.
+    With ``draft`` (width, height), a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps it at least
+    that large (Pillow's ``draft``)."""
     try:
         os.fsdecode(path).encode("utf-8")
     except UnicodeEncodeError:
@@ -65,6 +68,8 @@ def load_image(path: Path) -> Image.Image:
             # Pillow only warns between 1x and 2x its pixel limit; both are decompression bombs to us.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                if draft is not None and im.format == "JPEG":
+                    im.draft("RGB", draft)
                 im.seek(0)  # first frame of animated GIF/WebP/TIFF
                 im = ImageOps.exif_transpose(im)
                 return to_rgb(im)
@@ -122,6 +127,8 @@ class UnitDataset:
     """Map-style dataset over a split's units (image x view, see extraction.py); item ``u`` is (tensor or None, u,
     reason)."""
 
+    draft: tuple[int, int] | None = None  # --decode draft: the size a JPEG keeps (load_image)
+
     def __init__(self, split: Split, n_views: int, transform, augment, seed: int):
         self.split, self.n_views = split, n_views
         self.transform, self.augment, self.seed = transform, augment, seed
@@ -129,11 +136,18 @@ class UnitDataset:
     def __len__(self) -> int:
         return len(self.split.items) * (1 + self.n_views)
 
+    def _draft(self, view: int) -> tuple[int, int] | None:
+        """The draft size: an augmented view crops down to ``scale`` of the image, so it keeps 1/sqrt(scale) more."""
+        if self.draft is None or not view:
+            return self.draft
+        k = 1 / math.sqrt(self.augment.scale)
+        return math.ceil(self.draft[0] * k), math.ceil(self.draft[1] * k)
+
     def __getitem__(self, unit: int):
         item = self.split.items[unit // (1 + self.n_views)]
         view = unit % (1 + self.n_views)
         try:
-            img = load_image(self.split.root / item.relpath)
+            img = load_image(self.split.root / item.relpath, self._draft(view))
         except BadImage as e:
             return None, unit, str(e)
         if view:

@@ -20,7 +20,7 @@ from flowerfeat.heads import Head
 from flowerfeat.recipe import Recipe, Trunk, build
 
 # decoder recorded -> the reader's mode that decodes so (extraction/reader.py)
-DECODE_MODES = {"pil": "cpu", "libjpeg": "hybrid", "nvjpeg": "gpu"}
+DECODE_MODES = {"pil": "cpu", "pil-draft": "draft", "libjpeg": "hybrid", "nvjpeg": "gpu"}
 
 
 def head_recipe(head: Head, weights: str | None = None) -> Recipe:

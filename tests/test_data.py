@@ -158,3 +158,26 @@ def test_a_dangling_symbolic_link_is_an_unreadable_image(folder):
     with pytest.raises(BadImage, match="broken symbolic link"):
         load_image(d / "broken_link.jpg")
     assert load_image(d / "good_link.jpg").size == load_image(d / "train_daisy_0.jpg").size
+
+
+def test_draft_decoding_keeps_the_size_the_resize_needs_and_is_recorded(tmp_path):
+    import flowerfeat
+    from flowerfeat import store
+    from conftest import extract
+
+    big = tmp_path / "big.jpg"
+    make_image(0, 0, (1600, 1200)).save(big, quality=90)
+    assert load_image(big).size == (1600, 1200)
+    assert load_image(big, (256, 256)).size == (400, 300)  # 1/4: the smallest scale that keeps both sides >= 256
+    assert load_image(big, (512, 512)).size == (800, 600)  # an augmented view keeps more (UnitDataset._draft)
+    png = tmp_path / "big.png"
+    make_image(0, 0, (1600, 1200)).save(png)
+    assert load_image(png, (256, 256)).size == (1600, 1200)  # only JPEGs have DCT scales
+
+    data = make_folder(tmp_path / "flowers", {"train": 3, "test": 1})  # small photos: a draft changes nothing
+    full = extract(data, tmp_path / "f", splits=("train",))["train"].path
+    draft = extract(data, tmp_path / "g", splits=("train",), decode="draft")["train"].path
+    a, b = store.load_features(full), store.load_features(draft)
+    assert (a.meta["decoder"], b.meta["decoder"]) == ("pil", "pil-draft") and np.array_equal(a.X, b.X)
+    head = flowerfeat.fit_head(draft, epochs=1).save(tmp_path / "h.pt")
+    assert flowerfeat.Classifier.load(head).mode == "draft"  # predict decodes as the features were decoded

@@ -11,6 +11,13 @@ from flowerfeat.data import Augment, Split, UnitDataset, collate_units
 PREP_THREADS = 2  # threads preparing GPU-decoded batches: the fastest count measured (docs/benchmarks.md)
 
 
+def draft_size(preprocessing: Preprocessing) -> tuple[int, int]:
+    """(width, height) a JPEG must keep when decoded at a reduced scale: the resize's (the shorter side's size on
+    both sides, or the squashed size)."""
+    r = preprocessing.resize_size
+    return (r[0], r[0]) if len(r) == 1 else (r[1], r[0])
+
+
 def make_loader(
     split: Split,
     n_views: int,
@@ -27,7 +34,7 @@ def make_loader(
     modes prepared on ``device``."""
     from torch.utils.data import DataLoader
 
-    on_device = mode != "cpu"  # JPEGs resized on the device (and, in gpu mode, decoded there)
+    on_device = mode not in ("cpu", "draft")  # JPEGs resized on the device (and, in gpu mode, decoded there)
     dataset_type = UnitDataset
     if on_device:
         from flowerfeat.gpudecode import DecodedUnitDataset, GpuPreprocess, RawUnitDataset, collate_raw
@@ -36,6 +43,8 @@ def make_loader(
     transform = preprocessing.transform()
     augment = Augment(preprocessing.crop_size, preprocessing.resize_size, view_scale)
     dataset = dataset_type(split, n_views, transform, augment, view_seed)
+    if mode == "draft":
+        dataset.draft = draft_size(preprocessing)
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
