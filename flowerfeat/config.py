@@ -18,10 +18,11 @@ AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 256}
 
 # What FitConfig's open settings (None) become, by what trains: the new last layer alone, or the top of the trunk
 # with it (--train-top). The linear head's: the textbook's batch, 2 epochs (README, "Choosing the head's settings");
-# the top's: the recipe measured on the flower photos (docs/heads.md).
+# the top's: the recipe measured on the flower photos (docs/heads.md), its epochs following the training rows
+# (None: fit_top.default_epochs).
 FIT_DEFAULTS = {
     "linear": {"epochs": 2, "batch_size": 20, "weight_decay": 0.0, "label_smoothing": 0.0},
-    "top": {"epochs": 4, "batch_size": 64, "weight_decay": 0.05, "label_smoothing": 0.1},
+    "top": {"epochs": None, "batch_size": 64, "weight_decay": 0.05, "label_smoothing": 0.1},
 }
 
 

@@ -9,7 +9,6 @@ measurement: fp32, on ONNX Runtime where it is installed (runtime.resolve_engine
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -37,17 +36,10 @@ def cpu_kind() -> str:
     made again on another CPU or after an upgrade."""
     import onnxruntime
 
-    name = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo() if ln.startswith("model name")), platform.machine())
+    name = runtime.cpu_name()
     flags = sorted(runtime.cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"})
     return f"{name} [{' '.join(flags)}] {torch.get_num_threads()} threads; torch {torch.__version__}, onnxruntime " \
         f"{onnxruntime.__version__}"  # fmt: skip
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
 
 
 def choose(

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from flowerfeat.config import FIT_DEFAULTS, FitConfig
+from flowerfeat.config import FitConfig
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.heads import TopHead, score
 from flowerfeat.recipe import Recipe
@@ -31,21 +31,20 @@ BN_STATISTICS = "freeze"  # or "update": the running statistics learn from the c
 # without views (5 folds of 400, 7 steps an epoch): 4 epochs 85.4 %, 12 epochs 88.2 %, 30 epochs 89.2 % (the linear
 # default head 87.6 %); the whole shared set takes 4 epochs either way (docs/heads.md, "Training the top").
 TOP_MIN_STEPS = 200
+TOP_EPOCHS = 4  # the default where they make TOP_MIN_STEPS steps or more
 
 
 def default_epochs(train_rows: int, batch_size: int) -> int:
-    """The default epochs (FIT_DEFAULTS), or more where they would make fewer than TOP_MIN_STEPS steps."""
+    """TOP_EPOCHS, or more where they would make fewer than TOP_MIN_STEPS steps."""
     per_epoch = max(1, math.ceil(train_rows / batch_size))
-    return max(FIT_DEFAULTS["top"]["epochs"], math.ceil(TOP_MIN_STEPS / per_epoch))
+    return max(TOP_EPOCHS, math.ceil(TOP_MIN_STEPS / per_epoch))
 
 
-def fit_top(
-    cfg: FitConfig, log: Callable[[str], None], train=None, validation=None, auto_epochs: bool = False
-) -> tuple[FitResult, dict]:
+def fit_top(cfg: FitConfig, log: Callable[[str], None], train=None, validation=None) -> tuple[FitResult, dict]:
     """Train the top above the cut of ``cfg.features`` (or ``train``, loaded) and a new head; the epoch is chosen on
-    ``validation`` or --val-fraction where given, else the last is kept; with ``auto_epochs`` (no --epochs asked)
-    the number of epochs follows the training rows (``default_epochs``). Returns the result (its ``module`` the
-    TopHead; ``metrics["epochs"]`` those run) and the features' metadata."""
+    ``validation`` or --val-fraction where given, else the last is kept; without --epochs their number follows the
+    training rows (``default_epochs``). Returns the result (its ``module`` the TopHead; ``metrics["epochs"]`` those
+    run) and the features' metadata."""
     cfg = cfg.settled()
     rows = Rows(train if train is not None else cfg.features, cfg.max_memory)
     try:
@@ -60,13 +59,14 @@ def fit_top(
         hold = holdout(rows, cfg, validation)
         if hold.source:
             log(f"Validation: {hold.source}")
-        if auto_epochs:
-            cfg = cfg.replace(epochs=default_epochs(int((~hold.mask).sum()), cfg.batch_size))
+        n_train = int((~hold.mask).sum())
+        if cfg.epochs is None:
+            cfg = cfg.replace(epochs=default_epochs(n_train, cfg.batch_size))
         _, top = recipe.backbone.split(recipe.found(cfg.weights).weights, cut.name)  # from the model's own weights
         module, best, history = _train(cfg, rows, hold, cut, top, log)
         result = FitResult(module.linear.weight.detach(), module.linear.bias.detach(), best, history, module)
         result.metrics.update(
-            rows=int(rows.n), train_rows=int((~hold.mask).sum()), val_rows=len(hold.y), streamed=bool(rows.streamed),
+            rows=int(rows.n), train_rows=n_train, val_rows=len(hold.y), streamed=bool(rows.streamed),
             validation=hold.source, top=cut.top, epochs=cfg.epochs,
         )  # fmt: skip
         return result, rows.meta

@@ -261,11 +261,11 @@ def head_name(cfg, fingerprint: str) -> str:
     """A head's default name: its settings in words and a digest of all of them and of the training features'
     fingerprint (``adam-2ep-seed0-1a2b3c4d``, ``lbfgs-C0.1-seed0-...``), so another fit never takes an existing name
     and the same fit on the same features always gets the same one."""
-    asked_epochs, cfg = cfg.epochs, cfg.settled()
+    cfg = cfg.settled()
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("features", "out", "name", "replace_head")}
     digest = hashlib.sha256(json.dumps([settings, fingerprint], sort_keys=True).encode()).hexdigest()[:8]
     words = f"lbfgs-C{cfg.C:g}" if cfg.solver == "lbfgs" else f"{cfg.optimizer}-{cfg.epochs}ep"
-    words = (f"top-{asked_epochs}ep" if asked_epochs else "top") if cfg.train_top else words  # its epochs follow the data
+    words = (f"top-{cfg.epochs}ep" if cfg.epochs else "top") if cfg.train_top else words  # None: they follow the data
     return f"{words}-seed{cfg.seed}-{digest}"
 
 

@@ -142,11 +142,11 @@ class History:
 
 def decode_plan(decode: str, device: torch.device) -> tuple[str, str]:
     """(mode, decoder) for ``--decode`` on ``device``: mode cpu, gpu or hybrid (auto = gpu on CUDA, else cpu), and the
-    decoder that makes the pixels, recorded in the recipe: pil, pil-draft (JPEG DCT scaling), nvjpeg, or libjpeg (torchvision's CPU decoder:
-    hybrid's workers, or the gpu mode's own code on a machine without CUDA)."""
+    decoder that makes the pixels, recorded in the recipe: pil, pil-draft (JPEG DCT scaling), nvjpeg, or libjpeg
+    (torchvision's CPU decoder: hybrid's workers, or the gpu mode's own code on a machine without CUDA)."""
     mode = decode if decode != "auto" else ("gpu" if device.type == "cuda" else "cpu")
-    decoders = {"cpu": "pil", "draft": "pil-draft", "gpu": "nvjpeg" if device.type == "cuda" else "libjpeg"}
-    return mode, {**decoders, "hybrid": "libjpeg"}[mode]
+    gpu = "nvjpeg" if device.type == "cuda" else "libjpeg"
+    return mode, {"cpu": "pil", "draft": "pil-draft", "gpu": gpu, "hybrid": "libjpeg"}[mode]
 
 
 def _precision(cfg: ExtractConfig, device: torch.device, past: History) -> str:

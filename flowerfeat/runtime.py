@@ -12,14 +12,26 @@ from torch import nn
 from flowerfeat.errors import FlowerfeatError
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
+def _cpuinfo(*keys: str) -> str:
+    """The value of /proc/cpuinfo's first line starting with one of ``keys`` ("" where none or unreadable)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    return set(line.split(":", 1)[-1].split())
+        return ""
+    line = next((ln for ln in text.splitlines() if ln.startswith(keys)), "")
+    return line.split(":", 1)[-1].strip()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
+    return set(_cpuinfo("flags", "Features").split())
+
+
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it, else the machine's architecture."""
+    import platform
+
+    return _cpuinfo("model name") or platform.machine()
 
 
 def cpu_has_bf16() -> bool:

@@ -85,14 +85,13 @@ def fit_head(
 def fit_config(cfg: FitConfig, log: Callable[[str], None] | None = None, train: store.Features | None = None) -> Head:
     """The head ``cfg`` describes, fitted on ``train`` (loaded Features) or else the file ``cfg.features``; the epoch
     is chosen on the validation split's file beside it (val.h5) where there is one and no --val-fraction is asked."""
-    auto_epochs = cfg.epochs is None  # the trained top's follow the data (fit_top.default_epochs)
     cfg = cfg.settled()
     beside = store.sibling_split(cfg.features, "val")
     validation = beside if not cfg.val_fraction and beside != Path(cfg.features) and beside.is_file() else None
     if cfg.train_top:  # convolutions: every core
         from flowerfeat.fit_top import fit_top
 
-        result, meta = fit_top(cfg, log or (lambda s: None), train, validation, auto_epochs)
+        result, meta = fit_top(cfg, log or (lambda s: None), train, validation)
         cfg = cfg.replace(epochs=result.metrics["epochs"])  # as run
     else:
         with runtime.threads():

@@ -114,14 +114,19 @@ def make_job(cfg: ExtractConfig, dist: Dist, reporter: Reporter) -> Job:
     device = runtime.resolve_device(cfg.device)
     if dist.world > 1 and device.type == "cuda":
         device = torch.device("cuda", dist.rank % torch.cuda.device_count())
-    recipe = resolve(cfg, device, lambda b, cut, w: _history(cache_folder(cfg, b, cut, w)))
+    read = []  # the cache's history, read once: resolve's, and whether auto's engine is chosen by measuring
+
+    def history(backbone: Backbone, cut: str, weights: WeightsInfo) -> History:
+        read.append(_history(cache_folder(cfg, backbone, cut, weights)))
+        return read[-1]
+
+    recipe = resolve(cfg, device, history)
     mode = decode_plan(cfg.decode, device)[0]
     workers = cfg.workers if cfg.workers is not None else default_workers(mode, device)
     folder = cache_folder(cfg, recipe.backbone, recipe.layer, recipe.weights)
+    choose = fastest.needed(cfg.engine, cfg.precision, device, read[-1].engine)
     batch = batch_size_for(device.type, cfg.batch_size)
-    job = Job(cfg, recipe, folder, device, mode, batch, workers, reporter)
-    job.choose_engine = fastest.needed(cfg.engine, cfg.precision, device, _history(folder).engine)
-    return job
+    return Job(cfg, recipe, folder, device, mode, batch, workers, reporter, choose_engine=choose)
 
 
 def library_versions(engine: str = "torch") -> dict:
