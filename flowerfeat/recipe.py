@@ -240,6 +240,11 @@ def _torch_trunk(recipe: Recipe, reporter: Reporter) -> nn.Module:
         return recipe.backbone.build(recipe.weights, recipe.layer)
 
 
+def _traced_trunk(recipe: Recipe, reporter: Reporter) -> nn.Module:
+    """The torch trunk as the ONNX exporter traces it (its shapes fixed for the recipe's images)."""
+    return recipe.backbone.for_tracing(_torch_trunk(recipe, reporter), recipe.preprocessing.input_shape)
+
+
 def _int8(recipe: Recipe, keep: EngineFiles | None, calibration, reporter: Reporter) -> tuple[nn.Module, dict]:
     """The int8 trunk's engine file (checked by its sha256) loaded, and {path, sha256} to record."""
     from flowerfeat import quantize
@@ -257,7 +262,7 @@ def _int8(recipe: Recipe, keep: EngineFiles | None, calibration, reporter: Repor
         if sha is None:
             if calibration is None:
                 raise FlowerfeatError("--precision int8 calibrates on training images; extract the train split too")
-            trunk = _torch_trunk(recipe, reporter)
+            trunk = _traced_trunk(recipe, reporter)
             sha = quantize.make(trunk, recipe.preprocessing, recipe.quantization, calibration, keep, reporter)
         path = keep.model
     with reporter.stage("loading the int8 trunk"):
@@ -282,10 +287,10 @@ def _onnx_fp32(recipe: Recipe, keep: EngineFiles | None, reporter: Reporter) -> 
             keep = None
     if keep is None:
         with reporter.stage("preparing the onnxruntime engine"):
-            return runtime.onnx_trunk(_torch_trunk(recipe, reporter), recipe.preprocessing.input_shape), None
+            return runtime.onnx_trunk(_traced_trunk(recipe, reporter), recipe.preprocessing.input_shape), None
     sha = keep.intact(settings)
     if sha is None:
-        trunk = _torch_trunk(recipe, reporter)
+        trunk = _traced_trunk(recipe, reporter)
         keep.model.parent.mkdir(parents=True, exist_ok=True)
         with reporter.stage("exporting the trunk for onnxruntime (once for this cache)"), atomic_path(keep.model) as tmp:
             runtime.export_onnx(trunk, recipe.preprocessing.input_shape, tmp)

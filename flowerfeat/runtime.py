@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from pathlib import Path
 
 import torch
@@ -119,13 +120,26 @@ def resolve_engine(engine: str, device: torch.device, precision: str, previous: 
 
 
 def export_onnx(trunk: nn.Module, input_shape: tuple[int, int, int], path: Path) -> None:
-    """The torch trunk as an fp32 ONNX graph with a free batch size (input "x", output "rows")."""
+    """The torch trunk as an fp32 ONNX graph with a free batch size (input "x", output "rows"), for ONNX Runtime.
+
+    torch.onnx's TorchScript exporter traces it in well under a second where torch.export's takes seconds (Lite0 on
+    the Intel AMX machine: 0.4 s against 7.4 s; docs/benchmarks.md, "Preparing an engine"); once the family has fixed
+    its shapes (``Backbone.for_tracing``) the two graphs run at the same speed. torch.export's exporter takes over
+    where tracing fails."""
     example = torch.zeros(2, *input_shape)
-    with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx's progress lines
+    trunk = trunk.to(memory_format=torch.contiguous_format)
+    names = {"input_names": ["x"], "output_names": ["rows"]}
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # torch.onnx's progress and notices
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(trunk, (example,), str(path), dynamo=False, dynamic_axes={"x": {0: "batch"},
+                              "rows": {0: "batch"}}, **names)  # fmt: skip
+            return
+        except Exception:  # noqa: BLE001 - any model tracing cannot take goes the general way below
+            path.unlink(missing_ok=True)
         torch.onnx.export(
-            trunk.to(memory_format=torch.contiguous_format), (example,), str(path), dynamo=True,
-            dynamic_shapes={"x": {0: torch.export.Dim.DYNAMIC}}, input_names=["x"], output_names=["rows"],
-            external_data=False,
+            trunk, (example,), str(path), dynamo=True, dynamic_shapes={"x": {0: torch.export.Dim.DYNAMIC}},
+            external_data=False, **names,
         )  # fmt: skip
 
 

@@ -165,3 +165,26 @@ def test_precision_auto():
     assert runtime.resolve_precision("fp32", torch.device("cuda")) == "fp32"
     expected = "bf16" if runtime.cpu_has_bf16() else "fp32"
     assert runtime.resolve_precision("auto", torch.device("cpu")) == expected
+
+
+@pytest.mark.onnxruntime
+def test_timm_same_padding_is_fixed_for_tracing_with_the_same_values(tmp_path):
+    """TF-style 'same' padding traced as it is costs ONNX Runtime a dozen shape operators per convolution; fixed for the
+    input size, the graph has none and the values stay the same."""
+    pytest.importorskip("timm")
+    import onnx
+    from timm.layers import Conv2dSame
+
+    model = backbones.get_backbone("timm:tf_efficientnet_lite0")
+    trunk = torch.nn.Sequential(Conv2dSame(3, 4, 3, stride=2), torch.nn.ReLU(), Conv2dSame(4, 5, 5, stride=2))
+    shape = (3, 19, 22)  # odd sizes: the padding is uneven
+    fixed = model.for_tracing(trunk, shape)
+    assert not any(isinstance(m, Conv2dSame) for m in fixed.modules())
+    assert any(isinstance(m, Conv2dSame) for m in trunk.modules())  # the caller's trunk is left as it was
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        assert torch.equal(fixed(x), trunk(x))
+    runtime.export_onnx(fixed, shape, tmp_path / "t.onnx")
+    assert "Shape" not in {n.op_type for n in onnx.load(tmp_path / "t.onnx").graph.node}
+    with torch.no_grad():
+        torch.testing.assert_close(runtime.OnnxModel(tmp_path / "t.onnx")(x), trunk(x), atol=1e-5, rtol=1e-5)

@@ -168,6 +168,11 @@ class Backbone:
         cuts implement it."""
         raise FlowerfeatError(f"{self.name} at {cut}: no top to train above this cut; choose a cut that has one")
 
+    def for_tracing(self, trunk: nn.Module, input_shape: tuple[int, int, int]) -> nn.Module:
+        """``trunk`` as the ONNX exporter should trace it for images of ``input_shape``: where the family works out a
+        shape at run time, that shape fixed (the same values, a graph without the arithmetic). Default: as it is."""
+        return trunk
+
     def whole_model(self, weights: WeightsInfo, n_classes: int) -> tuple[nn.Module, nn.Module] | None:
         """(the whole network with a new last layer for ``n_classes``, that layer): the textbook's recipe; None where
         the family cannot."""

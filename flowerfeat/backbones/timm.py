@@ -51,6 +51,10 @@ class Family(BaseFamily):
         return TimmModel(name) if _timm(name).is_model(name) else None
 
 
+def _input_size(sizes: dict, name: str, _module, args) -> None:
+    sizes[name] = tuple(args[0].shape[-2:])
+
+
 class TimmModel(Backbone):
     family = "timm"
 
@@ -59,6 +63,35 @@ class TimmModel(Backbone):
 
     def _create(self, pretrained: bool = False) -> nn.Module:
         return _timm().create_model(self.arch, pretrained=pretrained, num_classes=0)
+
+    def for_tracing(self, trunk: nn.Module, input_shape: tuple[int, int, int]) -> nn.Module:
+        """TensorFlow-style 'same' padding (``Conv2dSame``, the tf_ models) worked out for ``input_shape`` once: a
+        fixed ``ZeroPad2d`` before a plain convolution. Traced as it is, each such convolution becomes a dozen shape
+        operators that keep ONNX Runtime from fusing it (Lite0: 628 nodes and ~140 images/s instead of 278 and ~230)."""
+        import copy
+
+        from timm.layers import Conv2dSame
+        from timm.layers.padding import pad_same_arg
+
+        names = [n for n, m in trunk.named_modules() if isinstance(m, Conv2dSame)]
+        if not names:
+            return trunk
+        trunk, sizes = copy.deepcopy(trunk), {}
+        hooks = [trunk.get_submodule(n).register_forward_pre_hook(functools.partial(_input_size, sizes, n))
+                 for n in names]  # fmt: skip
+        with torch.no_grad():
+            trunk(torch.zeros(1, *input_shape))
+        for h in hooks:
+            h.remove()
+        for name in names:
+            same = trunk.get_submodule(name)
+            conv = nn.Conv2d(same.in_channels, same.out_channels, same.kernel_size, same.stride, 0, same.dilation,
+                             same.groups, same.bias is not None)  # fmt: skip
+            conv.load_state_dict(same.state_dict())
+            pad = pad_same_arg(list(sizes[name]), same.weight.shape[-2:], same.stride, same.dilation)
+            parent, _, leaf = name.rpartition(".")
+            setattr(trunk.get_submodule(parent), leaf, nn.Sequential(nn.ZeroPad2d(pad), conv).eval())
+        return trunk.requires_grad_(False)
 
     @functools.cached_property
     def _meta_model(self) -> nn.Module:
