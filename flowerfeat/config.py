@@ -132,7 +132,10 @@ class ExtractConfig(_Config):
     batch_size: int = option(
         0, f"Images per trunk batch; 0 = auto ({AUTO_BATCH_SIZE['cpu']} on a CPU, {AUTO_BATCH_SIZE['cuda']} on CUDA)."
     )
-    workers: int | None = option(None, "Reader processes beside the trunk; default: auto (README, section GPUs).")
+    workers: int | None = option(
+        None, "Readers beside the trunk: threads on the CPU (default 1), processes on a GPU (default: auto, "
+        "docs/gpus.md); 0 reads between batches."
+    )
     precision: str = option(
         "auto", "auto (bf16 on CUDA or CPUs with native bf16, else fp32), fp32, bf16 or int8 (a quantized trunk "
         "on the CPU, the [onnx] extra).", choices=PRECISIONS,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,9 @@ def files_split(paths: list[Path], name: str = "files") -> Split:
     return Split(name, root, ("?",), items, ())
 
 
+_OPENING = threading.Lock()
+
+
 class BadImage(Exception):
     """An image file that cannot be used; the message is the reason recorded in the feature file."""
 
@@ -64,15 +68,17 @@ def load_image(path: Path, draft: tuple[int, int] | None = None) -> Image.Image:
     try:
         if os.path.getsize(path) == 0:
             raise BadImage("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x its pixel limit; both are decompression bombs to us.
+        # Pillow only warns between 1x and 2x its pixel limit; both are decompression bombs to us. The warnings
+        # filter is the process's: reader threads open (read the header, where Pillow checks) one at a time.
+        with _OPENING, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if draft is not None and im.format == "JPEG":
-                    im.draft("RGB", draft)
-                im.seek(0)  # first frame of animated GIF/WebP/TIFF
-                im = ImageOps.exif_transpose(im)
-                return to_rgb(im)
+            opened = Image.open(path)
+        with opened as im:
+            if draft is not None and im.format == "JPEG":
+                im.draft("RGB", draft)
+            im.seek(0)  # first frame of animated GIF/WebP/TIFF
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -100,8 +106,12 @@ def view_seed(seed: int, relpath: str, view: int) -> int:
     return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+_GLOBAL_RNG = threading.Lock()  # reader threads draw views from torch's global generator in turn
+
+
 class Augment:
-    """Seeded RandomResizedCrop + horizontal flip on a PIL image (picklable for DataLoader workers)."""
+    """Seeded RandomResizedCrop + horizontal flip on a PIL image (picklable for DataLoader workers; safe in reader
+    threads)."""
 
     def __init__(self, crop_size, resize_size, scale: float = 0.08):
         self.crop_size, self.resize_size = list(crop_size), list(resize_size)  # the eval transform's
@@ -112,7 +122,7 @@ class Augment:
         from torchvision.transforms import RandomResizedCrop
         from torchvision.transforms import functional as F
 
-        with torch.random.fork_rng(devices=[]):
+        with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):  # one thread at a time seeds torch's generator
             torch.manual_seed(seed)
             i, j, h, w = RandomResizedCrop.get_params(img, scale=(self.scale, 1.0), ratio=(3 / 4, 4 / 3))
             flip = bool(torch.rand(1) < 0.5)

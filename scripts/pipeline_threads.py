@@ -1,6 +1,7 @@
 """The pipeline's thread budget, side by side in one process (docs/benchmarks.md, "Threads"): onnxruntime's threads
-spinning or not, reader processes x engine threads, each run a fresh extraction of the same photos, runs alternated
-over rounds. Prints the loop's images/s with the trunk ready (exporting is left out).
+spinning or not, readers (threads, as flowerfeat reads beside a CPU trunk, or DataLoader processes, as it did before)
+x engine threads, each run a fresh extraction of the same photos, runs alternated over rounds. Prints the loop's
+images/s with the trunk ready (exporting is left out).
 
     python scripts/pipeline_threads.py --data flower_photos --model timm:tf_efficientnet_lite0 \\
         --weights tf_efficientnet_lite0_imagenet.pth --limit 400
@@ -17,10 +18,23 @@ import torch
 from flowerfeat import runtime
 from flowerfeat.bench import bench_images
 from flowerfeat.config import ExtractConfig
-from flowerfeat.extraction import run_extraction
+from flowerfeat.data import collate_units
+from flowerfeat.extraction import reader, run_extraction
 
-# (onnxruntime spinning, reader processes, engine threads)
-SETTINGS = [(True, 1, 2), (False, 1, 2), (False, 1, 1), (False, 2, 1), (False, 2, 2), (False, 0, 2)]
+# (onnxruntime spinning, readers, "threads" or "processes", engine threads)
+SETTINGS = [(True, 1, "threads", 2), (False, 1, "threads", 2), (False, 1, "processes", 2), (False, 2, "threads", 2),
+            (False, 2, "processes", 2), (False, 1, "threads", 1), (False, 0, "", 2)]  # fmt: skip
+
+
+def processes(dataset, batches, workers: int, depth: int = 2):
+    """The readers as DataLoader processes, in place of ``reader.threaded``."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_units,
+                      prefetch_factor=depth)  # fmt: skip
+
+
+threaded = reader.threaded
 
 
 def main() -> None:
@@ -36,15 +50,17 @@ def main() -> None:
     train, test = bench_images(cfg, a.limit)
     n = len(train.items) + len(test.items)
     for rnd in range(a.rounds):
-        for spin, workers, threads in SETTINGS:
+        for spin, workers, kind, threads in SETTINGS:
             runtime.ORT_SPINNING = spin
             torch.set_num_threads(threads)
+            reader.threaded = processes if kind == "processes" else threaded
             with tempfile.TemporaryDirectory() as tmp:
                 results = run_extraction(
                     cfg.replace(out=Path(tmp), workers=workers), splits={"train": train, "test": test}
                 )
             loop = sum(r.seconds - r.trunk_s for r in results)
-            print(f"round {rnd}: spinning {spin}, {workers} reader(s), {threads} engine thread(s): "
+            print(f"round {rnd}: spinning {spin}, {workers} reader {kind or '(read between batches)'}, {threads} "
+                  f"engine thread(s): "
                   f"{n / loop:.1f} images/s", flush=True)  # fmt: skip
 
 

@@ -52,6 +52,15 @@ def test_preprocessing_comes_from_the_weights():
     assert r50.resize_size == tuple(ResNet50_Weights.DEFAULT.transforms().resize_size) == (232,)
 
 
+def test_a_batch_of_pixels_normalised_is_the_transform_bit_for_bit():
+    """The reader sends uint8 pixels and normalises a batch at once: the very values the per-image transform gives."""
+    pre = backbones.get_backbone("resnet50").preprocessing(NONE)
+    images = [make_image(k, k % 3, (70 + 9 * k, 50 + 5 * k)) for k in range(4)]
+    pixels = torch.stack([pre.pixels()(img) for img in images])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (4, *pre.input_shape)
+    assert torch.equal(pre.normalize(pixels), torch.stack([pre.transform()(img) for img in images]))
+
+
 def test_features_only_state_dict_serves_pool5_but_not_fc7(vgg, tmp_path):
     path = tmp_path / "conv_only.pth"
     torch.save({k: v for k, v in vgg.state_dict().items() if k.startswith("features.")}, path)

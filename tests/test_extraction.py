@@ -109,7 +109,8 @@ def test_augmented_views_are_cached_for_train_only(folder, tmp_path):
     assert len(tr.y) == 18 * 3 and tr.views.tolist()[:3] == [0, 1, 2] and tr.meta["views"] == 2
     assert len(te.y) == 9 and te.meta["views"] == 0
     assert not np.allclose(tr.X[0], tr.X[1])  # a view differs from the centre crop
-    again = extract(folder, tmp_path / "g", views=2)  # seeded: same views again
+    # seeded: the same views again, here read by three reader threads drawing them side by side
+    again = extract(folder, tmp_path / "g", views=2, workers=3, batch_size=2)
     assert again["train"].rows == 54
     np.testing.assert_array_equal(tr.X, store.load_features(cached(tmp_path / "g", folder) / "train.h5").X)
 

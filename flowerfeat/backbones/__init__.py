@@ -92,14 +92,27 @@ class Preprocessing:
         crop, to float in [0, 1], normalise (the steps of ``weights.transforms()``, value for value)."""
         from torchvision import transforms as T
 
+        return T.Compose([*self.pixels().transforms, T.ConvertImageDtype(torch.float), T.Normalize(self.mean, self.std)])
+
+    def pixels(self):
+        """PIL RGB image -> resized, centre-cropped (3, H, W) uint8 tensor: the part of ``transform`` a reader process
+        runs; ``normalize`` finishes a batch of them with the same values, a quarter of the bytes to pass between
+        processes and one vectorised step instead of one per image."""
+        from torchvision import transforms as T
+
         return T.Compose([
             T.Resize(list(self.resize_size), interpolation=T.InterpolationMode(self.interpolation),
                      antialias=self.antialias),
             T.CenterCrop(list(self.crop_size)),
             T.PILToTensor(),
-            T.ConvertImageDtype(torch.float),
-            T.Normalize(self.mean, self.std),
         ])  # fmt: skip
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """A (B, 3, H, W) uint8 batch of ``pixels`` -> what ``transform`` gives each image, bit for bit (to float,
+        / 255, - mean, / std, in that order), on the batch's device."""
+        mean = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(-1, 1, 1)
+        return x.float().div_(255).sub_(mean).div_(std)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

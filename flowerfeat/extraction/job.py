@@ -22,9 +22,9 @@ from flowerfeat.weights import WeightsInfo
 
 
 def default_workers(mode: str, device: torch.device) -> int:
-    """DataLoader processes when --workers is not given: 1 beside a CPU trunk (the trunk wants the cores); on CUDA,
-    8 that only read JPEG bytes (gpu) or all the cores this rank can have but two, up to 32, that decode (cpu,
-    hybrid). torchrun's ranks on one node share its cores."""
+    """Readers when --workers is not given: 1 thread beside a CPU trunk (the trunk wants the cores); on CUDA, DataLoader
+    processes, 8 that only read JPEG bytes (gpu) or all the cores this rank can have but two, up to 32, that decode
+    (cpu, hybrid). torchrun's ranks on one node share its cores."""
     if device.type != "cuda":
         return 1
     cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -1,7 +1,10 @@
 """The reader: batches of (images on the device or in memory, unit ids, skipped) for a list of batches of units,
-read by DataLoader processes, prepared on the CPU (PIL) or, in the gpu and hybrid modes, on the device."""
+read by threads beside a CPU trunk or DataLoader processes beside a GPU, prepared on the CPU (PIL's uint8 pixels,
+normalised a batch at a time) or, in the gpu and hybrid modes, on the device."""
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -30,8 +33,8 @@ def make_loader(
     workers: int,
     view_scale: float = 0.08,
 ):
-    """Batches of (x or None, unit ids, skipped) for ``batches``, read by ``workers`` processes; in the gpu and hybrid
-    modes prepared on ``device``."""
+    """Batches of (x or None, unit ids, skipped) for ``batches``, read by ``workers`` threads beside a CPU trunk
+    (processes beside a GPU; 0: read between batches); in the gpu and hybrid modes prepared on ``device``."""
     from torch.utils.data import DataLoader
 
     on_device = mode not in ("cpu", "draft")  # JPEGs resized on the device (and, in gpu mode, decoded there)
@@ -40,11 +43,14 @@ def make_loader(
         from flowerfeat.gpudecode import DecodedUnitDataset, GpuPreprocess, RawUnitDataset, collate_raw
 
         dataset_type = DecodedUnitDataset if mode == "hybrid" else RawUnitDataset
-    transform = preprocessing.transform()
+    # CPU modes: readers send uint8 pixels, normalised here a batch at a time (Preprocessing.normalize)
+    transform = preprocessing.transform() if on_device else preprocessing.pixels()
     augment = Augment(preprocessing.crop_size, preprocessing.resize_size, view_scale)
     dataset = dataset_type(split, n_views, transform, augment, view_seed)
     if mode == "draft":
         dataset.draft = draft_size(preprocessing)
+    if device.type == "cpu" and not on_device and workers:  # threads beside a CPU trunk (docs/benchmarks.md, "Threads")
+        return normalized(threaded(dataset, batches, workers), preprocessing, device)
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
@@ -57,4 +63,36 @@ def make_loader(
     )
     if on_device:  # (x on device, unit ids, skipped) per batch, prepared on the device
         return GpuPreprocess(device, preprocessing).batches(loader, PREP_THREADS)
-    return loader
+    return normalized(loader, preprocessing, device)
+
+
+def threaded(dataset, batches: list[list[int]], threads: int, depth: int = 2):
+    """Batches of ``dataset`` read by ``threads`` threads of this process, ``depth`` batches a thread ahead, in order.
+    Pillow decodes and resizes without the GIL, so the threads run beside the engine; no process is forked."""
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(batch):
+        return collate_units([dataset[u] for u in batch])
+
+    todo, pending = iter(batches), collections.deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="flowerfeat-reader") as pool:
+        try:
+            for batch in itertools.islice(todo, threads * depth):
+                pending.append(pool.submit(read, batch))
+            while pending:
+                done = pending.popleft().result()
+                if (batch := next(todo, None)) is not None:
+                    pending.append(pool.submit(read, batch))
+                yield done
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def normalized(loader, preprocessing: Preprocessing, device: torch.device):
+    """The loader's uint8 batches moved to ``device`` and normalised there."""
+    for x, ids, skipped in loader:
+        if x is not None:
+            x = preprocessing.normalize(x.to(device, non_blocking=True))
+        yield x, ids, skipped
