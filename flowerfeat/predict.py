@@ -17,7 +17,7 @@ from flowerfeat.config import batch_size_for
 from flowerfeat.data import IMAGE_EXTENSIONS, BadImage, files_split, to_rgb
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.heads import Head
-from flowerfeat.recipe import Recipe, Trunk, build
+from flowerfeat.recipe import Recipe, Trunk, build, runs_from_its_engine_file
 
 # decoder recorded -> the reader's mode that decodes so (extraction/reader.py)
 DECODE_MODES = {"pil": "cpu", "pil-draft": "draft", "libjpeg": "hybrid", "nvjpeg": "gpu"}
@@ -114,7 +114,9 @@ class Classifier:
         ``precision="fp32"`` computes as exported models do."""
         head = head if isinstance(head, Head) else Head.load(head)
         dev = runtime.resolve_device(device)
-        recipe, mode, notes = run_here(head_recipe(head, weights), dev, engine, precision)
+        recipe, mode, notes = run_here(head.recipe, dev, engine, precision)
+        if weights is not None or not runs_from_its_engine_file(recipe):  # else no weights to find (nor timm to import)
+            recipe = recipe.replace(weights=head_recipe(head, weights).weights)
         return cls(head, recipe, dev, mode, notes)
 
     @property

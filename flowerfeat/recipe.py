@@ -269,6 +269,17 @@ def _int8(recipe: Recipe, keep: EngineFiles | None, calibration, reporter: Repor
         return runtime.OnnxModel(path), {"path": str(path.resolve()), "sha256": sha}
 
 
+def runs_from_its_engine_file(recipe: Recipe) -> bool:
+    """Whether ``recipe``'s trunk is the ONNX Runtime file its rows were made with, still there as it was made: then
+    building it needs neither the model's family nor its weights (``Recipe.found`` can be skipped)."""
+    if recipe.engine != "onnxruntime" or not recipe.artefact:
+        return False
+    path = Path(recipe.artefact["path"])
+    if recipe.precision == "int8":
+        return path.is_file() and sha256_file(path) == recipe.artefact.get("sha256")
+    return store.engine_files(path.parent, "fp32").intact(onnx_settings(recipe)) is not None
+
+
 def onnx_settings(recipe: Recipe) -> dict:
     """What an exported fp32 ONNX trunk depends on besides the cache folder's model, cut and weights."""
     import onnxruntime

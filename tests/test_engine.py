@@ -56,6 +56,7 @@ def test_onnxruntime_features_agree_with_torch_and_are_keyed_apart(folder, tmp_p
 
 @pytest.mark.onnxruntime
 def test_the_onnxruntime_export_is_made_once_per_cache_and_made_again_when_damaged(folder, tmp_path, monkeypatch):
+    from flowerfeat import recipe as recipe_module
     from flowerfeat.recipe import Recipe, onnx_settings
 
     first = extract(folder, tmp_path / "f", engine="onnxruntime", precision="fp32", splits=("train",))
@@ -71,10 +72,17 @@ def test_the_onnxruntime_export_is_made_once_per_cache_and_made_again_when_damag
     test = extract(folder, tmp_path / "f", precision="fp32")["test"]  # another split: the kept file runs it
     assert test.status == "extracted" and store.read_meta(test.path)["quantized_model"] == meta["quantized_model"]
     image = folder / store.load_features(test.path).paths[0]
-    assert flowerfeat.Classifier.load(head).predict(image)[0].label in head.classes  # predict: nothing to prepare
+
+    def no_model(name):
+        raise AssertionError("the model was looked up")
+
+    # predict: nothing to prepare, and with the kept file intact neither the model's family nor its weights are needed
+    monkeypatch.setattr(recipe_module, "get_backbone", no_model)
+    assert flowerfeat.Classifier.load(head).predict(image)[0].label in head.classes
     monkeypatch.undo()
 
     kept.model.write_bytes(kept.model.read_bytes()[:1000])  # cut short
+    assert flowerfeat.Classifier.load(head).predict(image)[0].label in head.classes  # the weights found, exported
     again = extract(folder, tmp_path / "f", precision="fp32")
     assert again["train"].status == "up to date" and "trunk-fp32.onnx was missing or damaged: made again" in again[
         "train"
