@@ -92,12 +92,13 @@ class Preprocessing:
         crop, to float in [0, 1], normalise (the steps of ``weights.transforms()``, value for value)."""
         from torchvision import transforms as T
 
-        return T.Compose([*self.pixels().transforms, T.ConvertImageDtype(torch.float), T.Normalize(self.mean, self.std)])
+        to_float = [T.ConvertImageDtype(torch.float), T.Normalize(self.mean, self.std)]
+        return T.Compose([*self.pixels().transforms, *to_float])
 
     def pixels(self):
-        """PIL RGB image -> resized, centre-cropped (3, H, W) uint8 tensor: the part of ``transform`` a reader process
-        runs; ``normalize`` finishes a batch of them with the same values, a quarter of the bytes to pass between
-        processes and one vectorised step instead of one per image."""
+        """PIL RGB image -> resized, centre-cropped (3, H, W) uint8 tensor: the part of ``transform`` a reader runs;
+        ``normalize`` finishes a batch of them with the same values, in one vectorised step instead of one per image
+        (and a quarter of the bytes to pass where the readers are processes)."""
         from torchvision import transforms as T
 
         return T.Compose([
