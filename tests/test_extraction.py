@@ -85,9 +85,10 @@ def test_float16_storage_round_trip(folder, tmp_path):
     assert (cached(tmp_path / "b", folder) / "train.h5").stat().st_size < (cached(tmp_path / "a", folder) / "train.h5").stat().st_size
 
 
-def test_bad_images_are_skipped_recorded_and_the_run_goes_on(folder, tmp_path):
+@pytest.mark.parametrize("readers", [0, 2])  # read between batches, or by two reader threads
+def test_bad_images_are_skipped_recorded_and_the_run_goes_on(folder, tmp_path, readers):
     expected = write_corpus(folder / "train" / "daisy")
-    res = extract(folder, tmp_path / "f")
+    res = extract(folder, tmp_path / "f", workers=readers, batch_size=3)
     bad = {name for name, outcome in expected.items() if outcome != "ok"}
     skipped = store.read_skipped(cached(tmp_path / "f", folder) / "train.h5")
     assert {p.split("/")[-1] for p, _ in skipped} == {
