@@ -142,12 +142,16 @@ def _extraction_reporter(show: bool):
 
 def _print_results(results, strict: bool) -> None:
     """One line per split, then every skipped image; exit 1 under --strict when any was skipped."""
-    from flowerfeat.progress import result_line
+    from flowerfeat import store
+    from flowerfeat.progress import reading_note, result_line
 
     skipped = []
     for r in results:
         typer.echo(result_line(r))
         skipped += [(r.split, p, why) for p, why in r.skipped]
+    made = [r for r in results if r.computed]
+    if made and (note := reading_note(made, store.read_meta(made[0].path).get("decoder", ""))):
+        typer.echo(note, err=True)
     if skipped:
         typer.echo(
             f"warning: {len(skipped)} unreadable image(s) skipped (listed in each file's 'skipped' dataset):", err=True

@@ -133,7 +133,7 @@ class ExtractConfig(_Config):
         0, f"Images per trunk batch; 0 = auto ({AUTO_BATCH_SIZE['cpu']} on a CPU, {AUTO_BATCH_SIZE['cuda']} on CUDA)."
     )
     workers: int | None = option(
-        None, "Readers beside the trunk: threads on the CPU (default 1), processes on a GPU (default: auto, "
+        None, "Readers beside the trunk: threads on the CPU (default 2), processes on a GPU (default: auto, "
         "docs/gpus.md); 0 reads between batches."
     )
     precision: str = option(

@@ -186,3 +186,21 @@ def result_line(r) -> str:
         f"waiting on reads {r.read_s:.1f} s, compute {r.compute_s:.1f} s, writes {r.write_s:.1f} s, "
         f"finishing the file {r.finish_s:.1f} s"
     )
+
+
+# The trunk waited on reading for this share of a long enough loop: the photos cost more to decode than to run
+# (Lite0 on the 2-core Intel AMX machine, two reader threads: 4 % on the shared 224-pixel photos, 28 % on 1,344-pixel
+# ones, which --decode draft reads 2x faster).
+READ_BOUND_SHARE, READ_BOUND_MIN_S = 0.2, 10.0
+
+
+def reading_note(results, decoder: str) -> str | None:
+    """One line where the extraction loop waited on full JPEG decoding for a large share of its time, naming
+    ``--decode draft`` (large photos read about 2x faster; docs/benchmarks.md, "Large photos"); else None."""
+    loop = sum(r.loop_s for r in results if r.computed)
+    read = sum(r.read_s for r in results if r.computed)
+    if decoder != "pil" or loop < READ_BOUND_MIN_S or read < READ_BOUND_SHARE * loop:
+        return None
+    return (f"note: the trunk waited on reading for {read / loop:.0%} of the loop ({read:.0f} of {loop:.0f} s); for "
+            "photos much larger than the model's input, --decode draft decodes JPEGs at a reduced scale (about 2x "
+            "faster on 1,344-pixel photos, rows within cosine 0.99; docs/benchmarks.md, \"Large photos\")")  # fmt: skip

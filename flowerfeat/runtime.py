@@ -144,8 +144,9 @@ def export_onnx(trunk: nn.Module, input_shape: tuple[int, int, int], path: Path)
 
 
 # ONNX Runtime's intra-op threads wait without spinning (its default spins): a spinning thread holds a core the
-# readers decode on. Lite0, 400 shared photos, the pipeline with one reader on 2 cores (Intel AMX machine): 129.0 and
-# 128.7 images/s without spinning, 115.2 and 111.2 with (scripts/pipeline_threads.py; docs/benchmarks.md, "Threads").
+# readers decode on. Lite0, 400 shared photos, the pipeline on 2 cores (Intel AMX machine; scripts/pipeline_threads.py,
+# docs/benchmarks.md, "Threads"), images/s without spinning against with: beside reader threads 3-9 % faster, beside
+# one reader process 12-16 %.
 ORT_SPINNING = False
 
 

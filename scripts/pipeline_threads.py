@@ -22,8 +22,8 @@ from flowerfeat.data import collate_units
 from flowerfeat.extraction import reader, run_extraction
 
 # (onnxruntime spinning, readers, "threads" or "processes", engine threads)
-SETTINGS = [(True, 1, "threads", 2), (False, 1, "threads", 2), (False, 1, "processes", 2), (False, 2, "threads", 2),
-            (False, 2, "processes", 2), (False, 1, "threads", 1), (False, 0, "", 2)]  # fmt: skip
+SETTINGS = [(True, 2, "threads", 2), (False, 2, "threads", 2), (False, 1, "threads", 2), (False, 1, "processes", 2),
+            (False, 2, "processes", 2), (False, 2, "threads", 1), (False, 0, "", 2)]  # fmt: skip
 
 
 def processes(dataset, batches, workers: int, depth: int = 2):
@@ -42,11 +42,12 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--model", default="timm:tf_efficientnet_lite0")
     ap.add_argument("--weights", default="imagenet")
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
+    ap.add_argument("--engine", default="onnxruntime", choices=("torch", "onnxruntime"))
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"))
     ap.add_argument("--limit", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
-    cfg = ExtractConfig(data=a.data, model=a.model, weights=a.weights, engine="onnxruntime", precision=a.precision)
+    cfg = ExtractConfig(data=a.data, model=a.model, weights=a.weights, engine=a.engine, precision=a.precision)
     train, test = bench_images(cfg, a.limit)
     n = len(train.items) + len(test.items)
     for rnd in range(a.rounds):

@@ -215,6 +215,6 @@ def test_decode_plan_and_default_workers(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert [default_workers(m, cuda) for m in ("gpu", "hybrid", "cpu")] == [8, 14, 14]
-    assert default_workers("hybrid", cpu) == 1
+    assert default_workers("hybrid", cpu) == 2  # reader threads beside a CPU trunk
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 ranks share the node's 16 cores
     assert [default_workers(m, cuda) for m in ("gpu", "hybrid")] == [4, 2]

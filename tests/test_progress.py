@@ -45,3 +45,20 @@ def test_a_failed_step_says_nothing():
     except ValueError:
         pass
     assert out.getvalue() == ""  # the error, printed by the caller, stays the only line
+
+
+def test_a_loop_bound_by_reading_names_draft_decoding_once():
+    from types import SimpleNamespace
+
+    from flowerfeat.progress import reading_note
+
+    def split(loop_s, read_s, computed=100):
+        return SimpleNamespace(loop_s=loop_s, read_s=read_s, computed=computed)
+
+    large = [split(40.0, 30.0), split(11.5, 3.4), split(0.0, 0.0, computed=0)]  # the last one was up to date
+    note = reading_note(large, "pil")
+    assert note.startswith("note: the trunk waited on reading for 65% of the loop (33 of 52 s)")
+    assert "--decode draft" in note
+    assert reading_note(large, "pil-draft") is None  # already drafting
+    assert reading_note([split(40.0, 4.0)], "pil") is None  # the trunk is the cost
+    assert reading_note([split(6.0, 5.0)], "pil") is None  # too short to matter

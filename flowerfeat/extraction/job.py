@@ -21,12 +21,18 @@ from flowerfeat.recipe import History, Recipe, Trunk, build, decode_plan, resolv
 from flowerfeat.weights import WeightsInfo
 
 
+# Reader threads beside a CPU trunk (2-core Intel AMX, Lite0 on onnxruntime fp32; docs/benchmarks.md, "Threads"): on
+# the shared 224-pixel photos 2 threads read as fast as 1 (162.7 and 161.7 images/s against 163.3 and 161.8), on
+# 1,344-pixel photos 1.36x faster (67.5 against 49.6; 3: 66.2): a second thread decodes while the trunk waits.
+CPU_READERS = 2
+
+
 def default_workers(mode: str, device: torch.device) -> int:
-    """Readers when --workers is not given: 1 thread beside a CPU trunk (the trunk wants the cores); on CUDA, DataLoader
+    """Readers when --workers is not given: CPU_READERS threads beside a CPU trunk; on CUDA, DataLoader
     processes, 8 that only read JPEG bytes (gpu) or all the cores this rank can have but two, up to 32, that decode
     (cpu, hybrid). torchrun's ranks on one node share its cores."""
     if device.type != "cuda":
-        return 1
+        return CPU_READERS
     cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(8, cores) if mode == "gpu" else min(32, cores - 2))
 
