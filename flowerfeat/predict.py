@@ -156,11 +156,14 @@ class Classifier:
 
     def _files(self, paths: list[Path], preds: list[Prediction], batch_size: int, k: int) -> None:
         """Files through the extraction's own reader, so they are decoded as the features were."""
+        from flowerfeat.extraction.job import CPU_READERS
         from flowerfeat.extraction.reader import make_loader
 
         batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
+        # beside a CPU trunk, reader threads as for extraction; one batch, or a GPU, reads in this thread
+        readers = CPU_READERS if self.device.type == "cpu" and len(batches) > 1 else 0
         loader = make_loader(files_split(paths), 0, 0, batches, preprocessing=self.recipe.preprocessing,
-                             mode=self.mode, device=self.device, workers=0)  # fmt: skip
+                             mode=self.mode, device=self.device, workers=readers)  # fmt: skip
         for x, ids, skipped in loader:
             for unit, reason in skipped:
                 preds[unit].error = reason
