@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The CPU figures of docs/benchmarks.md in one run, for a machine that has not measured them yet (the 2-core AVX2
+# laptop class above all): the CPU named, the bench of Lite0 and VGG16 pool5 on 400 photos (pipeline and trunk alone
+# per engine), `features` with Lite0's defaults and with --precision int8 into fresh folders (whole command timed),
+# the default head against the probes on the int8 rows, and predict on one photo three times.
+#   bash scripts/cpu_check.sh ../shared            # the folder holding data/flower_photos and weights/
+# Everything goes to stdout (tee it to a log); the caches go to a temporary folder that is removed at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+S=$(cd "${1:?usage: scripts/cpu_check.sh SHARED_FOLDER}" && pwd)
+DATA=$S/data/flower_photos LITE0=$S/weights/tf_efficientnet_lite0_imagenet.pth VGG=$S/weights/vgg16_imagenet_features.pth
+FF=${FF:-.venv/bin/flowerfeat} PY=${PY:-.venv/bin/python}
+OUT=$(mktemp -d) && trap 'rm -rf "$OUT"' EXIT
+export XDG_CACHE_HOME=$OUT/cache   # nothing kept from earlier runs: auto measures where it would for a new user
+
+lscpu | grep -E "Model name|CPU family|Model:|^CPU\(s\)"
+grep -o -w -E "avx2|fma|avx512f|avx512_vnni|avx_vnni|avx512_bf16|amx_int8" /proc/cpuinfo | sort -u | tr '\n' ' '; echo
+step() { echo; echo "=== $*"; }
+timed() { /usr/bin/time -f "whole command: %e s" "$@"; }
+
+step "bench: Lite0, 400 photos"
+$FF bench --data "$DATA" --model timm:tf_efficientnet_lite0 --weights "$LITE0" --precision int8 --limit 400
+step "bench: VGG16 pool5, 400 photos"
+$FF bench --data "$DATA" --model vgg16 --layer pool5 --weights "$VGG" --precision int8 --limit 400
+for precision in auto int8; do
+    step "features, Lite0, --precision $precision, fresh folder"
+    timed $FF features --data "$DATA" --model timm:tf_efficientnet_lite0 --weights "$LITE0" \
+        --precision $precision --out "$OUT/$precision" 2>&1 | grep -v "%)"
+    $FF fit-head --features "$OUT/$precision" > /dev/null
+    $FF report --head "$OUT/$precision" | grep "Overall"
+done
+step "default head against the probes, int8 rows"
+$PY scripts/head_vs_probe.py "$OUT"/int8/*/*/
+step "predict one photo, three times"
+PHOTO=$(find "$DATA/test" -name "*.jpg" | sort | head -1)
+for _ in 1 2 3; do timed $FF predict "$PHOTO" --head "$OUT/auto" 2>&1 | tail -2; done
