@@ -250,13 +250,13 @@ def _int8(recipe: Recipe, keep: EngineFiles | None, calibration, reporter: Repor
     from flowerfeat import quantize
 
     if keep is None:  # predict, export: the very file the features were made with
-        path = Path((recipe.artefact or {}).get("path", ""))
-        if not path.is_file() or sha256_file(path) != (recipe.artefact or {}).get("sha256"):
+        made = _engine_file_made_with(recipe)
+        if made is None:
             raise FlowerfeatError(
-                f"{path}: the int8 trunk the head's features were made with is gone or changed; extract the features "
-                "again with --precision int8 and refit, or pass --precision fp32"
+                f"{(recipe.artefact or {}).get('path', '')}: the int8 trunk the head's features were made with is gone "
+                "or changed; extract the features again with --precision int8 and refit, or pass --precision fp32"
             )
-        sha = recipe.artefact["sha256"]
+        path, sha = made
     else:
         sha = keep.intact(recipe.quantization)
         if sha is None:
@@ -272,12 +272,22 @@ def _int8(recipe: Recipe, keep: EngineFiles | None, calibration, reporter: Repor
 def runs_from_its_engine_file(recipe: Recipe) -> bool:
     """Whether ``recipe``'s trunk is the ONNX Runtime file its rows were made with, still there as it was made: then
     building it needs neither the model's family nor its weights (``Recipe.found`` can be skipped)."""
+    return _engine_file_made_with(recipe) is not None
+
+
+def _engine_file_made_with(recipe: Recipe) -> tuple[Path, str] | None:
+    """(path, sha256) of the ONNX Runtime file ``recipe``'s rows were made with, where it is still there as it was
+    made (int8: the file its artefact names, by that sha256; fp32: the export kept beside the cache with its record,
+    for this torch and onnxruntime); else None."""
     if recipe.engine != "onnxruntime" or not recipe.artefact:
-        return False
+        return None
     path = Path(recipe.artefact["path"])
     if recipe.precision == "int8":
-        return path.is_file() and sha256_file(path) == recipe.artefact.get("sha256")
-    return store.engine_files(path.parent, "fp32").intact(onnx_settings(recipe)) is not None
+        sha = recipe.artefact.get("sha256")
+        return (path, sha) if path.is_file() and sha256_file(path) == sha else None
+    keep = store.engine_files(path.parent, "fp32")
+    sha = keep.intact(onnx_settings(recipe))
+    return None if sha is None else (keep.model, sha)
 
 
 def onnx_settings(recipe: Recipe) -> dict:
@@ -291,14 +301,13 @@ def onnx_settings(recipe: Recipe) -> dict:
 def _onnx_fp32(recipe: Recipe, keep: EngineFiles | None, reporter: Reporter) -> tuple[nn.Module, dict | None]:
     """The trunk exported to ONNX for ONNX Runtime: the file kept at ``keep`` (exported there once), or for a head
     (``keep`` None) the one its features were made with where it is still there and intact, else exported now."""
-    settings = onnx_settings(recipe)
-    if keep is None and recipe.artefact:
-        keep = store.engine_files(Path(recipe.artefact["path"]).parent, "fp32")
-        if keep.intact(settings) is None:  # moved, changed, or another torch: export once more, nothing kept
-            keep = None
     if keep is None:
-        with reporter.stage("preparing the onnxruntime engine"):
+        made = _engine_file_made_with(recipe)
+        if made is not None:
+            return runtime.OnnxModel(made[0]), {"path": str(made[0].resolve()), "sha256": made[1]}
+        with reporter.stage("preparing the onnxruntime engine"):  # moved, changed, or another torch: nothing kept
             return runtime.onnx_trunk(_traced_trunk(recipe, reporter), recipe.preprocessing.input_shape), None
+    settings = onnx_settings(recipe)
     sha = keep.intact(settings)
     if sha is None:
         trunk = _traced_trunk(recipe, reporter)
