@@ -29,8 +29,8 @@ for precision in auto int8; do
     $FF fit-head --features "$OUT/$precision" > /dev/null
     $FF report --head "$OUT/$precision" | grep "Overall"
 done
-step "default head against the probes, int8 rows"
-$PY scripts/head_vs_probe.py "$OUT"/int8/*/*/
+step "default head against the probes, int8 rows (test split and 5-fold cross-validation)"
+$PY scripts/head_vs_probe.py "$OUT"/int8/*/*/ --folds 5 | grep -v "^Epoch"
 step "predict one photo, three times"
 PHOTO=$(find "$DATA/test" -name "*.jpg" | sort | head -1)
 for _ in 1 2 3; do timed $FF predict "$PHOTO" --head "$OUT/auto" 2>&1 | tail -2; done

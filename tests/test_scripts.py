@@ -1,10 +1,14 @@
-"""The scripts keep working on the package as it is: scripts/gpu_check.py's CPU smoke path, with the tiny model."""
+"""The scripts keep working on the package as it is (the tiny model, synthetic rows): gpu_check.py's CPU smoke path,
+head_vs_probe.py's cross-validation, int8_as_avx2.py's settings."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 ROOT = Path(__file__).parents[1]
 
@@ -20,3 +24,40 @@ def test_gpu_check_runs_its_cpu_smoke_path(tmp_path, monkeypatch):
     assert r["warm"]["hybrid"]["rows"] == r["warm"]["gpu"]["rows"] == r["synth"]["train_files"] == 38
     assert r["repeat_max_abs_diff"] == 0 and r["agreement_synthetic_hybrid"]["min"] > 0.999
     assert (tmp_path / "gpu_check.json").is_file()
+
+
+def _script(name: str, monkeypatch):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_head_vs_probe_cross_validates_over_the_centre_crops_of_both_splits(tmp_path, monkeypatch, capsys):
+    from conftest import blobs, write_features
+
+    x, y = blobs(20, seed=3)
+    views = np.tile(np.array([0, 1], np.int8), 30)  # every other training row an augmented view: left out of folds
+    write_features(tmp_path / "train.h5", x, y, views=views, layer="pool5-gap")
+    xt, yt = blobs(6, seed=3, noise_seed=1)
+    write_features(tmp_path / "test.h5", xt, yt, layer="pool5-gap")
+    head_vs_probe = _script("head_vs_probe", monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["head_vs_probe.py", str(tmp_path), "--seeds", "0", "--folds", "3"])
+    head_vs_probe.main()
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("3-fold cross-validation over 48 images: default head 100.00 %"), line  # 30 + 18
+    assert "C=0.1 100.00 %" in line and line.endswith("+0.0, +0.0, +0.0")
+
+
+@pytest.mark.onnxruntime
+def test_int8_as_avx2_makes_the_rows_a_cpu_without_vnni_would(folder, tmp_path, monkeypatch, capsys):
+    from flowerfeat import quantize, store
+
+    monkeypatch.setattr(quantize, "cpu_flags", quantize.cpu_flags)  # the script replaces it: put back afterwards
+    monkeypatch.setattr(sys, "argv", ["int8_as_avx2.py", str(folder), str(tmp_path / "f"), "--model", "tiny",
+                                      "--weights", "none"])  # fmt: skip
+    _script("int8_as_avx2", monkeypatch).main()
+    (train,) = (tmp_path / "f").glob("*/*/train.h5")
+    settings = store.read_meta(train)["quantization"]
+    assert settings["reduce_range"] is True and settings["activations"] == "uint8" and settings["weights"] == "int8"
