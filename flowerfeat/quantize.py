@@ -41,18 +41,12 @@ def settings_for_this_cpu(calibration: int, seed: int) -> Settings:
     return Settings("uint8", "int8", not vnni, "minmax", True, calibration, seed, onnxruntime.__version__)
 
 
-def quantize(trunk: nn.Module, input_shape, images: np.ndarray, settings: Settings, out: Path, batch: int = 16) -> dict:
-    """Quantize ``trunk`` statically (QDQ, per-channel int8 weights) calibrated on ``images`` (N, 3, H, W), to
-    ``out`` (written under a temporary name, then renamed); returns the two graphs' speeds on this CPU
-    (``measured_speed``)."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quant_pre_process, quantize_static
-
-    from flowerfeat.store import atomic_path
+def calibration_reader(images: np.ndarray, batch: int):
+    """ONNX Runtime's calibration reader over ``images`` (N, 3, H, W) in batches; ``set_range`` lets it take them a
+    stride at a time."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Batches(CalibrationDataReader):
-        """The calibration images in batches; ``set_range`` lets ONNX Runtime take them a stride at a time."""
-
         def __init__(self):
             self.starts = range(0, len(images), batch)
             self.left = iter(self.starts)
@@ -67,23 +61,41 @@ def quantize(trunk: nn.Module, input_shape, images: np.ndarray, settings: Settin
             start = next(self.left, None)
             return None if start is None else {"x": np.ascontiguousarray(images[start : start + batch], np.float32)}
 
+    return Batches()
+
+
+def static_options(settings: Settings) -> dict:
+    """ONNX Runtime's ``quantize_static`` keyword arguments for ``settings``: QDQ, per-channel weights."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy}
     methods["percentile"] = CalibrationMethod.Percentile
+    return {
+        "quant_format": QuantFormat.QDQ, "per_channel": True, "reduce_range": settings.reduce_range,
+        "activation_type": types[settings.activations], "weight_type": types[settings.weights],
+        "calibrate_method": methods[settings.method],
+        # one batch at a time, each batch's ranges merged into the running min/max: the same result in flat memory
+        # (collecting every batch's activations first grows with the sample: gigabytes for VGG16)
+        "extra_options": {"CalibStridedMinMax": 1},
+    }  # fmt: skip
+
+
+def quantize(trunk: nn.Module, input_shape, images: np.ndarray, settings: Settings, out: Path, batch: int = 16) -> dict:
+    """Quantize ``trunk`` statically (QDQ, per-channel int8 weights) calibrated on ``images`` (N, 3, H, W), to
+    ``out`` (written under a temporary name, then renamed); returns the two graphs' speeds on this CPU
+    (``measured_speed``)."""
+    from onnxruntime.quantization import quant_pre_process, quantize_static
+
+    from flowerfeat.store import atomic_path
+
     with tempfile.TemporaryDirectory() as tmp, atomic_path(out) as target:
         fp32 = Path(tmp) / "fp32.onnx"
         export_onnx(trunk, input_shape, fp32)
         if settings.preprocess:
             quant_pre_process(str(fp32), str(Path(tmp) / "pre.onnx"))
             fp32 = Path(tmp) / "pre.onnx"
-        quantize_static(
-            str(fp32), str(target), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-            reduce_range=settings.reduce_range, activation_type=types[settings.activations],
-            weight_type=types[settings.weights], calibrate_method=methods[settings.method],
-            # one batch at a time, each batch's ranges merged into the running min/max: the same result in flat
-            # memory (collecting every batch's activations first grows with the sample: gigabytes for VGG16)
-            extra_options={"CalibStridedMinMax": 1},
-        )  # fmt: skip
+        quantize_static(str(fp32), str(target), calibration_reader(images, batch), **static_options(settings))
         return measured_speed(target, fp32, images[:batch])
 
 

@@ -240,8 +240,9 @@ def _torch_trunk(recipe: Recipe, reporter: Reporter) -> nn.Module:
         return recipe.backbone.build(recipe.weights, recipe.layer)
 
 
-def _traced_trunk(recipe: Recipe, reporter: Reporter) -> nn.Module:
+def traced_trunk(recipe: Recipe, reporter: Reporter | None = None) -> nn.Module:
     """The torch trunk as the ONNX exporter traces it (its shapes fixed for the recipe's images)."""
+    reporter = reporter or Reporter()
     return recipe.backbone.for_tracing(_torch_trunk(recipe, reporter), recipe.preprocessing.input_shape)
 
 
@@ -262,7 +263,7 @@ def _int8(recipe: Recipe, keep: EngineFiles | None, calibration, reporter: Repor
         if sha is None:
             if calibration is None:
                 raise FlowerfeatError("--precision int8 calibrates on training images; extract the train split too")
-            trunk = _traced_trunk(recipe, reporter)
+            trunk = traced_trunk(recipe, reporter)
             sha = quantize.make(trunk, recipe.preprocessing, recipe.quantization, calibration, keep, reporter)
         path = keep.model
     with reporter.stage("loading the int8 trunk"):
@@ -306,11 +307,11 @@ def _onnx_fp32(recipe: Recipe, keep: EngineFiles | None, reporter: Reporter) -> 
         if made is not None:
             return runtime.OnnxModel(made[0]), {"path": str(made[0].resolve()), "sha256": made[1]}
         with reporter.stage("preparing the onnxruntime engine"):  # moved, changed, or another torch: nothing kept
-            return runtime.onnx_trunk(_traced_trunk(recipe, reporter), recipe.preprocessing.input_shape), None
+            return runtime.onnx_trunk(traced_trunk(recipe, reporter), recipe.preprocessing.input_shape), None
     settings = onnx_settings(recipe)
     sha = keep.intact(settings)
     if sha is None:
-        trunk = _traced_trunk(recipe, reporter)
+        trunk = traced_trunk(recipe, reporter)
         keep.model.parent.mkdir(parents=True, exist_ok=True)
         with reporter.stage("exporting the trunk for onnxruntime (once for this cache)"), atomic_path(keep.model) as tmp:
             runtime.export_onnx(trunk, recipe.preprocessing.input_shape, tmp)

@@ -2,7 +2,8 @@
 # The CPU figures of docs/benchmarks.md in one run, for a machine that has not measured them yet (the 2-core AVX2
 # laptop class above all): the CPU named, the bench of Lite0 and VGG16 pool5 on 400 photos (pipeline and trunk alone
 # per engine), `features` with Lite0's defaults and with --precision int8 into fresh folders (whole command timed),
-# the default head against the probes on the int8 rows, and predict on one photo three times.
+# the default head against the probes on the int8 rows, predict on one photo three times, and the int8 variants
+# of scripts/int8_variants.py.
 #   bash scripts/cpu_check.sh ../shared            # the folder holding data/flower_photos and weights/
 # Everything goes to stdout (tee it to a log); the caches go to a temporary folder that is removed at the end.
 set -euo pipefail
@@ -34,3 +35,5 @@ $PY scripts/head_vs_probe.py "$OUT"/int8/*/*/ --folds 5 | grep -v "^Epoch"
 step "predict one photo, three times"
 PHOTO=$(find "$DATA/test" -name "*.jpg" | sort | head -1)
 for _ in 1 2 3; do timed $FF predict "$PHOTO" --head "$OUT/auto" 2>&1 | tail -2; done
+step "int8 variants of Lite0's trunk alone: speed against fp32 and cosine to it"
+$PY scripts/int8_variants.py "$DATA" --weights "$LITE0" 2>&1 | grep -v "Quantized bias"

@@ -61,3 +61,24 @@ def test_int8_as_avx2_makes_the_rows_a_cpu_without_vnni_would(folder, tmp_path, 
     (train,) = (tmp_path / "f").glob("*/*/train.h5")
     settings = store.read_meta(train)["quantization"]
     assert settings["reduce_range"] is True and settings["activations"] == "uint8" and settings["weights"] == "int8"
+
+
+@pytest.mark.onnxruntime
+def test_int8_variants_quantizes_each_way_and_its_first_is_flowerfeats(folder, tmp_path, monkeypatch):
+    from flowerfeat import quantize, runtime
+
+    variants = _script("int8_variants", monkeypatch)
+    argv = [str(folder), "--model", "tiny", "--calibration", "6", "--test", "4", "--batch", "2", "--reduce-range", "on"]
+    results = variants.main(argv)
+    assert len(results) == 6 and all(-1.0 <= r["cosine_min"] <= r["cosine_median"] <= 1.0 for r in results.values())
+    assert all(r["images_per_s"] > 0 for r in results.values())
+    # its first variant is what `features --precision int8` makes: quantize.quantize on the same sample, same rows
+    trunk, pre = variants.built("tiny", None, "none")
+    calib = variants.load(variants.photos(folder / "train", 6, 0), pre)
+    test = variants.load(variants.photos(folder / "test", 4, 0), pre)
+    settings = quantize.Settings("uint8", "int8", True, "minmax", True, 6, 0, "any")
+    quantize.quantize(trunk, pre.input_shape, calib, settings, tmp_path / "int8.onnx", batch=2)
+    runtime.export_onnx(trunk, pre.input_shape, tmp_path / "fp32.onnx")
+    fp32, int8 = (variants.rows(runtime.OnnxModel(tmp_path / f), test, 2) for f in ("fp32.onnx", "int8.onnx"))
+    ours = results["QDQ, per-channel s8 weights (flowerfeat)"]
+    assert variants.cosines(fp32, int8).min() == pytest.approx(ours["cosine_min"], abs=1e-6)
