@@ -298,8 +298,8 @@ def run_bench(
         fig["peak_kind"] = "bf16" if prec == "bf16" else "fp32"  # int8 against fp32 (no int8 peak is measured)
         peak = fig[f"{fig['peak_kind']}_peak"]
         log(
-            f"(c) flowerfeat: {fig['flowerfeat_s']:.1f} s end to end ({fig['flowerfeat_ips']:.2f} images/s); extraction "
-            f"{fig['extract_ips']:.2f} images/s = {achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the "
+            f"(c) flowerfeat: {fig['flowerfeat_s']:.1f} s end to end ({fig['flowerfeat_ips']:.2f} images/s); "
+            f"extraction {fig['extract_ips']:.2f} images/s = {achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the "
             f"{fig['peak_kind']} matmul peak; fit-head {fig['fit_s']:.2f} s; engine {fig['engine']}; {overall}"
         )
         fig["engines"] = engine_rows(cfg, train, test, log, Path(kept))
@@ -389,7 +389,8 @@ def model_configs(base: ExtractConfig, choices: list[str], weights: list[str], l
     cfgs = []
     for k, choice in enumerate(choices):
         name, cut = parse_choice(choice)
-        cfgs.append(base.replace(model=name, layer=cut or (layer if k == 0 else None), weights=per_model.get(name, common)))
+        own_layer = cut or (layer if k == 0 else None)
+        cfgs.append(base.replace(model=name, layer=own_layer, weights=per_model.get(name, common)))
     unknown = sorted(set(per_model) - {c.model for c in cfgs})
     if unknown:
         raise FlowerfeatError(f"--weights {unknown[0]}=...: no --model {unknown[0]} to give them to")

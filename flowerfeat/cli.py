@@ -82,7 +82,8 @@ def download(
     out: Path = typer.Option(Path("data/flower_photos"), help="Where the train/test ImageFolder goes."),
     url: str = typer.Option(None, help="Archive URL (default: TensorFlow's flower_photos.tgz)."),
 ):
-    """Download TensorFlow's flower_photos and split it into train/ and test/ (15% of each class test, by file-name hash).
+    """Download TensorFlow's flower_photos and split it into train/ and test/ (15% of each class test, by file-name
+    hash).
 
     Example: flowerfeat download --out data/flower_photos
     """
@@ -106,7 +107,8 @@ def download(
 @command(resumable=True)
 @config_options(ExtractConfig)
 def features(cfg: ExtractConfig):
-    """Extract frozen-trunk features for every split into HDF5 (resumable; a second run with nothing changed does nothing).
+    """Extract frozen-trunk features for every split into HDF5 (resumable; a second run with nothing changed does
+    nothing).
 
     Example: flowerfeat features --data my_photos --weights vgg16.pth --layer pool5
 
@@ -183,9 +185,9 @@ def fit_head(
     seconds = time.perf_counter() - t  # all of it: reading, the start, the epochs
     out = head.save(where)
     typer.echo(
-        f"Saved head to {out} ({head.model} {head.layer}, {head.weight.shape[1]}-d, {len(head.classes)} classes, fitted on "
-        f"{cfg.features} in {seconds:.2f} s)" + ("; the same settings on the same features as the head that was there: "
-                                                 "the same head again" if again else "")
+        f"Saved head to {out} ({head.model} {head.layer}, {head.weight.shape[1]}-d, {len(head.classes)} classes, "
+        f"fitted on {cfg.features} in {seconds:.2f} s)"
+        + ("; the same settings on the same features as the head that was there: the same head again" if again else "")
     )
 
 
@@ -420,7 +422,8 @@ def runs(
     from flowerfeat.runs import as_dicts, inventory, runs_lines
 
     caches, old_heads = inventory(out)
-    typer.echo(json.dumps(as_dicts(caches, old_heads), indent=2) if as_json else "\n".join(runs_lines(caches, old_heads)))
+    listing = json.dumps(as_dicts(caches, old_heads), indent=2) if as_json else "\n".join(runs_lines(caches, old_heads))
+    typer.echo(listing)
 
 
 def _print_version(value: bool):

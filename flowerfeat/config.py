@@ -103,7 +103,9 @@ class ExtractConfig(_Config):
         "Images: a folder with train/<class>/ and test/<class>/, a folder of <class>/ folders (with "
         "--test-fraction), or a CSV of path,label rows (paths relative to the CSV).",
     )
-    out: Path = option(Path("data/features"), "Root of the caches: <out>/<data set>-<hash>/<model>-<layer>-<weights>/<split>.h5.")
+    out: Path = option(
+        Path("data/features"), "Root of the caches: <out>/<data set>-<hash>/<model>-<layer>-<weights>/<split>.h5."
+    )
     model: str = option(
         DEFAULT_MODEL,
         "vgg16 (the textbook's), any torchvision classification model (resnet50, efficientnet_b0, ...) or a "

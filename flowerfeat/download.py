@@ -1,4 +1,5 @@
-"""Fetch TensorFlow's flower_photos archive, unpack it safely, and lay it out as a deterministic train/test ImageFolder."""
+"""Fetch TensorFlow's flower_photos archive, unpack it safely, and lay it out as a deterministic train/test
+ImageFolder."""
 
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def download_flowers(
     expected_bytes: int | None = FLOWERS_BYTES,
     on_bytes: Callable[[int, int], None] = lambda d, t: None,
 ) -> dict[str, int]:
-    """Fetch, check, unpack and split the flowers set into ``out`` (atomically: ``out`` appears complete or not at all)."""
+    """Fetch, check, unpack and split the flowers set into ``out`` (atomically: ``out`` appears complete or not at
+    all)."""
     out = Path(out)
     if out.exists():
         raise FlowerfeatError(f"{out}: already exists; delete it to download again, or use it with --data {out}")

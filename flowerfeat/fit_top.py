@@ -120,9 +120,10 @@ class _Steps:
         groups = [{"params": module.top.parameters(), "lr": lrs[0]},
                   {"params": module.linear.parameters(), "lr": lrs[1]}]  # fmt: skip
         self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        per_window = window_rows(rows.dim)
         total = sum(  # the schedule's length: every epoch's batches (windows differ by epoch)
             math.ceil(len(w[~hold.mask[w]]) / cfg.batch_size)
-            for e in range(1, cfg.epochs + 1) for w in epoch_windows(rows.n, rows.block, window_rows(rows.dim), cfg.seed, e)
+            for e in range(1, cfg.epochs + 1) for w in epoch_windows(rows.n, rows.block, per_window, cfg.seed, e)
         )  # fmt: skip
         self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, list(lrs), total_steps=max(total, 1))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

@@ -276,7 +276,8 @@ def destination(cfg) -> Path:
     asked = cfg.out or (store.head_path(cfg.features, cfg.name) if cfg.name else None)
     if asked is not None and Path(asked).exists() and not cfg.replace_head:
         raise FlowerfeatError(
-            f"{asked}: a head is already there; pass --replace to replace it, or another --{'out' if cfg.out else 'name'}"
+            f"{asked}: a head is already there; pass --replace to replace it, or another "
+            f"--{'out' if cfg.out else 'name'}"
         )
     fingerprint = store.read_meta(cfg.features)["fingerprint"]
     return Path(asked) if asked is not None else store.head_path(cfg.features, head_name(cfg, fingerprint))

@@ -140,7 +140,8 @@ class BarReporter(Reporter):
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
         from rich.progress import Progress as Bar
 
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}")]
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]}")]  # fmt: skip
         self.bar = Bar(*columns, console=Console(stderr=True), transient=True)
         self.tasks: dict[str, int] = {}
         self.step = None  # the task showing the step under way

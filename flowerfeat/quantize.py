@@ -128,7 +128,8 @@ def slower_note(record: dict | None) -> str | None:
     if ratio is None or ratio >= 1.0:
         return None
     return (f"note: int8 runs at {ratio:.2f}x fp32's speed on this CPU ({speed['int8_images_per_s']:.1f} against "
-            f"{speed['fp32_images_per_s']:.1f} images/s, measured when it was made); --precision fp32 is faster here")  # fmt: skip
+            f"{speed['fp32_images_per_s']:.1f} images/s, measured when it was made); --precision fp32 is faster "
+            "here")  # fmt: skip
 
 
 def make(trunk, preprocessing, settings: dict, calibration, keep, reporter) -> str:

@@ -313,7 +313,8 @@ def _onnx_fp32(recipe: Recipe, keep: EngineFiles | None, reporter: Reporter) -> 
     if sha is None:
         trunk = traced_trunk(recipe, reporter)
         keep.model.parent.mkdir(parents=True, exist_ok=True)
-        with reporter.stage("exporting the trunk for onnxruntime (once for this cache)"), atomic_path(keep.model) as tmp:
+        stage = reporter.stage("exporting the trunk for onnxruntime (once for this cache)")
+        with stage, atomic_path(keep.model) as tmp:
             runtime.export_onnx(trunk, recipe.preprocessing.input_shape, tmp)
         sha = keep.write_record(settings)
     return runtime.OnnxModel(keep.model), {"path": str(keep.model.resolve()), "sha256": sha}

@@ -113,7 +113,9 @@ def resolve_engine(engine: str, device: torch.device, precision: str, previous: 
             return previous
         return "onnxruntime" if fits and engine_available("onnxruntime") else "torch"
     if engine == "onnxruntime" and not fits:
-        raise FlowerfeatError(f"--engine onnxruntime runs on the CPU in fp32 or int8 (here: {device.type}, {precision})")
+        raise FlowerfeatError(
+            f"--engine onnxruntime runs on the CPU in fp32 or int8 (here: {device.type}, {precision})"
+        )
     if not engine_available(engine):
         raise FlowerfeatError(f"--engine {engine} needs onnxruntime; {install}")
     return engine

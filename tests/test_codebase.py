@@ -1,4 +1,5 @@
-"""The code stays readable in an afternoon: short functions, no asserts as checks, test modules stand alone."""
+"""The code stays readable in an afternoon: short functions and lines, no asserts as checks, test modules stand
+alone."""
 
 from __future__ import annotations
 
@@ -34,6 +35,15 @@ def test_every_function_is_under_sixty_lines():
             if lines > MAX_LINES:
                 long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, long
+
+
+def test_package_lines_fit_the_configured_width():
+    import tomllib
+
+    width = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["line-length"]
+    wide = [f"{p.relative_to(ROOT)}:{i}" for p in PACKAGE for i, line in enumerate(p.read_text().splitlines(), 1)
+            if len(line) > width]  # fmt: skip
+    assert not wide, wide
 
 
 def test_no_assert_in_the_package():

@@ -25,8 +25,8 @@ from flowerfeat.errors import FlowerfeatError
 from flowerfeat.weights import WeightsInfo, safe_name
 
 __all__ = [
-    "Backbone", "Cut", "Family", "Flat", "stage_cut", "Preprocessing", "DEFAULT_MODEL", "get_backbone", "list_models", "register",
-    "register_family", "suggested_models", "unregister", "unregister_family",
+    "Backbone", "Cut", "Family", "Flat", "stage_cut", "Preprocessing", "DEFAULT_MODEL", "get_backbone", "list_models",
+    "register", "register_family", "suggested_models", "unregister", "unregister_family",
 ]  # fmt: skip
 
 

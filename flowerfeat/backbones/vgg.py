@@ -67,9 +67,10 @@ class VGG16(Backbone):
                          top="classifier[:6] (fc6 and fc7 with their dropout)", shape=(512, 7, 7), top_dim=4096,
                          top_dropout=0.5, top_bf16=True),  # fmt: skip
             "pool5-gap": Cut("pool5-gap", 512, 0.0, "pool5 averaged over its 7 x 7 positions"),
-            "pool4": stage_cut("pool4", (512, 14, 14), "features[24:31] (the conv5 block and pool5), global average pool",
-                               512, POOL4_DROPOUT, "conv4's pooled 512 x 14 x 14 map; trains the conv5 block",
-                               top_bf16=True, top_lr_ratio=POOL4_LR_RATIO),
+            "pool4": stage_cut("pool4", (512, 14, 14),
+                               "features[24:31] (the conv5 block and pool5), global average pool", 512, POOL4_DROPOUT,
+                               "conv4's pooled 512 x 14 x 14 map; trains the conv5 block", top_bf16=True,
+                               top_lr_ratio=POOL4_LR_RATIO),
         }
 
     @staticmethod

@@ -3,6 +3,7 @@ decode mode, batch size, readers), and the trunk, built on first use."""
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,8 @@ class Job:
 
                 q = self.recipe.quantization
                 if calibrate_on is not None:
-                    pre = self.recipe.preprocessing
-                    calibration = lambda: quantize.calibration_sample(calibrate_on, pre, q["calibration"], q["seed"])  # noqa: E731
+                    sample = (calibrate_on, self.recipe.preprocessing, q["calibration"], q["seed"])
+                    calibration = functools.partial(quantize.calibration_sample, *sample)
             self.built = build(
                 self.recipe, self.device, keep=keep, calibration=calibration, channels_last=self.cfg.channels_last,
                 compile=self.cfg.compile, reporter=self.reporter,

@@ -16,10 +16,10 @@ from flowerfeat.store.features import (
     read_meta, read_skipped, row_keys, write_feature_file,
 )  # fmt: skip
 from flowerfeat.store.layout import (
-    HEADS, LATEST, LEGACY_RUNS, EngineFiles, atomic_path, cache_dir, cache_folders, check_writable, dataset_of, discard_unused,
-    dataset_tag, engine_files, exclusive_lock, find_features, find_head, head_path, heads_under, mark_dataset,
-    mark_latest, other_copies, partial_dir, shard_dir, sibling_split, speed_file, split_file, split_files, user_cache,
-    write_text,
+    HEADS, LATEST, LEGACY_RUNS, EngineFiles, atomic_path, cache_dir, cache_folders, check_writable, dataset_of,
+    discard_unused, dataset_tag, engine_files, exclusive_lock, find_features, find_head, head_path, heads_under,
+    mark_dataset, mark_latest, other_copies, partial_dir, shard_dir, sibling_split, speed_file, split_file, split_files,
+    user_cache, write_text,
 )  # fmt: skip
 from flowerfeat.store.shards import ShardLog
 
@@ -27,7 +27,8 @@ __all__ = [
     "ATTRS", "CHECKED_FIELDS", "DATASETS", "HEADS", "HEAD_FIELDS", "LATEST", "LEGACY_RUNS", "MODEL_KEY_FIELDS",
     "SCHEMA", "SETTINGS_FIELDS", "Attr", "EngineFiles", "FeatureReader", "Features", "ShardLog", "atomic_path",
     "cache_dir", "cache_folders", "check_writable", "chunk_rows", "count_rows", "dataset_of", "dataset_tag",
-    "describe_difference", "discard_unused", "engine_files", "engine_of", "exclusive_lock", "find_features", "find_head", "fingerprint",
+    "describe_difference", "discard_unused", "engine_files", "engine_of", "exclusive_lock", "find_features",
+    "find_head", "fingerprint",
     "head_path", "heads_under", "load_checkpoint", "load_features", "mark_dataset", "mark_latest", "model_key",
     "other_copies", "partial_dir", "read_checkpoint_meta", "read_meta", "read_skipped", "row_keys", "save_checkpoint",
     "shard_dir", "sibling_split", "speed_file", "split_file", "split_files", "user_cache", "write_feature_file",

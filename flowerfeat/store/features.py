@@ -185,7 +185,8 @@ def read_meta(path: Path) -> dict:
             missing = [d for d in DATASETS if d not in f]
     except OSError:
         raise FlowerfeatError(
-            f"{path}: not a readable HDF5 feature file (truncated or corrupt); delete it and rerun `flowerfeat features`"
+            f"{path}: not a readable HDF5 feature file (truncated or corrupt); delete it and rerun "
+            "`flowerfeat features`"
         ) from None
     version = meta.get("format_version")
     if isinstance(version, int) and version < FORMAT_VERSION and meta.get("complete"):

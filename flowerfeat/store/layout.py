@@ -8,7 +8,7 @@ progress, engine files, heads, the LATEST pointer; locks and atomic writes.
         <split>.h5.partial/rank<r>of<w>/                work in progress, one shard log per torchrun rank
         heads/<name>.pt                                 the heads fitted on train.h5, one file per experiment
         trunk-int8.onnx, trunk-int8.json                the int8 trunk kept for this cache, and how it was made
-        trunk-fp32.onnx, trunk-fp32.json                the trunk exported for ONNX Runtime, kept so no run exports twice
+        trunk-fp32.onnx, trunk-fp32.json                the trunk exported for ONNX Runtime, kept: no run exports twice
         speed.json                                      images/s of the run that extracted it (compare)
         .features-rank<r>of<w>.lock                     held while a run writes here
 
@@ -180,7 +180,8 @@ def find_features(path: Path, split: str, layer: str | None = None, model: str |
             "of those"
         )
     latest = (path / LATEST).read_text().strip() if (path / LATEST).is_file() else ""
-    chosen = path / latest if latest and path / latest in kept else max(kept, key=lambda d: (d / name).stat().st_mtime_ns)
+    newest = max(kept, key=lambda d: (d / name).stat().st_mtime_ns)
+    chosen = path / latest if latest and path / latest in kept else newest
     return chosen / name
 
 
