@@ -52,13 +52,47 @@ def test_preprocessing_comes_from_the_weights():
     assert r50.resize_size == tuple(ResNet50_Weights.DEFAULT.transforms().resize_size) == (232,)
 
 
+def _torchvision_transform(pre: backbones.Preprocessing):
+    """The eval transform as torchvision's own steps compute it: what flowerfeat's must equal value for value."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize(list(pre.resize_size), interpolation=T.InterpolationMode(pre.interpolation)),
+        T.CenterCrop(list(pre.crop_size)), T.PILToTensor(), T.ConvertImageDtype(torch.float),
+        T.Normalize(pre.mean, pre.std),
+    ])  # fmt: skip
+
+
 def test_a_batch_of_pixels_normalised_is_the_transform_bit_for_bit():
-    """The reader sends uint8 pixels and normalises a batch at once: the very values the per-image transform gives."""
+    """The reader sends uint8 pixels and normalises a batch at once: the very values torchvision's per-image
+    transform gives."""
     pre = backbones.get_backbone("resnet50").preprocessing(NONE)
     images = [make_image(k, k % 3, (70 + 9 * k, 50 + 5 * k)) for k in range(4)]
     pixels = torch.stack([pre.pixels()(img) for img in images])
     assert pixels.dtype == torch.uint8 and pixels.shape == (4, *pre.input_shape)
-    assert torch.equal(pre.normalize(pixels), torch.stack([pre.transform()(img) for img in images]))
+    assert torch.equal(pre.normalize(pixels), torch.stack([_torchvision_transform(pre)(img) for img in images]))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"])
+@pytest.mark.parametrize("resize, crop", [((256,), (224,)), ((40,), (36, 30)), ((48, 64), (40,)), ((20,), (33,))])
+def test_the_transform_is_torchvisions_without_importing_it(interpolation, resize, crop):
+    """Landscape, portrait and square images; a shorter side resized or both sides squashed; a crop larger than
+    the resized image (centred in zeros, odd margins); an image already at the resize size (no resampling)."""
+    pre = backbones.Preprocessing(resize, crop, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), interpolation)
+    sizes = [(61, 40), (40, 61), (50, 50), (45, 91), (256, 300), (20, 20), (64, 48)]
+    for k, size in enumerate(sizes):
+        img = make_image(k % 3, k, size)
+        assert torch.equal(pre.transform()(img), _torchvision_transform(pre)(img)), size
+
+
+def test_the_transform_imports_no_torchvision():
+    import subprocess
+    import sys
+
+    code = ("import sys; from PIL import Image; from flowerfeat.backbones import Preprocessing as P; "
+            "P((256,), (224,), (0.5,) * 3, (0.2,) * 3, 'bicubic').transform()(Image.new('RGB', (300, 200))); "
+            "print(any(m.startswith('torchvision') for m in sys.modules))")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 def test_features_only_state_dict_serves_pool5_but_not_fc7(vgg, tmp_path):
