@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import shutil
 import tempfile
@@ -170,6 +171,7 @@ def _flowerfeat_run(cfg: ExtractConfig, train: Split, test: Split, fig: dict, ke
         keep_engines(results[0].path.parent, kept)
         fig["engine"] = load_features(results[1].path).meta["engine"]
         fig["extract_s"] = sum(r.seconds for r in results)
+        fig["loop_s"] = sum(r.loop_s for r in results)  # the rest: the engine prepared (once per cache), files set up
         t1 = time.perf_counter()
         result, _ = fit(FitConfig(features=results[0].path, epochs=2))
         t2 = time.perf_counter()
@@ -293,6 +295,7 @@ def run_bench(
     with tempfile.TemporaryDirectory() as kept:  # the engine files the runs make, for the later runs
         overall = _flowerfeat_run(cfg, train, test, fig, Path(kept))
         fig["extract_ips"] = n_images / fig["extract_s"]
+        fig["loop_ips"] = n_images / fig["loop_s"]
         fig["flowerfeat_ips"] = n_images / fig["flowerfeat_s"]
         achieved = fig["extract_ips"] * fig["gflop_per_image"]
         fig["peak_kind"] = "bf16" if prec == "bf16" else "fp32"  # int8 against fp32 (no int8 peak is measured)
@@ -300,7 +303,9 @@ def run_bench(
         log(
             f"(c) flowerfeat: {fig['flowerfeat_s']:.1f} s end to end ({fig['flowerfeat_ips']:.2f} images/s); "
             f"extraction {fig['extract_ips']:.2f} images/s = {achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the "
-            f"{fig['peak_kind']} matmul peak; fit-head {fig['fit_s']:.2f} s; engine {fig['engine']}; {overall}"
+            f"{fig['peak_kind']} matmul peak (its loop {fig['loop_ips']:.2f} images/s; preparing the engine and the "
+            f"files {fig['extract_s'] - fig['loop_s']:.1f} s, once per cache); fit-head {fig['fit_s']:.2f} s; "
+            f"engine {fig['engine']}; {overall}"
         )
         fig["engines"] = engine_rows(cfg, train, test, log, Path(kept))
     transform = pre.transform()
@@ -361,10 +366,14 @@ def models_side_by_side(first: ExtractConfig, others, train: Split, test: Split,
 
 def _summary(fig: dict, achieved: float, peak: float, n_train: int, log) -> list[str]:
     fig["naive_over_flowerfeat_extract"] = fig["naive_s"] / fig["extract_s"]
+    fig["naive_over_flowerfeat_loop"] = fig["naive_s"] / fig["loop_s"]
     fig["textbook_over_flowerfeat"] = fig["textbook_s"] / fig["flowerfeat_s"]  # nan: not timed
+    textbook = fig["textbook_over_flowerfeat"]
     summary = [
-        f"extraction speed-up over the naive loop (b)/(c): {fig['naive_over_flowerfeat_extract']:.2f}x",
-        f"end-to-end speed-up over the textbook (a)/(c): {fig['textbook_over_flowerfeat']:.2f}x",
+        f"extraction speed-up over the naive loop (b)/(c): {fig['naive_over_flowerfeat_extract']:.2f}x, the loops "
+        f"alone {fig['naive_over_flowerfeat_loop']:.2f}x (a fresh cache's first run prepares its engine once)",
+        "end-to-end speed-up over the textbook (a)/(c): "
+        + ("not timed" if math.isnan(textbook) else f"{textbook:.2f}x"),
         f"achieved {achieved:.0f} GFLOP/s ({fig['gflop_per_image']:.1f} GFLOP/image) = {achieved / peak:.0%} of the "
         f"measured {fig['peak_kind']} matmul peak ({peak:.0f} GFLOP/s)",
         f"fit-head --epochs 2 on {n_train} rows: {fig['fit_s']:.3f} s; peak RSS during (c): "

@@ -25,6 +25,7 @@ def test_bench_runs_and_reports_ratios(tmp_path, monkeypatch):
     f = res.figures
     assert f["train_images"] + f["test_images"] == 10
     assert f["naive_over_flowerfeat_extract"] == f["naive_s"] / f["extract_s"] > 0
+    assert 0 < f["loop_s"] < f["extract_s"] and f["naive_over_flowerfeat_loop"] == f["naive_s"] / f["loop_s"]
     assert f["textbook_over_flowerfeat"] == f["textbook_s"] / f["flowerfeat_s"] > 0
     assert 0.99 < f["bf16_cosine"] <= 1.0 + 1e-6
     bf16 = {"torch-bf16"} if runtime.cpu_has_bf16() else set()  # timed where the CPU has native bf16
@@ -38,3 +39,11 @@ def test_bench_runs_and_reports_ratios(tmp_path, monkeypatch):
 def test_flop_count_matches_vgg16():
     trunk = vgg_trunk("fc7")
     assert abs(bench.gflop_per_image(trunk) - 30.9) < 0.2  # VGG16 to fc7: 15.5 G multiply-adds
+
+
+def test_summary_sets_the_loops_apart_and_says_what_was_not_timed():
+    fig = {"naive_s": 8.0, "extract_s": 12.0, "loop_s": 2.0, "textbook_s": float("nan"), "flowerfeat_s": 13.0,
+           "gflop_per_image": 0.8, "peak_kind": "fp32", "fit_s": 0.1, "flowerfeat_peak_rss_mib": 100.0}  # fmt: skip
+    lines = bench._summary(fig, 20.0, 400.0, 320, log=lambda s: None)
+    assert lines[0].startswith("extraction speed-up over the naive loop (b)/(c): 0.67x, the loops alone 4.00x")
+    assert lines[1] == "end-to-end speed-up over the textbook (a)/(c): not timed"
