@@ -41,7 +41,7 @@ def depthwise_convs(model: Path) -> list[str]:
 
 def variants(model: Path, settings: quantize.Settings) -> dict[str, dict]:
     """Each variant's keyword arguments to onnxruntime's quantize_static; the first is flowerfeat's own."""
-    from onnxruntime.quantization import QuantFormat, QuantType
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 
     base = quantize.static_options(settings)
     return {
@@ -52,6 +52,7 @@ def variants(model: Path, settings: quantize.Settings) -> dict[str, dict]:
         "s8 activations (onnxruntime's default)": {**base, "activation_type": QuantType.QInt8},
         "u8 weights, full range (no saturation on AVX2)": {**base, "weight_type": QuantType.QUInt8,
                                                            "reduce_range": False},
+        "percentile calibration (99.999 %)": {**base, "calibrate_method": CalibrationMethod.Percentile},
     }  # fmt: skip
 
 
