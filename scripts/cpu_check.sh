@@ -36,4 +36,4 @@ step "predict one photo, three times"
 PHOTO=$(find "$DATA/test" -name "*.jpg" | sort | head -1)
 for _ in 1 2 3; do timed $FF predict "$PHOTO" --head "$OUT/auto" 2>&1 | tail -2; done
 step "int8 variants of Lite0's trunk alone: speed against fp32 and cosine to it"
-$PY scripts/int8_variants.py "$DATA" --weights "$LITE0" 2>&1 | grep -v "Quantized bias"
+$PY scripts/int8_variants.py "$DATA" --weights "$LITE0" 2>&1 | grep -v -E "Quantized bias|Collecting tensor|Finding optimal|Number of|^Percentile"
