@@ -1,7 +1,7 @@
 """The pipeline's thread budget, side by side in one process (docs/benchmarks.md, "Threads"): onnxruntime's threads
-spinning or not, readers (threads, as flowerfeat reads beside a CPU trunk, or DataLoader processes, as it did before)
-x engine threads, each run a fresh extraction of the same photos, runs alternated over rounds. Prints the loop's
-images/s with the trunk ready (exporting is left out).
+spinning or not, readers (threads, as flowerfeat reads beside a CPU trunk, at its niceness or the caller's, or
+DataLoader processes, as it did before) x engine threads, each run a fresh extraction of the same photos, runs
+alternated over rounds. Prints the loop's images/s with the trunk ready (exporting is left out).
 
     python scripts/pipeline_threads.py --data flower_photos --model timm:tf_efficientnet_lite0 \\
         --weights tf_efficientnet_lite0_imagenet.pth --limit 400
@@ -21,9 +21,10 @@ from flowerfeat.config import ExtractConfig
 from flowerfeat.data import collate_units
 from flowerfeat.extraction import reader, run_extraction
 
-# (onnxruntime spinning, readers, "threads" or "processes", engine threads)
-SETTINGS = [(True, 2, "threads", 2), (False, 2, "threads", 2), (False, 1, "threads", 2), (False, 1, "processes", 2),
-            (False, 2, "processes", 2), (False, 2, "threads", 1), (False, 0, "", 2)]  # fmt: skip
+# (onnxruntime spinning, readers, "threads" or "processes", engine threads, the reader threads' niceness)
+SETTINGS = [(True, 2, "threads", 2, 10), (False, 2, "threads", 2, 10), (False, 2, "threads", 2, 0),
+            (False, 1, "threads", 2, 10), (False, 1, "processes", 2, 0), (False, 2, "processes", 2, 0),
+            (False, 2, "threads", 1, 10), (False, 0, "", 2, 0)]  # fmt: skip
 
 
 def processes(dataset, batches, workers: int, depth: int = 2):
@@ -46,13 +47,16 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"))
     ap.add_argument("--limit", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--only-nice", action="store_true", help="the default budget at niceness 10 and 0 alone")
     a = ap.parse_args()
     cfg = ExtractConfig(data=a.data, model=a.model, weights=a.weights, engine=a.engine, precision=a.precision)
     train, test = bench_images(cfg, a.limit)
     n = len(train.items) + len(test.items)
     for rnd in range(a.rounds):
-        for spin, workers, kind, threads in SETTINGS:
-            runtime.ORT_SPINNING = spin
+        for spin, workers, kind, threads, nice in SETTINGS:
+            if a.only_nice and (spin, workers, kind, threads) != (False, 2, "threads", 2):
+                continue
+            runtime.ORT_SPINNING, reader.READER_NICE = spin, nice
             torch.set_num_threads(threads)
             reader.threaded = processes if kind == "processes" else threaded
             with tempfile.TemporaryDirectory() as tmp:
@@ -60,8 +64,8 @@ def main() -> None:
                     cfg.replace(out=Path(tmp), workers=workers), splits={"train": train, "test": test}
                 )
             loop = sum(r.seconds - r.trunk_s for r in results)
-            print(f"round {rnd}: spinning {spin}, {workers} reader {kind or '(read between batches)'}, {threads} "
-                  f"engine thread(s): "
+            print(f"round {rnd}: spinning {spin}, {workers} reader {kind or '(read between batches)'}"
+                  f"{f' at nice {nice}' if kind == 'threads' else ''}, {threads} engine thread(s): "
                   f"{n / loop:.1f} images/s", flush=True)  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import h5py
 import numpy as np
@@ -266,3 +267,25 @@ def test_a_batch_of_unreadable_images_only(folder, tmp_path):
         (d / f"a_broken_{i}.jpg").write_bytes(b"not an image")
     res = extract(folder, tmp_path / "f")["train"]
     assert res.rows == 18 and len(res.skipped) == 5
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own niceness is Linux's")
+def test_reader_threads_yield_the_cores_to_the_engine_and_leave_the_caller_as_it_was():
+    import os
+    import threading
+
+    from flowerfeat.extraction import reader
+
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    class Units:
+        def __getitem__(self, unit):
+            return None, unit, str(niceness())  # the reader's niceness as the skip reason
+
+    caller = niceness()
+    batches = list(reader.threaded(Units(), [[0, 1], [2]], threads=2))
+    assert [[unit for unit, _ in skipped] for _, _, skipped in batches] == [[0, 1], [2]]
+    readers = {int(why) for _, _, skipped in batches for _, why in skipped}
+    assert readers == {min(19, caller + reader.READER_NICE)} and (min(readers) > caller or caller == 19)
+    assert niceness() == caller
