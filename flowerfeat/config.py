@@ -219,6 +219,7 @@ class FitConfig(_Config):
     replace_head: bool = option(False, "Replace a head already at --out or --name (else refused).", flag="replace")
     # trains the top of the trunk above a cut below the top, with the head: fit_top.py
     train_top: bool = option(False, "Train the top of the trunk above the cut too (features of a cut below the top).")
+    device: str = option("auto", "--train-top: where the top trains: auto (a GPU where there is one), cpu, cuda:N.")
     weights: str | None = option(
         None, "--train-top: the trunk's weights, the top's start (default: those the features came from)."
     )

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from flowerfeat import runtime
 from flowerfeat.config import FitConfig
 from flowerfeat.errors import FlowerfeatError
 from flowerfeat.heads import TopHead, score
@@ -63,7 +64,7 @@ def fit_top(cfg: FitConfig, log: Callable[[str], None], train=None, validation=N
         if cfg.epochs is None:
             cfg = cfg.replace(epochs=default_epochs(n_train, cfg.batch_size))
         _, top = recipe.backbone.split(recipe.found(cfg.weights).weights, cut.name)  # from the model's own weights
-        module, best, history = _train(cfg, rows, hold, cut, top, log)
+        module, best, history = _train(cfg, rows, hold, cut, top, log, runtime.resolve_device(cfg.device))
         result = FitResult(module.linear.weight.detach(), module.linear.bias.detach(), best, history, module)
         result.metrics.update(
             rows=int(rows.n), train_rows=n_train, val_rows=len(hold.y), streamed=bool(rows.streamed),
@@ -74,8 +75,9 @@ def fit_top(cfg: FitConfig, log: Callable[[str], None], train=None, validation=N
         rows.close()
 
 
-def _train(cfg: FitConfig, rows: Rows, hold: Holdout, cut, top: nn.Module, log):
-    """(the trained TopHead, the metrics of the epoch kept, every epoch's entry)."""
+def _train(cfg: FitConfig, rows: Rows, hold: Holdout, cut, top: nn.Module, log, device: torch.device):
+    """(the trained TopHead, on the CPU, the metrics of the epoch kept, every epoch's entry); trained on ``device``,
+    started from the same seeded weights on any."""
     n_classes = len(rows.meta["classes"])
     dropout = cut.top_dropout if cfg.dropout is None else cfg.dropout
     lr = cfg.lr or TOP_LR
@@ -84,11 +86,13 @@ def _train(cfg: FitConfig, rows: Rows, hold: Holdout, cut, top: nn.Module, log):
     log(f"Settings: top {cut.top}; lr {lr:g} for the new layer, {lr * ratio:g} for the top (one cycle); "
         f"AdamW weight decay {cfg.weight_decay:g}; label smoothing {cfg.label_smoothing:g}; dropout {dropout:g}; "
         f"batch {cfg.batch_size}; {cfg.epochs} epochs; BatchNorm statistics: {BN_STATISTICS}; "
-        f"{'bf16 autocast' if bf16 else 'fp32'}")  # fmt: skip
-    with torch.random.fork_rng(devices=[]):  # seeds the new layer and the dropout without touching the caller's RNG
+        f"{'bf16 autocast' if bf16 else 'fp32'} on {device}")  # fmt: skip
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):  # seeds the new layer and the dropout; the caller's RNGs kept
         torch.manual_seed(cfg.seed)
-        module = TopHead(top, cut.shape, cut.top_dim, n_classes, dropout)
+        module = TopHead(top, cut.shape, cut.top_dim, n_classes, dropout)  # initialised on the CPU: the same anywhere
         module.top.requires_grad_(True)
+        module.to(device)
         steps = _Steps(cfg, rows, hold, module, (lr * ratio, lr), log, bf16)
         history, kept = [], None
         for epoch in range(1, cfg.epochs + 1):
@@ -105,9 +109,9 @@ def _train(cfg: FitConfig, rows: Rows, hold: Holdout, cut, top: nn.Module, log):
         log(f"Kept epoch {kept[0]['epoch']} (best validation accuracy {kept[0]['val_acc']:.1%})")
     entry = kept[0] if kept is not None else history[-1]
     metrics = {"best_epoch": entry["epoch"], "lr": lr, "top_lr": lr * ratio, "dropout": dropout,
-               "bn_statistics": BN_STATISTICS, "top_precision": "bf16" if bf16 else "fp32",
+               "bn_statistics": BN_STATISTICS, "top_precision": "bf16" if bf16 else "fp32", "device": device.type,
                **{k: v for k, v in entry.items() if k not in ("epoch", "seconds")}}  # fmt: skip
-    return module.eval().requires_grad_(False), metrics, history
+    return module.cpu().eval().requires_grad_(False), metrics, history
 
 
 class _Steps:
@@ -139,18 +143,18 @@ class _Steps:
         """One pass over the training rows (their views included) in shuffled mini-batches; the epoch's figures."""
         cfg, rows, t0 = self.cfg, self.rows, time.perf_counter()
         self._train_mode()
-        labels = torch.from_numpy(rows.labels)
+        labels, device = torch.from_numpy(rows.labels), next(self.module.parameters()).device
         running, total_loss, seen, correct, batch_i = 0.0, 0.0, 0, 0, 0
         for window in epoch_windows(rows.n, rows.block, window_rows(rows.dim), cfg.seed, epoch):
             window = window[~self.hold.mask[window]]
             x_win, y_win = torch.from_numpy(rows.take(window)), labels[window]
             for s in range(0, len(window), cfg.batch_size):
-                x, y = x_win[s : s + cfg.batch_size], y_win[s : s + cfg.batch_size]
+                x, y = x_win[s : s + cfg.batch_size].to(device), y_win[s : s + cfg.batch_size].to(device)
                 if len(y) < 2:  # BatchNorm cannot learn statistics from one row (its step is counted, not taken)
                     self.sched.step()
                     continue
                 self.opt.zero_grad(set_to_none=True)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     out = self.module(x).float()  # (B, C)
                 loss = self.criterion(out, y)
                 loss.backward()

@@ -26,11 +26,12 @@ class Rows2Logits(nn.Module):
     chunk = 4096  # rows scored at once: flat memory for any N
 
     def logits(self, x) -> np.ndarray:
-        """(N, C) logits of (N, D) features, as numpy."""
+        """(N, C) logits of (N, D) features, as numpy, computed on the module's device."""
+        device = next(self.parameters()).device
         with torch.no_grad():
-            parts = [self(torch.from_numpy(np.ascontiguousarray(x[s : s + self.chunk], dtype=np.float32)))
+            parts = [self(torch.from_numpy(np.ascontiguousarray(x[s : s + self.chunk], dtype=np.float32)).to(device))
                      for s in range(0, max(len(x), 1), self.chunk)]  # fmt: skip
-        return torch.cat(parts).numpy()
+        return torch.cat(parts).cpu().numpy()
 
 
 class LinearHead(Rows2Logits):
@@ -262,7 +263,8 @@ def head_name(cfg, fingerprint: str) -> str:
     fingerprint (``adam-2ep-seed0-1a2b3c4d``, ``lbfgs-C0.1-seed0-...``), so another fit never takes an existing name
     and the same fit on the same features always gets the same one."""
     cfg = cfg.settled()
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("features", "out", "name", "replace_head")}
+    where = ("features", "out", "name", "replace_head", "device")  # where it is written or trained, not how
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in where}
     digest = hashlib.sha256(json.dumps([settings, fingerprint], sort_keys=True).encode()).hexdigest()[:8]
     words = f"lbfgs-C{cfg.C:g}" if cfg.solver == "lbfgs" else f"{cfg.optimizer}-{cfg.epochs}ep"
     words = (f"top-{cfg.epochs}ep" if cfg.epochs else "top") if cfg.train_top else words  # None: they follow the data

@@ -10,6 +10,8 @@ progressive and CMYK files in the test split), then prints, for `--decode gpu` (
     and warm (in a process that has already run once), eager and compiled, with the loop's read/issue/write times;
   - model-only images/s, the loader alone, and the device-side preparation alone (decode, resize, normalise);
   - agreement of each path (bf16) with the CPU fp32 path (PIL) on the same images;
+  - `fit-head --train-top` on the device: activations of the model's first cut below a trainable top, with two
+    augmented views, for --top-images training files, and two epochs' seconds (rows/s of the second);
   - with real photos and weights carried along (--photos, --weights), pool5 features of both paths written to
     --out (for a probe, or a comparison with CPU features made elsewhere), and their agreement with the CPU fp32
     path on the first --real-ref test photos of each class.
@@ -225,12 +227,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--weights", type=Path)
     ap.add_argument("--out", type=Path, default=Path("gpu_check_out"))
     ap.add_argument("--real-ref", type=int, default=20, help="test photos per class for the real photos' CPU reference")
+    ap.add_argument("--top-images", type=int, default=1000, help="training files (2 views each) the top step trains on")
     ap.add_argument("--budget", type=float, default=300, help="seconds after which optional steps are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, any device: checks the script itself")
     ap.add_argument(
         "--steps",
-        default="cold,warm,parts,agreement,real,compile",
-        help="comma-separated steps: cold, warm, parts, agreement, real, compile, sweep, threads, profile",
+        default="cold,warm,parts,agreement,real,compile,top",
+        help="comma-separated steps: cold, warm, parts, agreement, real, compile, top, sweep, threads, profile",
     )
     return ap.parse_args(argv)
 
@@ -413,6 +416,30 @@ def step_profile(c: Context) -> None:  # where a fresh CLI process spends the ti
     print(buf.getvalue()[-4000:], flush=True)
 
 
+def step_top(c: Context) -> None:  # fit-head --train-top on the device: one epoch over cached activations and views
+    from flowerfeat.backbones import get_backbone
+    from flowerfeat.config import FitConfig
+    from flowerfeat.fit_top import fit_top
+
+    cut = next((k for k, v in get_backbone(c.a.model).cuts().items() if v.trainable), None)
+    if cut is None:
+        c.r["top"] = {"skipped": f"{c.a.model} has no cut below a trainable top"}
+        return
+    data = c.tmp / "top_photos"  # the first --top-images synthetic training files
+    for f in sorted((c.root / "train").rglob("*.jpg"))[: c.a.top_images]:
+        (data / "train" / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (data / "train" / f.parent.name / f.name).symlink_to(f)
+    t = time.perf_counter()
+    res = run_extraction(c.base.replace(data=data, out=c.tmp / "top", layer=cut, views=2))[0]
+    c.r["top"] = {"cut": cut, "rows": res.rows, "extract_s": round(time.perf_counter() - t, 2)}
+    cfg = FitConfig(features=res.path, train_top=True, epochs=2, device=DEV.type)
+    result, _ = fit_top(cfg, log=lambda line: None)
+    epochs = [e["seconds"] for e in result.history]  # the first includes cuDNN's autotuning
+    c.r["top"].update(epoch_s=[round(e, 2) for e in epochs], rows_per_s=round(res.rows / epochs[-1]))
+    print(f"fit-head --train-top at {cut} on {DEV.type}: {c.r['top']}", flush=True)
+    shutil.rmtree(c.tmp / "top")
+
+
 STEPS = {  # step name -> (function, optional: skipped past --budget)
     "cold": (step_cold, False),
     "warm": (step_warm, False),
@@ -420,6 +447,7 @@ STEPS = {  # step name -> (function, optional: skipped past --budget)
     "agreement": (step_agreement, False),
     "real": (step_real, False),
     "compile": (step_compiled, True),
+    "top": (step_top, True),
     "sweep": (step_sweep, True),
     "threads": (step_threads, True),
     "profile": (step_profile, True),

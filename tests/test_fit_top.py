@@ -133,3 +133,17 @@ def test_a_cut_may_declare_its_tops_share_of_the_learning_rate(stage1, monkeypat
     cuts = TinyBackbone.cuts
     monkeypatch.setattr(TinyBackbone, "cuts", lambda self: {**cuts(self), "stage1": replace(cuts(self)["stage1"], top_lr_ratio=0.05)})
     assert flowerfeat.fit_head(rows, epochs=1, train_top=True, lr=0.01).metrics["top_lr"] == 0.01 * 0.05
+
+
+def test_the_device_trains_the_top_but_does_not_name_the_head(stage1, tmp_path):
+    from flowerfeat.config import FitConfig
+    from flowerfeat.heads import head_name
+
+    _data, folder = stage1
+    cpu = FitConfig(features=folder, train_top=True, device="cpu")
+    assert head_name(cpu, "f") == head_name(cpu.replace(device="auto"), "f") != head_name(cpu.replace(seed=1), "f")
+    run("fit-head", "--features", folder, "--train-top", "--epochs", "1", "--device", "cpu", "--out", tmp_path / "a.pt")
+    assert flowerfeat.Head.load(tmp_path / "a.pt").metrics["device"] == "cpu"
+    if not torch.cuda.is_available():
+        r = run("fit-head", "--features", folder, "--train-top", "--device", "cuda", "--out", tmp_path / "b.pt", code=2)
+        assert "--device cuda: CUDA is not available here" in r.output and not (tmp_path / "b.pt").exists()
