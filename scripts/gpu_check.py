@@ -227,13 +227,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--weights", type=Path)
     ap.add_argument("--out", type=Path, default=Path("gpu_check_out"))
     ap.add_argument("--real-ref", type=int, default=20, help="test photos per class for the real photos' CPU reference")
+    ap.add_argument("--top-cut", default=None, help="the top step's cut (default: the model's first below a top)")
     ap.add_argument("--top-images", type=int, default=1000, help="training files (2 views each) the top step trains on")
     ap.add_argument("--budget", type=float, default=300, help="seconds after which optional steps are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, any device: checks the script itself")
     ap.add_argument(
         "--steps",
-        default="cold,warm,parts,agreement,real,compile,top",
-        help="comma-separated steps: cold, warm, parts, agreement, real, compile, top, sweep, threads, profile",
+        default="cold,warm,parts,agreement,real,top,compile",
+        help="comma-separated steps: cold, warm, parts, agreement, real, top, compile, sweep, threads, profile",
     )
     return ap.parse_args(argv)
 
@@ -323,10 +324,11 @@ def step_agreement(c: Context) -> None:  # synthetic test split, odd files inclu
 
 
 def step_real(c: Context) -> None:  # real photos and weights: both modes' features come back in --out; a CPU fp32 reference on a subset
-    w = c.tmp / "w.pth"
+    w = c.tmp / "w.pth"  # gpu_payload.py carries the weights in float16
     torch.save({k: v.float() for k, v in torch.load(c.a.weights, weights_only=True).items()}, w)
-    cfg = ExtractConfig(data=c.a.photos, out=c.a.out, layer="pool5", weights=str(w), batch_size=c.a.batch)
-    cfg = cfg.replace(dtype="float16", compression="gzip")
+    photos = c.a.photos / "test" if (c.a.photos / "test").is_dir() else c.a.photos  # <class>/ folders: every photo
+    cfg = ExtractConfig(data=photos, out=c.a.out, layer="pool5", weights=str(w), batch_size=c.a.batch)
+    cfg = cfg.replace(dtype="float16", compression="gzip", splits=("train",))
     for mode, out in (("gpu", "real"), ("hybrid", "real_hybrid")):
         t = time.perf_counter()
         res = run_extraction(cfg.replace(out=c.a.out / out, decode=mode))
@@ -334,16 +336,16 @@ def step_real(c: Context) -> None:  # real photos and weights: both modes' featu
         rows = sum(x.rows for x in res)
         c.r[f"{out}_extract"] = {"rows": rows, "seconds": round(dt, 2), "images_per_s": round(rows / dt)}
         print(f"real photos pool5, {mode}: {c.r[f'{out}_extract']}", flush=True)
-    sub = c.tmp / "real_subset"  # the first --real-ref test photos of each class, for the CPU fp32 PIL path
-    for cls in sorted(d for d in (c.a.photos / "test").iterdir() if d.is_dir()):
-        (sub / "test" / cls.name).mkdir(parents=True)
+    sub = c.tmp / "real_subset"  # the first --real-ref photos of each class, for the CPU fp32 PIL path
+    for cls in sorted(d for d in photos.iterdir() if d.is_dir()):
+        (sub / cls.name).mkdir(parents=True)
         for f in sorted(cls.iterdir())[: c.a.real_ref]:
-            (sub / "test" / cls.name / f.name).symlink_to(f.resolve())
-    ref = cfg.replace(data=sub, out=c.tmp / "real_cpu", splits=("test",), precision="fp32", decode="cpu")
+            (sub / cls.name / f.name).symlink_to(f.resolve())
+    ref = cfg.replace(data=sub, out=c.tmp / "real_cpu", precision="fp32", decode="cpu")
     run_extraction(ref.replace(device="cpu", batch_size=32, workers=4, dtype="float32", compression="none"))
-    fc = load(c.tmp / "real_cpu", "test")
+    fc = load(c.tmp / "real_cpu", "train")
     for out in ("real", "real_hybrid"):
-        fg = load(c.a.out / out, "test")
+        fg = load(c.a.out / out, "train")
         rows = {p: i for i, p in enumerate(fg.paths)}
         cos = cosine(fg.X[[rows[p] for p in fc.paths]].astype(np.float32), fc.X)
         c.r[f"{out}_vs_cpu_fp32"] = {"images": len(cos), "mean": float(cos.mean()), "min": float(cos.min())}
@@ -421,7 +423,7 @@ def step_top(c: Context) -> None:  # fit-head --train-top on the device: one epo
     from flowerfeat.config import FitConfig
     from flowerfeat.fit_top import fit_top
 
-    cut = next((k for k, v in get_backbone(c.a.model).cuts().items() if v.trainable), None)
+    cut = c.a.top_cut or next((k for k, v in get_backbone(c.a.model).cuts().items() if v.trainable), None)
     if cut is None:
         c.r["top"] = {"skipped": f"{c.a.model} has no cut below a trainable top"}
         return
@@ -446,8 +448,8 @@ STEPS = {  # step name -> (function, optional: skipped past --budget)
     "parts": (step_parts, False),
     "agreement": (step_agreement, False),
     "real": (step_real, False),
-    "compile": (step_compiled, True),
     "top": (step_top, True),
+    "compile": (step_compiled, True),
     "sweep": (step_sweep, True),
     "threads": (step_threads, True),
     "profile": (step_profile, True),

@@ -27,6 +27,37 @@ def test_gpu_check_runs_its_cpu_smoke_path(tmp_path, monkeypatch):
     assert (tmp_path / "gpu_check.json").is_file()
 
 
+def test_the_gpu_payload_travels_small_and_the_real_step_reads_it(tmp_path, monkeypatch):
+    """gpu_payload.py's folder (the test photos, float16 weights) is what gpu_check.py's real step takes: VGG16 pool5
+    by both decode modes against the CPU fp32 path (on the CPU here)."""
+    import timm
+    import torch
+    from torchvision.models import vgg16
+
+    from conftest import make_folder
+
+    shared = tmp_path / "shared"
+    make_folder(shared / "data" / "flower_photos", {"train": 1, "test": 2})
+    (shared / "weights").mkdir()
+    torch.save({f"features.{k}": v for k, v in vgg16().features.state_dict().items()},
+               shared / "weights" / "vgg16_imagenet_features.pth")  # fmt: skip
+    lite0 = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    torch.save(lite0.state_dict(), shared / "weights" / "tf_efficientnet_lite0_imagenet.pth")
+    _script("gpu_payload", monkeypatch).main([str(shared), str(tmp_path / "payload")])
+    photos = sorted((tmp_path / "payload" / "photos" / "test").rglob("*.*"))
+    assert len(photos) == len(list((shared / "data" / "flower_photos" / "test").rglob("*.*")))
+    weights = tmp_path / "payload" / "weights" / "vgg16_imagenet_features.pth"
+    assert {v.dtype for v in torch.load(weights, weights_only=True).values()} == {torch.float16}
+    gpu_check = _script("gpu_check", monkeypatch)
+    r = gpu_check.main(["--smoke", "--model", "tiny", "--n", "20", "--copies", "1", "--batch", "8", "--steps", "real",
+                        "--photos", str(tmp_path / "payload" / "photos"), "--weights", str(weights),
+                        "--real-ref", "1", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert "errors" not in r, r["errors"]
+    n_classes = len(list((tmp_path / "payload" / "photos" / "test").iterdir()))
+    assert r["real_extract"]["rows"] == r["real_hybrid_extract"]["rows"] == len(photos)
+    assert r["real_hybrid_vs_cpu_fp32"]["images"] == n_classes and r["real_hybrid_vs_cpu_fp32"]["min"] > 0.99
+
+
 def _script(name: str, monkeypatch):
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
