@@ -102,23 +102,27 @@ def quantize(trunk: nn.Module, input_shape, images: np.ndarray, settings: Settin
 def measured_speed(int8: Path, fp32: Path, x: np.ndarray, rounds: int = 2) -> dict:
     """Images/s of the int8 and the fp32 graph on the same batch, on this CPU (best of ``rounds`` after a warm-up):
     whether int8 pays here is measured where it runs, not assumed from the CPU's flags."""
-    import time
-
     from flowerfeat.runtime import OnnxModel
 
     x = np.ascontiguousarray(x, np.float32)
     speed = {"images": len(x)}
     for name, path in (("int8", int8), ("fp32", fp32)):
-        session = OnnxModel(path).session
-        session.run(None, {"x": x})
-        best = float("inf")
-        for _ in range(rounds):
-            t = time.perf_counter()
-            session.run(None, {"x": x})
-            best = min(best, time.perf_counter() - t)
-        speed[f"{name}_images_per_s"] = len(x) / best
+        speed[f"{name}_images_per_s"] = images_per_s(OnnxModel(path).session, x, rounds)
     speed["int8_over_fp32"] = speed["int8_images_per_s"] / speed["fp32_images_per_s"]
     return speed
+
+
+def images_per_s(session, x: np.ndarray, rounds: int = 2) -> float:
+    """Images/s of an ONNX Runtime ``session`` on the batch ``x``, the best of ``rounds`` after a warm-up."""
+    import time
+
+    session.run(None, {"x": x})
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        session.run(None, {"x": x})
+        best = min(best, time.perf_counter() - t)
+    return len(x) / best
 
 
 def slower_note(record: dict | None) -> str | None:

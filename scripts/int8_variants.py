@@ -64,18 +64,6 @@ def photos(root: Path, n: int, seed: int) -> list[Path]:
     return drawn[:n]
 
 
-def timed(model, x: np.ndarray, rounds: int = 5) -> float:
-    """Images/s of ``model`` on the batch ``x``, best of ``rounds`` after a warm-up."""
-    session = model.session
-    session.run(None, {"x": x})
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        session.run(None, {"x": x})
-        best = min(best, time.perf_counter() - t)
-    return len(x) / best
-
-
 def rows(model, images: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([model.session.run(None, {"x": images[i : i + batch]})[0]
                            for i in range(0, len(images), batch)])  # fmt: skip
@@ -113,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         runtime.export_onnx(trunk, pre.input_shape, fp32)
         quant_pre_process(str(fp32), str(pre_model))
         base = runtime.OnnxModel(fp32)
-        speed0, rows0 = timed(base, test[: a.batch]), rows(base, test, a.batch)
+        speed0, rows0 = quantize.images_per_s(base.session, test[: a.batch], rounds=5), rows(base, test, a.batch)
         print(f"fp32: {speed0:.1f} images/s", flush=True)
         for k, (name, kw) in enumerate(variants(pre_model, settings).items()):
             out = Path(tmp) / f"v{k}.onnx"
@@ -121,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             quantize_static(str(pre_model), str(out), quantize.calibration_reader(calib, a.batch), **kw)
             made = time.perf_counter() - t
             int8 = runtime.OnnxModel(out)
-            speed, c = timed(int8, test[: a.batch]), cosines(rows0, rows(int8, test, a.batch))
+            speed = quantize.images_per_s(int8.session, test[: a.batch], rounds=5)
+            c = cosines(rows0, rows(int8, test, a.batch))
             results[name] = {"images_per_s": speed, "over_fp32": speed / speed0, "cosine_min": float(c.min()),
                              "cosine_median": float(np.median(c)), "quantize_s": made}  # fmt: skip
             print(f"{name}: {speed:.1f} images/s ({speed / speed0:.2f}x fp32), cosine to fp32 min {c.min():.4f} "
