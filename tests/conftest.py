@@ -147,7 +147,7 @@ def tiny_backbone():
 @pytest.fixture(autouse=True)
 def torch_engine_unless_asked(request, monkeypatch):
     """Tests run the torch engine (exporting VGG16 to ONNX costs seconds a run) unless marked onnxruntime; auto's
-    choice by measurement on a bf16 CPU (fastest.py) only where a test asks for it, so results do not depend on the
+    choice by measurement (fastest.py) only where a test asks for it, so results do not depend on the
     machine's CPU."""
     from flowerfeat import fastest, runtime
 

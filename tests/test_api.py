@@ -162,7 +162,7 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     (project / "pyproject.toml").write_text("")
     make_folder(project / "data" / "flower_photos", {"train": 3, "test": 1})
     nb = nbformat.read(ROOT / "examples" / "transfer_learning.ipynb", as_version=4)
-    _keep_autos_choice("vgg16@pool5-gap")  # the kernel is another process: it would time both engines on a bf16 CPU
+    _keep_autos_choice("vgg16@pool5-gap")  # the kernel is another process: it would time both engines
     env = {"FLOWERFEAT_WEIGHTS": "none", "FLOWERFEAT_LAYER": "pool5-gap"}  # the data and out paths: the defaults
     old = dict(os.environ)
     for name in ("FLOWERFEAT_DATA", "FLOWERFEAT_OUT"):
@@ -182,7 +182,7 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
 
 
 def _keep_autos_choice(model_cut: str) -> None:
-    """The choice auto would make by measuring on a CPU with bf16 (fastest.py), kept in the test's own user cache as
+    """The choice auto would make by measuring (fastest.py), kept in the test's own user cache as
     if measured: torch, as resolve_precision says. A kernel on another thread count measures, slower but the same."""
     import importlib.util
 

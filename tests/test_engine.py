@@ -92,6 +92,26 @@ def test_the_onnxruntime_export_is_made_once_per_cache_and_made_again_when_damag
 
 @pytest.mark.onnxruntime
 @pytest.mark.fastest
+def test_without_bf16_auto_measures_torch_fp32_against_onnxruntime_and_keeps_the_faster(folder, tmp_path, monkeypatch):
+    from flowerfeat import fastest
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    timed = []
+
+    def measured(trunk, batch=fastest.BATCH):
+        timed.append((trunk.recipe.engine, trunk.recipe.precision))
+        return {"torch": 30.0, "onnxruntime": 10.0}[trunk.recipe.engine]  # as VGG16 might on an AVX2 CPU
+
+    monkeypatch.setattr(fastest, "images_per_s", measured)
+    first = extract(folder, tmp_path / "f", splits=("train",))
+    meta = store.load_features(first["train"].path).meta
+    assert sorted(timed) == [("onnxruntime", "fp32"), ("torch", "fp32")]
+    assert (meta["engine"], meta["precision"]) == ("torch", "fp32")
+    assert not store.engine_files(first["train"].path.parent, "fp32").model.exists()  # the losing export is gone
+
+
+@pytest.mark.onnxruntime
+@pytest.mark.fastest
 def test_on_a_bf16_cpu_auto_measures_both_engines_once_and_runs_the_faster(folder, tmp_path, monkeypatch):
     from flowerfeat import fastest
 

@@ -54,7 +54,7 @@ class Job:
     choose_engine: bool = False  # auto's engine and precision are chosen by measuring (fastest.py), in the folder
 
     def settle_engine(self, measure: bool = True) -> None:
-        """On a new cache on a CPU with bf16 units: the engine and precision that run this model fastest here (a
+        """On a new cache on a CPU: the engine and precision that run this model fastest here (a
         kept measurement, or one made now in the cache folder, its trunk kept for the run)."""
         if self.choose_engine:
             self.recipe, self.built = fastest.choose(
