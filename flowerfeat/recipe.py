@@ -214,17 +214,20 @@ def build(
     channels_last: bool = True,
     compile: bool = False,
     reporter: Reporter | None = None,
+    module: nn.Module | None = None,
 ) -> Trunk:
     """The one way a runnable trunk is made: the recipe's model, cut and weights, as its engine runs it on
     ``device``. ONNX Runtime runs an engine file kept at ``keep`` (made there first when it is missing, damaged or
-    made otherwise; an int8 one calibrated on ``calibration()``'s images), or else the file the recipe names."""
+    made otherwise; an int8 one calibrated on ``calibration()``'s images), or else the file the recipe names; an
+    fp32 export traces ``module``, the recipe's torch trunk where it is already built (auto's measuring builds it
+    first: the same file, the weights not loaded again)."""
     device = device or torch.device("cpu")
     reporter = reporter or Reporter()
     if recipe.precision == "int8":
         module, artefact = _int8(recipe, keep, calibration, reporter)
         return Trunk(module, recipe.replace(artefact=artefact), device)
     if recipe.engine == "onnxruntime":
-        module, artefact = _onnx_fp32(recipe, keep, reporter)
+        module, artefact = _onnx_fp32(recipe, keep, reporter, module)
         return Trunk(module, recipe.replace(artefact=artefact), device)
     trunk = _torch_trunk(recipe, reporter).to(device)
     if channels_last:
@@ -240,10 +243,11 @@ def _torch_trunk(recipe: Recipe, reporter: Reporter) -> nn.Module:
         return recipe.backbone.build(recipe.weights, recipe.layer)
 
 
-def traced_trunk(recipe: Recipe, reporter: Reporter | None = None) -> nn.Module:
-    """The torch trunk as the ONNX exporter traces it (its shapes fixed for the recipe's images)."""
-    reporter = reporter or Reporter()
-    return recipe.backbone.for_tracing(_torch_trunk(recipe, reporter), recipe.preprocessing.input_shape)
+def traced_trunk(recipe: Recipe, reporter: Reporter | None = None, module: nn.Module | None = None) -> nn.Module:
+    """The torch trunk (``module`` where it is built already) as the ONNX exporter traces it (its shapes fixed for
+    the recipe's images)."""
+    module = module if module is not None else _torch_trunk(recipe, reporter or Reporter())
+    return recipe.backbone.for_tracing(module, recipe.preprocessing.input_shape)
 
 
 def _int8(recipe: Recipe, keep: EngineFiles | None, calibration, reporter: Reporter) -> tuple[nn.Module, dict]:
@@ -299,7 +303,9 @@ def onnx_settings(recipe: Recipe) -> dict:
             "onnxruntime": onnxruntime.__version__}  # fmt: skip
 
 
-def _onnx_fp32(recipe: Recipe, keep: EngineFiles | None, reporter: Reporter) -> tuple[nn.Module, dict | None]:
+def _onnx_fp32(
+    recipe: Recipe, keep: EngineFiles | None, reporter: Reporter, built: nn.Module | None = None
+) -> tuple[nn.Module, dict | None]:
     """The trunk exported to ONNX for ONNX Runtime: the file kept at ``keep`` (exported there once), or for a head
     (``keep`` None) the one its features were made with where it is still there and intact, else exported now."""
     if keep is None:
@@ -307,11 +313,11 @@ def _onnx_fp32(recipe: Recipe, keep: EngineFiles | None, reporter: Reporter) -> 
         if made is not None:
             return runtime.OnnxModel(made[0]), {"path": str(made[0].resolve()), "sha256": made[1]}
         with reporter.stage("preparing the onnxruntime engine"):  # moved, changed, or another torch: nothing kept
-            return runtime.onnx_trunk(traced_trunk(recipe, reporter), recipe.preprocessing.input_shape), None
+            return runtime.onnx_trunk(traced_trunk(recipe, reporter, built), recipe.preprocessing.input_shape), None
     settings = onnx_settings(recipe)
     sha = keep.intact(settings)
     if sha is None:
-        trunk = traced_trunk(recipe, reporter)
+        trunk = traced_trunk(recipe, reporter, built)
         keep.model.parent.mkdir(parents=True, exist_ok=True)
         stage = reporter.stage("exporting the trunk for onnxruntime (once for this cache)")
         with stage, atomic_path(keep.model) as tmp:

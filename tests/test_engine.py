@@ -94,6 +94,7 @@ def test_the_onnxruntime_export_is_made_once_per_cache_and_made_again_when_damag
 @pytest.mark.fastest
 def test_without_bf16_auto_measures_torch_fp32_against_onnxruntime_and_keeps_the_faster(folder, tmp_path, monkeypatch):
     from flowerfeat import fastest
+    from flowerfeat import recipe as recipe_module
 
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
     timed = []
@@ -103,9 +104,12 @@ def test_without_bf16_auto_measures_torch_fp32_against_onnxruntime_and_keeps_the
         return {"torch": 30.0, "onnxruntime": 10.0}[trunk.recipe.engine]  # as VGG16 might on an AVX2 CPU
 
     monkeypatch.setattr(fastest, "images_per_s", measured)
+    loads, real_load = [], recipe_module._torch_trunk
+    monkeypatch.setattr(recipe_module, "_torch_trunk", lambda *a: loads.append(1) or real_load(*a))
     first = extract(folder, tmp_path / "f", splits=("train",))
     meta = store.load_features(first["train"].path).meta
     assert sorted(timed) == [("onnxruntime", "fp32"), ("torch", "fp32")]
+    assert len(loads) == 1  # the export measured traced the torch trunk measured: the weights loaded once
     assert (meta["engine"], meta["precision"]) == ("torch", "fp32")
     assert not store.engine_files(first["train"].path.parent, "fp32").model.exists()  # the losing export is gone
 
