@@ -103,7 +103,10 @@ def _lower_priority() -> None:
 
     if READER_NICE and sys.platform == "linux":
         me = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + READER_NICE))
+        try:
+            os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + READER_NICE))
+        except OSError:  # a sandbox that refuses it: the readers run at the caller's priority, as before
+            pass
 
 
 def normalized(loader, preprocessing: Preprocessing, device: torch.device):
