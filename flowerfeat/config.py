@@ -139,8 +139,9 @@ class ExtractConfig(_Config):
         "docs/gpus.md); 0 reads between batches."
     )
     precision: str = option(
-        "auto", "auto (bf16 on CUDA or CPUs with native bf16, else fp32), fp32, bf16 or int8 (a quantized trunk "
-        "on the CPU, the [onnx] extra).", choices=PRECISIONS,
+        "auto", "auto (bf16 on CUDA; on a CPU torch's bf16 where it has native bf16, else fp32, or onnxruntime's "
+        "fp32, as --engine auto measures), fp32, bf16 or int8 (a quantized trunk on the CPU, the [onnx] extra).",
+        choices=PRECISIONS,
     )  # fmt: skip
     # float16 halves the files; auto: the cut's own (backbones.Cut.dtype: float32 for pooled rows, float16 for the
     # activations of a cut below the top, which keep their values within 1e-3)
@@ -171,8 +172,8 @@ class ExtractConfig(_Config):
     # compiling costs seconds, so it pays on CUDA for large sets (docs/benchmarks.md)
     compile: bool = option(False, "torch.compile the trunk (compiling costs seconds, so for large image sets on CUDA).")
     engine: str = option(
-        "auto", "What runs the trunk on a CPU: torch, onnxruntime (the [onnx] extra), or auto (the cache's engine, "
-        "else onnxruntime where installed and the run is fp32 on the CPU, else torch).",
+        "auto", "What runs the trunk on a CPU: torch, onnxruntime (the [onnx] extra), or auto (the cache's engine; "
+        "for a new cache the faster of the two, measured once per model and CPU and kept; torch without the extra).",
         choices=("auto", *ENGINES),
     )  # fmt: skip
     # 256: the size measured to keep int8 heads within 0.5 points of fp32 (docs/benchmarks.md)
