@@ -173,7 +173,8 @@ class ExtractConfig(_Config):
     compile: bool = option(False, "torch.compile the trunk (compiling costs seconds, so for large image sets on CUDA).")
     engine: str = option(
         "auto", "What runs the trunk on a CPU: torch, onnxruntime (the [onnx] extra), or auto (the cache's engine; "
-        "for a new cache the faster of the two, measured once per model and CPU and kept; torch without the extra).",
+        "for a new cache the faster of the two, measured once per model and CPU and kept, or onnxruntime with "
+        "--precision fp32; torch without the extra).",
         choices=("auto", *ENGINES),
     )  # fmt: skip
     # 256: the size measured to keep int8 heads within 0.5 points of fp32 (docs/benchmarks.md)
