@@ -70,7 +70,7 @@ def make_loader(
     return normalized(loader, preprocessing, device)
 
 
-def threaded(dataset, batches: list[list[int]], threads: int, depth: int = 2):
+def threaded(dataset, batches: list[list[int]], threads: int, depth: int = 2):  # depth 1, 2, 4: the same speed
     """Batches of ``dataset`` read by ``threads`` threads of this process, ``depth`` batches a thread ahead, in order.
     Pillow decodes and resizes without the GIL, so the threads run beside the engine; no process is forked."""
     import collections
