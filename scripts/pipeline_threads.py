@@ -10,6 +10,7 @@ alternated over rounds. Prints the loop's images/s with the trunk ready (exporti
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 from pathlib import Path
 
@@ -48,10 +49,13 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--only-nice", action="store_true", help="the default budget at niceness 10 and 0 alone")
+    ap.add_argument("--depths", default=None, help="e.g. 1,2,4: the default budget, reading that many batches ahead")
     a = ap.parse_args()
     cfg = ExtractConfig(data=a.data, model=a.model, weights=a.weights, engine=a.engine, precision=a.precision)
     train, test = bench_images(cfg, a.limit)
     n = len(train.items) + len(test.items)
+    if a.depths:
+        return read_ahead(cfg, train, test, [int(d) for d in a.depths.split(",")], a.rounds)
     for rnd in range(a.rounds):
         for spin, workers, kind, threads, nice in SETTINGS:
             if a.only_nice and (spin, workers, kind, threads) != (False, 2, "threads", 2):
@@ -67,6 +71,19 @@ def main() -> None:
             print(f"round {rnd}: spinning {spin}, {workers} reader {kind or '(read between batches)'}"
                   f"{f' at nice {nice}' if kind == 'threads' else ''}, {threads} engine thread(s): "
                   f"{n / loop:.1f} images/s", flush=True)  # fmt: skip
+
+
+def read_ahead(cfg: ExtractConfig, train, test, depths: list[int], rounds: int) -> None:
+    """The default budget with the reader threads reading each of ``depths`` batches ahead, alternated."""
+    n = len(train.items) + len(test.items)
+    for rnd in range(rounds):
+        for depth in depths:
+            reader.threaded = functools.partial(threaded, depth=depth)
+            with tempfile.TemporaryDirectory() as tmp:
+                results = run_extraction(cfg.replace(out=Path(tmp)), splits={"train": train, "test": test})
+            loop = sum(r.loop_s for r in results)
+            print(f"round {rnd}: reading {depth} batch(es) ahead: {n / loop:.1f} images/s", flush=True)
+    reader.threaded = threaded
 
 
 if __name__ == "__main__":
