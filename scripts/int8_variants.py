@@ -1,7 +1,7 @@
 """int8 variants of one trunk side by side on this CPU, for choosing quantize.py's settings per CPU kind: the trunk
 alone (onnxruntime, flowerfeat's session settings, batch 16 of real preprocessed photos, best of 5) for fp32 and for
-each way of quantizing it, with the rows' cosine to fp32 on test photos. Every variant is calibrated on the same
-seeded sample; the first is what `features --precision int8` does on this CPU.
+each way of quantizing it, with the rows' cosine to fp32 on test photos. Every variant is calibrated on the sample
+`features --precision int8` takes (quantize.calibration_sample); the first is what it does on this CPU.
 
     python scripts/int8_variants.py ../shared/data/flower_photos --model timm:tf_efficientnet_lite0 \
         --weights ../shared/weights/tf_efficientnet_lite0_imagenet.pth
@@ -22,7 +22,7 @@ import torch
 
 from flowerfeat import quantize, runtime
 from flowerfeat.config import ExtractConfig
-from flowerfeat.data import load_image
+from flowerfeat.layouts import scan_data
 from flowerfeat.recipe import resolve, traced_trunk
 
 
@@ -56,14 +56,6 @@ def variants(model: Path, settings: quantize.Settings) -> dict[str, dict]:
     }  # fmt: skip
 
 
-def photos(root: Path, n: int, seed: int) -> list[Path]:
-    """``n`` photos of ``root``'s class folders, drawn evenly across classes with a seeded shuffle."""
-    rng = np.random.default_rng(seed)
-    per_class = [rng.permutation(sorted(d.glob("*.jpg"))) for d in sorted(p for p in root.iterdir() if p.is_dir())]
-    drawn = [p for group in zip(*per_class) for p in group]
-    return drawn[:n]
-
-
 def rows(model, images: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([model.session.run(None, {"x": images[i : i + batch]})[0]
                            for i in range(0, len(images), batch)])  # fmt: skip
@@ -89,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     ap.add_argument("--reduce-range", choices=("auto", "on", "off"), default="auto", help="auto: as this CPU's")
     a = ap.parse_args(argv)
     trunk, pre = built(a.model, a.layer, a.weights)
-    calib, test = load(photos(a.data / "train", a.calibration, 0), pre), load(photos(a.data / "test", a.test, 0), pre)
+    calib, test = samples(a.data, pre, a.calibration, a.test)
     settings = quantize.settings_for_this_cpu(a.calibration, 0)
     if a.reduce_range != "auto":
         settings = dataclasses.replace(settings, reduce_range=a.reduce_range == "on")
@@ -124,9 +116,12 @@ def built(model: str, layer: str | None, weights: str):
     return traced_trunk(recipe), recipe.preprocessing
 
 
-def load(paths: list[Path], pre) -> np.ndarray:
-    transform = pre.transform()
-    return np.stack([transform(load_image(p)).numpy() for p in paths]).astype(np.float32)
+def samples(data: Path, pre, calibration: int, test: int) -> tuple[np.ndarray, np.ndarray]:
+    """The calibration images `features --precision int8` takes from ``data``'s training split (its seeded stratified
+    sample) and as many of its test split the same way, preprocessed: (N, 3, H, W) each."""
+    splits = scan_data(data, ("train", "test"))
+    return (quantize.calibration_sample(splits["train"], pre, calibration, 0)[0],
+            quantize.calibration_sample(splits["test"], pre, test, 0)[0])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -106,8 +106,7 @@ def test_int8_variants_quantizes_each_way_and_its_first_is_flowerfeats(folder, t
     assert all(r["images_per_s"] > 0 for r in results.values())
     # its first variant is what `features --precision int8` makes: quantize.quantize on the same sample, same rows
     trunk, pre = variants.built("tiny", None, "none")
-    calib = variants.load(variants.photos(folder / "train", 6, 0), pre)
-    test = variants.load(variants.photos(folder / "test", 4, 0), pre)
+    calib, test = variants.samples(folder, pre, 6, 4)
     settings = quantize.Settings("uint8", "int8", True, "minmax", True, 6, 0, "any")
     quantize.quantize(trunk, pre.input_shape, calib, settings, tmp_path / "int8.onnx", batch=2)
     runtime.export_onnx(trunk, pre.input_shape, tmp_path / "fp32.onnx")
