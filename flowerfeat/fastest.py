@@ -87,7 +87,7 @@ def _measure(recipe: Recipe, folder: Path, reporter: Reporter, channels_last: bo
         keep = store.engine_files(folder, precision) if engine == "onnxruntime" else None
         built = trunks["torch"].module if "torch" in trunks else None  # the export traces it: no second loading
         try:
-            trunks[engine] = build(r, keep=keep, channels_last=channels_last, reporter=reporter, module=built)
+            trunks[engine] = build(r, keep=keep, channels_last=channels_last, reporter=reporter, torch_trunk=built)
         except Exception as e:  # noqa: BLE001 -- an operator the exporter or ONNX Runtime lacks: torch runs it
             if engine == "torch":
                 raise

@@ -214,12 +214,12 @@ def build(
     channels_last: bool = True,
     compile: bool = False,
     reporter: Reporter | None = None,
-    module: nn.Module | None = None,
+    torch_trunk: nn.Module | None = None,
 ) -> Trunk:
     """The one way a runnable trunk is made: the recipe's model, cut and weights, as its engine runs it on
     ``device``. ONNX Runtime runs an engine file kept at ``keep`` (made there first when it is missing, damaged or
     made otherwise; an int8 one calibrated on ``calibration()``'s images), or else the file the recipe names; an
-    fp32 export traces ``module``, the recipe's torch trunk where it is already built (auto's measuring builds it
+    fp32 export traces ``torch_trunk``, the recipe's torch trunk where it is already built (auto's measuring builds it
     first: the same file, the weights not loaded again)."""
     device = device or torch.device("cpu")
     reporter = reporter or Reporter()
@@ -227,7 +227,7 @@ def build(
         module, artefact = _int8(recipe, keep, calibration, reporter)
         return Trunk(module, recipe.replace(artefact=artefact), device)
     if recipe.engine == "onnxruntime":
-        module, artefact = _onnx_fp32(recipe, keep, reporter, module)
+        module, artefact = _onnx_fp32(recipe, keep, reporter, torch_trunk)
         return Trunk(module, recipe.replace(artefact=artefact), device)
     trunk = _torch_trunk(recipe, reporter).to(device)
     if channels_last:

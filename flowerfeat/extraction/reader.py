@@ -105,7 +105,7 @@ def _lower_priority() -> None:
         me = threading.get_native_id()
         try:
             os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + READER_NICE))
-        except OSError:  # a sandbox that refuses it: the readers run at the caller's priority, as before
+        except OSError:  # a sandbox that refuses it: the readers run at the caller's priority
             pass
 
 
