@@ -33,7 +33,7 @@ done
 step "default head against the probes, int8 rows (test split and 5-fold cross-validation)"
 $PY scripts/head_vs_probe.py "$OUT"/int8/*/*/ --folds 5 | grep -v "^Epoch"
 step "predict one photo, three times"
-PHOTO=$(find "$DATA/test" -name "*.jpg" | sort | head -1)
+PHOTO=$(find "$DATA/test" -name "*.jpg" | sort | sed -n 1p)  # sed reads to the end: no SIGPIPE under pipefail
 for _ in 1 2 3; do timed $FF predict "$PHOTO" --head "$OUT/auto" 2>&1 | tail -2; done
 step "int8 variants of Lite0's trunk alone: speed against fp32 and cosine to it"
 $PY scripts/int8_variants.py "$DATA" --weights "$LITE0" 2>&1 | grep -v -E "Quantized bias|Collecting tensor|Finding optimal|Number of|^Percentile"

@@ -1,7 +1,9 @@
 """The pipeline's thread budget, side by side in one process (docs/benchmarks.md, "Threads"): onnxruntime's threads
 spinning or not, readers (threads, as flowerfeat reads beside a CPU trunk, at its niceness or the caller's, or
 DataLoader processes, as it did before) x engine threads, each run a fresh extraction of the same photos, runs
-alternated over rounds. Prints the loop's images/s with the trunk ready (exporting is left out).
+alternated over rounds. Prints the loop's images/s with the trunk ready (exporting is left out). ``--streams``
+times the default budget against two single-threaded engine calls in flight at once (two batches, one per core)
+instead of one call on two threads, and checks that both give the same rows.
 
     python scripts/pipeline_threads.py --data flower_photos --model timm:tf_efficientnet_lite0 \\
         --weights tf_efficientnet_lite0_imagenet.pth --limit 400
@@ -10,7 +12,10 @@ alternated over rounds. Prints the loop's images/s with the trunk ready (exporti
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import time
+from concurrent.futures import ThreadPoolExecutor
 import tempfile
 from pathlib import Path
 
@@ -20,7 +25,8 @@ from flowerfeat import runtime
 from flowerfeat.bench import bench_images
 from flowerfeat.config import ExtractConfig
 from flowerfeat.data import collate_units
-from flowerfeat.extraction import reader, run_extraction
+from flowerfeat import store
+from flowerfeat.extraction import reader, run_extraction, runner
 
 # (onnxruntime spinning, readers, "threads" or "processes", engine threads, the reader threads' niceness)
 SETTINGS = [(True, 2, "threads", 2, 10), (False, 2, "threads", 2, 10), (False, 2, "threads", 2, 0),
@@ -50,12 +56,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--only-nice", action="store_true", help="the default budget at niceness 10 and 0 alone")
     ap.add_argument("--depths", default=None, help="e.g. 1,2,4: the default budget, reading that many batches ahead")
+    ap.add_argument("--streams", action="store_true", help="one engine call on two threads against two on one each")
     a = ap.parse_args()
     cfg = ExtractConfig(data=a.data, model=a.model, weights=a.weights, engine=a.engine, precision=a.precision)
     train, test = bench_images(cfg, a.limit)
     n = len(train.items) + len(test.items)
     if a.depths:
         return read_ahead(cfg, train, test, [int(d) for d in a.depths.split(",")], a.rounds)
+    if a.streams:
+        return streams(cfg, train, test, a.rounds)
     for rnd in range(a.rounds):
         for spin, workers, kind, threads, nice in SETTINGS:
             if a.only_nice and (spin, workers, kind, threads) != (False, 2, "threads", 2):
@@ -84,6 +93,44 @@ def read_ahead(cfg: ExtractConfig, train, test, depths: list[int], rounds: int) 
             loop = sum(r.loop_s for r in results)
             print(f"round {rnd}: reading {depth} batch(es) ahead: {n / loop:.1f} images/s", flush=True)
     reader.threaded = threaded
+
+
+def run_streams(trunk, loader, writer, on_batch, pad_to: int = 0, k: int = 2) -> tuple[float, float]:
+    """``runner.run_batches`` with ``k`` batches in the engine at once, each call on its own thread (the engine made
+    with one thread), written in order."""
+    read_s = compute_s = 0.0
+    pending, it = collections.deque(), iter(loader)
+    with ThreadPoolExecutor(k) as pool:
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            read_s += time.perf_counter() - t0
+            if batch is not None:
+                x, ids, skipped = batch
+                pending.append((pool.submit(lambda x: None if x is None else trunk.rows(x), x), ids, skipped))
+            while pending and (len(pending) >= k or batch is None):
+                future, ids, skipped = pending.popleft()
+                t1 = time.perf_counter()
+                writer.put(future.result(), ids, skipped)
+                compute_s += time.perf_counter() - t1
+                on_batch(len(ids) + len(skipped), 0.0, 0.0)
+            if batch is None:
+                return read_s, compute_s
+
+
+def streams(cfg: ExtractConfig, train, test, rounds: int) -> None:
+    """The default budget (one engine call on two threads) against two one-thread calls in flight, alternated."""
+    n, rows, loop = len(train.items) + len(test.items), {}, runner.run_batches
+    for rnd in range(rounds):
+        for name, run, threads in (("one call on 2 threads", loop, 2), ("two calls on 1 thread each", run_streams, 1)):
+            runner.run_batches = run
+            torch.set_num_threads(threads)
+            with tempfile.TemporaryDirectory() as tmp:
+                results = run_extraction(cfg.replace(out=Path(tmp)), splits={"train": train, "test": test})
+                rows[name] = store.load_features(results[0].path).X
+            print(f"round {rnd}: {name}: {n / sum(r.loop_s for r in results):.1f} images/s", flush=True)
+        print(f"round {rnd}: the same rows: {bool((rows.popitem()[1] == rows.popitem()[1]).all())}", flush=True)
+    runner.run_batches = loop
 
 
 if __name__ == "__main__":
