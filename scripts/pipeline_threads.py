@@ -1,6 +1,6 @@
 """The pipeline's thread budget, side by side in one process (docs/benchmarks.md, "Threads"): onnxruntime's threads
 spinning or not, readers (threads, as flowerfeat reads beside a CPU trunk, at its niceness or the caller's, or
-DataLoader processes, as it did before) x engine threads, each run a fresh extraction of the same photos, runs
+DataLoader processes, as it reads beside a GPU) x engine threads, each run a fresh extraction of the same photos, runs
 alternated over rounds. Prints the loop's images/s with the trunk ready (exporting is left out). ``--streams``
 times the default budget against two single-threaded engine calls in flight at once (two batches, one per core)
 instead of one call on two threads, and checks that both give the same rows.
@@ -14,18 +14,17 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-import tempfile
 from pathlib import Path
 
 import torch
 
-from flowerfeat import runtime
+from flowerfeat import runtime, store
 from flowerfeat.bench import bench_images
 from flowerfeat.config import ExtractConfig
 from flowerfeat.data import collate_units
-from flowerfeat import store
 from flowerfeat.extraction import reader, run_extraction, runner
 
 # (onnxruntime spinning, readers, "threads" or "processes", engine threads, the reader threads' niceness)
@@ -120,7 +119,7 @@ def run_streams(trunk, loader, writer, on_batch, pad_to: int = 0, k: int = 2) ->
 
 def streams(cfg: ExtractConfig, train, test, rounds: int) -> None:
     """The default budget (one engine call on two threads) against two one-thread calls in flight, alternated."""
-    n, rows, loop = len(train.items) + len(test.items), {}, runner.run_batches
+    n, rows, loop, caller_threads = len(train.items) + len(test.items), {}, runner.run_batches, torch.get_num_threads()
     for rnd in range(rounds):
         for name, run, threads in (("one call on 2 threads", loop, 2), ("two calls on 1 thread each", run_streams, 1)):
             runner.run_batches = run
@@ -131,6 +130,7 @@ def streams(cfg: ExtractConfig, train, test, rounds: int) -> None:
             print(f"round {rnd}: {name}: {n / sum(r.loop_s for r in results):.1f} images/s", flush=True)
         print(f"round {rnd}: the same rows: {bool((rows.popitem()[1] == rows.popitem()[1]).all())}", flush=True)
     runner.run_batches = loop
+    torch.set_num_threads(caller_threads)
 
 
 if __name__ == "__main__":
